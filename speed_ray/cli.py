@@ -1,0 +1,67 @@
+"""The ``speed-ray`` command.
+
+    speed-ray run CONFIG [key.sub=value ...]      every stage in order
+    speed-ray STAGE CONFIG [key.sub=value ...]    one stage: synth, align, embed, eval, report
+    speed-ray doctor [CONFIG]                     what this machine offers, and what a run would use
+
+Exit codes: 0 done, 2 a user error (bad config, missing input), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from speed_ray.config import ConfigError, SpeedRayConfig, load_config, save_config
+from speed_ray.pipeline import STAGES
+
+# Nothing downloads from a model hub at run time (set before any HF library is imported).
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="speed-ray", description="SPEED synthetic data and embedding training on Ray."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("run", *STAGES):
+        help_ = "run every stage in order" if name == "run" else f"run the {name} stage"
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("config", help="YAML config file")
+        s.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    d = sub.add_parser("doctor", help="what this machine offers and what a run would use")
+    d.add_argument("config", nargs="?", help="optional YAML config to resolve")
+    d.add_argument("overrides", nargs="*")
+    return p
+
+
+def run_stages(cfg: SpeedRayConfig, stages: tuple[str, ...]) -> None:
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    for name in stages:
+        module = importlib.import_module(f"speed_ray.pipeline.{'evaluate' if name == 'eval' else name}")
+        module.run(cfg)
+    print(f"report: {cfg.run_dir / 'report.md'}" if "report" in stages else f"run directory: {cfg.run_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "doctor":
+            from speed_ray.doctor import doctor
+
+            cfg = load_config(args.config, args.overrides) if args.config else None
+            print(doctor(cfg))
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        run_stages(cfg, STAGES if args.command == "run" else (args.command,))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"speed-ray: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

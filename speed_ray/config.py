@@ -1,0 +1,395 @@
+"""Typed run configuration: dataclass defaults < YAML file < CLI ``key.sub=value`` overrides.
+
+One ``SpeedRayConfig`` describes a whole run (every stage). ``load_config`` rejects unknown keys and
+wrong types with a message that names the dotted key, and ``validate`` does the cross-field and
+file-system checks, so a bad config fails before Ray starts (the CLI turns ``ConfigError`` into
+exit code 2). ``save_config`` writes the resolved config into the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASK_TYPES = ("classification", "sts", "retrieval", "text_matching")
+POOLING_MODES = ("mean", "cls", "lasttoken")
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: names the key and what was expected."""
+
+
+@dataclass
+class RunSection:
+    name: str = "quickstart"
+    """Run name: the run directory is ``output_dir/name``."""
+    output_dir: str = "runs"
+    """Folder that holds run directories (a local path)."""
+    seed: int = 0
+    """Seed for topic order, prompt placeholders, sampling and training."""
+    ray_address: str | None = None
+    """Ray cluster to join (``auto``, ``ray://host:10001``); None starts a local Ray."""
+    num_cpus: int | None = None
+    """CPUs of the local Ray (None: all of this machine's). Ignored when joining a cluster."""
+
+
+@dataclass
+class EngineConfig:
+    kind: str = "vllm"
+    """Generation engine. ``vllm`` (CPU or CUDA build, same code)."""
+    model: str = "smollm2-135m-instruct"
+    """Model spec: a built-in name (see ``speed-ray doctor``), a local folder, or a hub name."""
+    dtype: str = "bfloat16"
+    """Weights dtype in the engine (bf16 is ~1.75x faster than fp32 on the CPU build)."""
+    max_model_len: int = 1536
+    """Prompt plus completion tokens per request."""
+    kv_cache_gib: float = 0.5
+    """KV-cache size. The CPU build needs it explicitly (its memory probe misreads NUMA nodes)."""
+    enforce_eager: bool = True
+    """Skip torch.compile: 17 s start instead of 50-90 s on CPU, same speed."""
+    tensor_parallel_size: int = 1
+    num_gpus: float = 0.0
+    """GPUs per engine actor (0 on CPU)."""
+    num_cpus: float = 0.5
+    """CPUs Ray reserves per engine actor. Keep below 1 on a 2-core box (read tasks need a CPU)."""
+    min_actors: int = 1
+    max_actors: int = 1
+    """The actor pool autoscales between min_actors and max_actors."""
+    batch_size: int = 32
+    """Rows per engine call."""
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    """SPEED App. B: temperature 1.0 and top_p 1.0 for all synthesis."""
+    top_p: float = 1.0
+    max_tokens: int = 512
+    """Completion budget for one example."""
+    samples_per_prompt: int = 2
+    """Samples per example prompt; with >1 the align stage can form preference pairs."""
+    brainstorm_max_tokens: int = 160
+    max_field_chars: int = 800
+    """Upper bound on each generated JSON string field (keeps structured output finite)."""
+
+
+@dataclass
+class SynthConfig:
+    topics: list[str] = field(
+        default_factory=lambda: [
+            "Computers/Software/Operating_Systems/Linux",
+            "Science/Biology/Ecology",
+            "Arts/Music/Instruments/Guitar",
+            "Health/Nutrition",
+        ]
+    )
+    """ODP-style topic paths (``A/B/C``). Deeper paths keep their first two and last two levels."""
+    topics_file: str | None = None
+    """A file with one topic path per line; replaces ``topics`` when set."""
+    num_topics: int = 4
+    """How many topics to use (the first N after a seeded shuffle)."""
+    task_types: list[str] = field(default_factory=lambda: list(TASK_TYPES))
+    """SPEED task types to generate: classification, sts, retrieval, text_matching."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class TrainResources:
+    workers: int = 1
+    """Ray Train workers (data parallel)."""
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+@dataclass
+class AlignConfig:
+    model: str = "smollm2-135m-instruct"
+    """Base model of the junior generator."""
+    resources: TrainResources = field(default_factory=TrainResources)
+    sft_steps: int = 2
+    dpo_steps: int = 2
+    batch_size: int = 2
+    """Per-worker batch size."""
+    sft_learning_rate: float = 1e-4
+    """SPEED App. B: junior SFT lr 1e-4."""
+    dpo_learning_rate: float = 1e-5
+    """SPEED App. B: senior DPO lr 1e-5."""
+    beta: float = 0.1
+    """DPO beta (SPEED: 0.1 best)."""
+    max_length: int = 768
+    lora_r: int = 16
+    """LoRA rank; SPEED's released adapters: r 16, alpha 32, dropout 0.1."""
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    trl: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for TRL's SFTConfig and DPOConfig."""
+
+
+@dataclass
+class EmbedConfig:
+    model: str = "all-minilm-l6-v2"
+    """Model to fine-tune: an encoder or a decoder LLM (spec as for the engine)."""
+    pooling: str = "mean"
+    """mean | cls | lasttoken (decoders, SPEED/E5: an EOS is appended and pooled)."""
+    resources: TrainResources = field(default_factory=lambda: TrainResources(workers=2))
+    batch_size: int = 4
+    """Per-worker batch; the loss sees workers x batch_size in-batch negatives."""
+    steps: int = 6
+    learning_rate: float = 2e-5
+    temperature: float = 0.02
+    """InfoNCE temperature (E5/SPEED: 0.02)."""
+    max_seq_length: int = 128
+    query_instruction: str = "Given a web search query, retrieve relevant passages that answer the query"
+    """Default instruction saved in the exported model's ``query`` prompt."""
+
+
+@dataclass
+class EvalConfig:
+    retrieval_dir: str = "../shared/data/debian/retrieval"
+    """A BEIR-layout folder: corpus.jsonl, queries.jsonl, qrels/test.tsv."""
+    task_name: str = "DebianPackageRetrieval"
+    query_instruction: str = "Given a short description of a Debian package, retrieve its full description"
+    batch_size: int = 64
+    max_seq_length: int = 128
+
+
+@dataclass
+class SpeedRayConfig:
+    run: RunSection = field(default_factory=RunSection)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """Absolute, so Ray workers (whose working directory differs) see the same folder."""
+        return (Path(self.run.output_dir) / self.run.name).resolve()
+
+    def validate(self) -> None:
+        """Cross-field and file checks that need no Ray and no model."""
+        _check_names(self)
+        _check_resources(self)
+        _check_files(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> SpeedRayConfig:
+    """Defaults < YAML file at ``path`` < ``key.sub=value`` overrides; validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _set_dotted(data, key, value)
+    cfg = _build(SpeedRayConfig, data, "")
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: SpeedRayConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path}: expected a mapping at the top level, got {type(data).__name__}"
+        )
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"{key}: unknown key (expected one of: {', '.join(sorted(names))})")
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(typing.cast(type, tp), value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {item_tp.__name__}, got {value!r}")
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    return _scalar(tp, value, key)
+
+
+def _scalar(tp: type, value: Any, key: str) -> Any:
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is bool and isinstance(value, bool) or tp is str and isinstance(value, str):
+        return value
+    if tp is int and is_number and float(value).is_integer():
+        return int(value)
+    if tp is float and is_number:
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_names(cfg: SpeedRayConfig) -> None:
+    if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):
+        raise ConfigError(f"run.name: expected a plain folder name, got {cfg.run.name!r}")
+    if cfg.synth.engine.kind != "vllm":
+        raise ConfigError(f"synth.engine.kind: expected 'vllm', got {cfg.synth.engine.kind!r}")
+    for i, t in enumerate(cfg.synth.task_types):
+        if t not in TASK_TYPES:
+            raise ConfigError(f"synth.task_types[{i}]: expected one of {TASK_TYPES}, got {t!r}")
+    if cfg.embed.pooling not in POOLING_MODES:
+        raise ConfigError(f"embed.pooling: expected one of {POOLING_MODES}, got {cfg.embed.pooling!r}")
+    positive = {
+        "synth.num_topics": cfg.synth.num_topics,
+        "synth.sampling.max_tokens": cfg.synth.sampling.max_tokens,
+        "synth.sampling.samples_per_prompt": cfg.synth.sampling.samples_per_prompt,
+        "synth.engine.batch_size": cfg.synth.engine.batch_size,
+        "synth.engine.min_actors": cfg.synth.engine.min_actors,
+        "align.batch_size": cfg.align.batch_size,
+        "align.resources.workers": cfg.align.resources.workers,
+        "embed.batch_size": cfg.embed.batch_size,
+        "embed.steps": cfg.embed.steps,
+        "embed.resources.workers": cfg.embed.resources.workers,
+        "embed.temperature": cfg.embed.temperature,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: expected a positive number, got {value}")
+    if cfg.synth.engine.max_actors < cfg.synth.engine.min_actors:
+        raise ConfigError(
+            f"synth.engine.max_actors: expected >= synth.engine.min_actors "
+            f"({cfg.synth.engine.min_actors}), got {cfg.synth.engine.max_actors}"
+        )
+    if not 0.0 <= cfg.synth.sampling.top_p <= 1.0:
+        raise ConfigError(f"synth.sampling.top_p: expected a value in [0, 1], got {cfg.synth.sampling.top_p}")
+
+
+def _check_resources(cfg: SpeedRayConfig) -> None:
+    """Resource requests a local Ray could never satisfy (on a cluster, checked after connecting)."""
+    if cfg.run.ray_address is not None:
+        return
+    cpus = cfg.run.num_cpus or os.cpu_count() or 1
+    gpus = local_gpu_count()
+    trains = {"align": cfg.align.resources, "embed": cfg.embed.resources}
+    for name, res in trains.items():
+        need = res.workers * res.cpus_per_worker
+        if need > cpus:
+            raise ConfigError(
+                f"{name}.resources: {res.workers} workers x {res.cpus_per_worker} CPUs = {need} CPUs, "
+                f"but this machine's Ray has {cpus}; expected at most {cpus}"
+            )
+        if res.use_gpu and res.workers > gpus:
+            raise ConfigError(
+                f"{name}.resources.use_gpu: {res.workers} GPU workers asked for, "
+                f"but this machine has {gpus} GPUs"
+            )
+    eng = cfg.synth.engine
+    if eng.num_gpus * eng.min_actors > gpus:
+        raise ConfigError(
+            f"synth.engine.num_gpus: {eng.min_actors} actors x {eng.num_gpus} GPUs asked for, "
+            f"but this machine has {gpus} GPUs (set num_gpus: 0 for the CPU build of vLLM)"
+        )
+    if eng.num_cpus * eng.min_actors >= cpus:
+        raise ConfigError(
+            f"synth.engine.num_cpus: {eng.min_actors} actors x {eng.num_cpus} CPUs leaves no CPU for "
+            f"Ray Data's read and write tasks on {cpus} CPUs (that deadlocks); expected less than {cpus}"
+        )
+
+
+def _check_files(cfg: SpeedRayConfig) -> None:
+    if cfg.synth.topics_file is not None and not Path(cfg.synth.topics_file).is_file():
+        raise ConfigError(f"synth.topics_file: file {cfg.synth.topics_file} not found")
+    if cfg.synth.topics_file is None and not cfg.synth.topics:
+        raise ConfigError("synth.topics: expected at least one topic (or set synth.topics_file)")
+    rdir = Path(cfg.eval.retrieval_dir)
+    for rel in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        if not (rdir / rel).is_file():
+            raise ConfigError(f"eval.retrieval_dir: expected {rdir / rel} (BEIR layout), not found")
+    for key, spec in {
+        "synth.engine.model": cfg.synth.engine.model,
+        "align.model": cfg.align.model,
+        "embed.model": cfg.embed.model,
+    }.items():
+        if _looks_like_path(spec) and not Path(spec).is_dir():
+            raise ConfigError(f"{key}: model folder {spec} not found")
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Specs that start like a path must be folders; ``org/name`` is a hub name."""
+    return spec.startswith((".", "/", "~"))
+
+
+def local_gpu_count() -> int:
+    """GPUs visible to this process, without importing torch (nvidia-smi's device files)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    return len(list(Path("/dev").glob("nvidia[0-9]*")))

@@ -1,0 +1,48 @@
+"""Generation engines behind one small protocol. Nothing here imports Ray; vLLM is imported lazily.
+
+A ``Request`` is one chat with its own seed and optional JSON schema; ``generate`` returns, per
+request, ``n`` ``Completion``s with token counts. Stage classes wrap an engine; engines know nothing
+about Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Request:
+    messages: list[dict[str, str]]
+    seed: int
+    json_schema: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    n: int = 1
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    num_input_tokens: int
+    num_output_tokens: int
+    finish_reason: str | None = None
+
+
+class Generator(Protocol):
+    name: str
+
+    def generate(self, requests: list[Request], sampling: Sampling) -> list[list[Completion]]: ...
+
+
+def build_generator(kind: str, **kwargs: Any) -> Generator:
+    if kind == "vllm":
+        from speed_ray.engines.vllm_engine import VllmGenerator
+
+        return VllmGenerator(**kwargs)
+    raise ValueError(f"unknown engine kind {kind!r}; expected 'vllm'")

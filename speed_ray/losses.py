@@ -1,0 +1,60 @@
+"""InfoNCE with in-batch and hard negatives, gathered across workers. Pure torch (no Ray).
+
+E5/SPEED (arXiv 2401.00368 §3.2, 2410.18634 §3.3): for query q_i, positive d_i+ and the other
+documents of the (global) batch,
+    loss_i = -log exp(cos(q_i, d_i+)/t) / sum_{d in positives + hard negatives} exp(cos(q_i, d)/t).
+Inputs are L2-normalised, so cosine is a dot product; scale = 1/t.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0; gradients flow back to their owners.
+
+    Without an initialised process group (or with one rank) this returns ``x`` unchanged.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def info_nce(
+    q: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor | None = None,
+    neg_mask: torch.Tensor | None = None,
+    temperature: float = 0.02,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean InfoNCE over this rank's queries against the global positives and hard negatives.
+
+    Args:
+        q: [B, d] normalised query embeddings of this rank.
+        pos: [B, d] normalised positives, row i belongs to q[i].
+        neg: [B, d] normalised hard negatives, or None.
+        neg_mask: [B] bool, True where row i has a real hard negative (padding rows are ignored).
+        temperature: t in exp(cos/t).
+
+    Returns:
+        (loss, accuracy): the mean loss and the share of queries whose positive scores highest.
+    """
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    docs = all_gather_with_grad(pos)  # [W*B, d]
+    logits = q @ docs.T / temperature  # [B, W*B]
+    if neg is not None:
+        negs = all_gather_with_grad(neg)  # [W*B, d]
+        neg_logits = q @ negs.T / temperature  # [B, W*B]
+        if neg_mask is not None:
+            mask = all_gather_with_grad(neg_mask.float()).bool()  # [W*B]
+            neg_logits = neg_logits.masked_fill(~mask[None, :], float("-inf"))
+        logits = torch.cat([logits, neg_logits], dim=1)  # [B, 2*W*B]
+    labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]  # [B]
+    loss = F.cross_entropy(logits, labels)
+    accuracy = (logits.argmax(dim=1) == labels).float().mean()
+    return loss, accuracy

@@ -1,0 +1,98 @@
+"""Raw LLM text -> structured values. Pure functions: no Ray, no model.
+
+``extract_json`` follows the SPEED repo's ``utils.py`` repair order: strict-ish ``json.loads``, then
+strip code fences and take the first bracketed block, close unterminated brackets, and finally replace
+control characters. Failures come back as an error string, never as an exception, so a stage can
+record an ``error`` column and the counts show every dropped row.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from speed_ray.prompts import FIELDS, STS_TASK
+
+_FENCE = re.compile(r"```(?:json)?", re.IGNORECASE)
+
+
+def extract_json(text: str) -> tuple[Any, str | None]:
+    """Return ``(value, None)`` for the first JSON value in ``text``, or ``(None, error)``."""
+    candidates = [text, _FENCE.sub("", text)]
+    block = _first_block(candidates[1])
+    if block is not None:
+        candidates += [block, _close_brackets(block)]
+    candidates += [re.sub(r"[\n\r\t]", " ", c) for c in list(candidates)]
+    for c in candidates:
+        try:
+            return json.loads(c.strip(), strict=False), None
+        except (json.JSONDecodeError, ValueError):
+            continue
+    return None, f"invalid JSON: {text[:80]!r}"
+
+
+def _first_block(text: str) -> str | None:
+    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
+    if not starts:
+        return None
+    start = min(starts)
+    end = max(text.rfind("}"), text.rfind("]"))
+    return text[start : end + 1] if end > start else text[start:]
+
+
+def _close_brackets(text: str) -> str:
+    """Append the closing brackets (and a quote) that a truncated JSON value is missing."""
+    stack: list[str] = []
+    in_str = escaped = False
+    for ch in text:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+        elif ch in "}]" and stack:
+            stack.pop()
+    return text + ('"' if in_str else "") + "".join(reversed(stack))
+
+
+def parse_task_list(text: str) -> tuple[list[str], str | None]:
+    """Brainstorm output -> list of task descriptions (non-empty strings)."""
+    value, err = extract_json(text)
+    if err:
+        return [], err
+    if isinstance(value, dict):  # some models wrap the list: {"tasks": [...]}
+        lists = [v for v in value.values() if isinstance(v, list)]
+        value = lists[0] if lists else None
+    if not isinstance(value, list):
+        return [], f"expected a JSON list of tasks, got {type(value).__name__}"
+    tasks = [t.strip() for t in value if isinstance(t, str) and t.strip()]
+    if not tasks:
+        return [], "the task list is empty"
+    return tasks, None
+
+
+def to_triplet(kind: str, task: str, text: str) -> tuple[dict[str, str | None], str | None]:
+    """Generated example -> ``{instruction, query, positive, negative}`` (negative None for s2s/p2p)."""
+    value, err = extract_json(text)
+    if err:
+        return {}, err
+    if not isinstance(value, dict):
+        return {}, f"expected a JSON object, got {type(value).__name__}"
+    q_key, p_key, n_key = FIELDS[kind]
+    row: dict[str, str | None] = {"instruction": STS_TASK if kind == "sts" else task}
+    for name, key in (("query", q_key), ("positive", p_key), ("negative", n_key)):
+        if key is None:
+            row[name] = None
+            continue
+        v = value.get(key)
+        if not isinstance(v, str) or not v.strip():
+            return {}, f"missing or empty field {key!r}"
+        row[name] = v.strip()
+    return row, None

@@ -1,0 +1,6 @@
+"""The run's stages in order. Each stage module has ``run(cfg) -> dict`` (its summary) and writes
+under ``cfg.run_dir/<stage>/``; a finished step has a ``_manifest.json`` and is skipped on rerun."""
+
+from __future__ import annotations
+
+STAGES = ("synth", "align", "embed", "eval", "report")

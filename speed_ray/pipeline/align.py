@@ -1,0 +1,104 @@
+"""align: preference pairs -> junior (SFT, LoRA) -> senior (DPO against the frozen junior), with TRL
+inside Ray Train.
+
+Consumes ``<run>/synth/generations``; produces under ``<run>/align/``: ``pairs/`` (PREFERENCE_PAIRS),
+and the merged model folders ``junior/`` and ``senior/`` that the vLLM engine loads directly, each
+with a ``_manifest.json`` (base model, data, steps, losses). In this thin version the pairs come from a
+rule-based score of the generator's own samples; the teacher judge of SPEED §3.2.3 replaces it later.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from speed_ray import synthesis
+from speed_ray.config import ConfigError, SpeedRayConfig
+from speed_ray.models import resolve_model
+from speed_ray.pipeline.common import log, step
+from speed_ray.schemas import GENERATIONS, PREFERENCE_PAIRS, read_stage, write_json_atomic, write_stage
+
+
+def run(cfg: SpeedRayConfig) -> dict:
+    out = cfg.run_dir / "align"
+
+    def pairs() -> dict:
+        started = time.time()
+        table = synthesis.preference_pairs(read_stage(cfg.run_dir / "synth" / "generations", GENERATIONS))
+        return write_stage(out / "pairs", [table], PREFERENCE_PAIRS, {"rule": "quality_score"}, started)
+
+    manifests = {"pairs": step(out / "pairs", "align/pairs", pairs)}
+    n_pairs = manifests["pairs"]["num_rows"]
+    need = cfg.align.resources.workers
+    if n_pairs < need:
+        raise ConfigError(
+            f"align: {n_pairs} preference pairs from synth, expected at least align.resources.workers={need}; "
+            "raise synth.num_topics or synth.sampling.samples_per_prompt"
+        )
+    base = resolve_model(cfg.align.model)
+    manifests["junior"] = step(
+        out / "junior", "align/junior (SFT)", lambda: _train(cfg, "sft", base, out / "junior")
+    )
+    manifests["senior"] = step(
+        out / "senior", "align/senior (DPO)", lambda: _train(cfg, "dpo", str(out / "junior"), out / "senior")
+    )
+    return manifests
+
+
+def _train(cfg: SpeedRayConfig, kind: str, model: str, target: Path) -> dict:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from speed_ray.ray_utils import fetch_result, init_ray, require_resources
+    from speed_ray.train.align import train_loop
+
+    ac, res = cfg.align, cfg.align.resources
+    started = time.time()
+    # [1] Ray: the worker group must fit the cluster, or fail now.
+    init_ray(cfg)
+    require_resources(f"align ({kind})", res.workers * res.cpus_per_worker, res.workers * int(res.use_gpu))
+    pairs = read_stage(cfg.run_dir / "align" / "pairs", PREFERENCE_PAIRS)
+    loop_config = {
+        "kind": kind,
+        "model": model,
+        "steps": ac.sft_steps if kind == "sft" else ac.dpo_steps,
+        "learning_rate": ac.sft_learning_rate if kind == "sft" else ac.dpo_learning_rate,
+        "batch_size": ac.batch_size,
+        "max_length": ac.max_length,
+        "beta": ac.beta,
+        "lora_r": ac.lora_r,
+        "lora_alpha": ac.lora_alpha,
+        "lora_dropout": ac.lora_dropout,
+        "use_gpu": res.use_gpu,
+        "cpus_per_worker": res.cpus_per_worker,
+        "seed": cfg.run.seed,
+        "trl": ac.trl,
+    }
+    # [2] Ray Train: TRL's trainer on every worker, data sharded by Ray Data.
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        run_config=RunConfig(name=f"align-{kind}", storage_path=str((cfg.run_dir / "ray").resolve())),
+        datasets={"train": ray.data.from_arrow(pairs)},
+    )
+    # [3] The merged model comes back as the run's checkpoint.
+    metrics = fetch_result(trainer.fit(), target)
+    manifest = {
+        "kind": kind,
+        "base_model": model,
+        "pairs": pairs.num_rows,
+        "steps": metrics["steps"],
+        "history": metrics["history"],
+        "duration_s": round(time.time() - started, 2),
+        "lora": {"r": ac.lora_r, "alpha": ac.lora_alpha, "dropout": ac.lora_dropout, "merged": True},
+    }
+    write_json_atomic(target / "_manifest.json", manifest)
+    log(
+        f"align/{kind}: {manifest['steps']} steps, losses {[round(h['loss'], 4) for h in manifest['history']]}"
+    )
+    return manifest

@@ -1,0 +1,62 @@
+"""Ray at the edges: starting or joining Ray, and resource checks before any pool is built.
+
+A vLLM pool that asks for GPUs on a cluster without them waits forever instead of failing
+(../shared/research/stack-on-cpu.md), so every pool and trainer checks ``cluster_resources`` first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from speed_ray.config import ConfigError, SpeedRayConfig
+
+# Every Ray worker runs offline: weights come from local folders, never from a hub.
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def init_ray(cfg: SpeedRayConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
+    if "SPEED_RAY_CACHE" in os.environ:
+        env["SPEED_RAY_CACHE"] = os.environ["SPEED_RAY_CACHE"]
+    kwargs: dict = {"runtime_env": {"env_vars": env}, "include_dashboard": False, "log_to_driver": True}
+    if cfg.run.ray_address is None:
+        kwargs["num_cpus"] = cfg.run.num_cpus or os.cpu_count()
+    else:
+        kwargs["address"] = cfg.run.ray_address
+    ray.init(**kwargs)
+    ray.data.DataContext.get_current().enable_progress_bars = True
+
+
+def require_resources(what: str, cpus: float, gpus: float) -> None:
+    """Fail at once when the cluster can never host ``what`` (rather than hang waiting for it)."""
+    import ray
+
+    have = ray.cluster_resources()
+    if gpus > 0 and have.get("GPU", 0) < gpus:
+        raise ConfigError(
+            f"{what}: needs {gpus} GPU(s) but the Ray cluster has {have.get('GPU', 0)}; "
+            "set num_gpus: 0 / use_gpu: false to run on CPU, or add GPU nodes"
+        )
+    if have.get("CPU", 0) < cpus:
+        raise ConfigError(f"{what}: needs {cpus} CPUs but the Ray cluster has {have.get('CPU', 0)}")
+
+
+def fetch_result(result: Any, target: Path) -> dict[str, Any]:
+    """Copy a finished Ray Train result's checkpoint to ``target`` (atomically); return its metrics."""
+    if result.checkpoint is None or result.metrics is None:
+        raise RuntimeError(f"training finished without a checkpoint for {target}: {result.error}")
+    tmp = target.with_name(target.name + ".tmp")
+    result.checkpoint.to_directory(str(tmp))
+    tmp.rename(target)
+    return result.metrics

@@ -1,0 +1,167 @@
+"""One pyarrow schema per stage output, and the manifest that marks a stage complete.
+
+Writers cast to the schema; readers validate against it. A stage writes its shards into a temporary
+folder and renames it into place, then writes ``_manifest.json`` last: a folder with a manifest is a
+finished stage, and a folder without one is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+MANIFEST = "_manifest.json"
+
+_PROVENANCE = [
+    pa.field("generator", pa.string()),
+    pa.field("prompt_id", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("round", pa.string()),
+]
+_ACCOUNTING = [
+    pa.field("num_input_tokens", pa.int64()),
+    pa.field("num_output_tokens", pa.int64()),
+]
+
+TASKS = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("topic", pa.string()),
+        pa.field("task_type", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("task", pa.string()),
+        pa.field("raw", pa.string()),
+        pa.field("error", pa.string()),
+        *_PROVENANCE,
+        *_ACCOUNTING,
+    ]
+)
+
+GENERATIONS = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("sample", pa.int64()),
+        pa.field("topic", pa.string()),
+        pa.field("task_type", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("task", pa.string()),
+        pa.field("messages", pa.string()),
+        pa.field("raw", pa.string()),
+        pa.field("instruction", pa.string()),
+        pa.field("query", pa.string()),
+        pa.field("positive", pa.string()),
+        pa.field("negative", pa.string()),
+        pa.field("error", pa.string()),
+        *_PROVENANCE,
+        *_ACCOUNTING,
+    ]
+)
+
+EXAMPLES = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("instruction", pa.string()),
+        pa.field("query", pa.string()),
+        pa.field("positive", pa.string()),
+        pa.field("negative", pa.string()),
+        pa.field("task_type", pa.string()),
+        pa.field("topic", pa.string()),
+        *_PROVENANCE,
+        *_ACCOUNTING,
+    ]
+)
+
+PREFERENCE_PAIRS = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("messages", pa.string()),
+        pa.field("chosen", pa.string()),
+        pa.field("rejected", pa.string()),
+        pa.field("reason", pa.string()),
+    ]
+)
+
+
+def cast_rows(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts) -> a table of exactly ``schema``: missing columns become null, extras are an error."""
+    extra = {k for r in rows for k in r} - set(schema.names)
+    if extra:
+        raise ValueError(f"columns not in the schema: {sorted(extra)}")
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def validate_table(table: pa.Table, schema: pa.Schema, source: str) -> pa.Table:
+    missing = [n for n in schema.names if n not in table.column_names]
+    if missing:
+        raise ValueError(f"{source}: missing columns {missing} (expected the {schema.names} schema)")
+    return table.select(schema.names).cast(schema)
+
+
+def write_stage(
+    out_dir: Path, tables: Iterable[pa.Table], schema: pa.Schema, extra: dict[str, Any], started: float
+) -> dict:
+    """Write ``tables`` (streamed, one shard each) as ``shard_00000.parquet``..., then the manifest.
+
+    ``started`` is the stage's start time (``time.time()``): the manifest records the duration.
+    """
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = []
+    for i, table in enumerate(tables):
+        name = f"shard_{i:05d}.parquet"
+        # zstd: small files, fast to read; one row group per shard, the shards are small.
+        pq.write_table(validate_table(table, schema, name), tmp / name, compression="zstd")
+        files.append({"name": name, "num_rows": table.num_rows, "sha256": _sha256(tmp / name)})
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "schema": schema.names,
+        "num_rows": sum(f["num_rows"] for f in files),
+        "files": files,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "duration_s": round(time.time() - started, 2),
+        **extra,
+    }
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    path = stage_dir / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_stage(stage_dir: Path, schema: pa.Schema) -> pa.Table:
+    """All shards of a finished stage, validated; raises if the stage has no manifest."""
+    manifest = read_manifest(stage_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{stage_dir}: no {MANIFEST}, the stage has not finished")
+    tables = [
+        validate_table(pq.read_table(stage_dir / f["name"]), schema, f["name"]) for f in manifest["files"]
+    ]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,71 @@
+"""Shared fixtures: offline mode, a per-session model cache with tiny models, a tiny BEIR folder cut
+from the Debian retrieval set, and one local Ray per session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+DEBIAN = REPO.parent / "shared" / "data" / "debian"
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """Tiny models are built into a per-session cache; the real models keep the user's cache."""
+    if "SPEED_RAY_CACHE" not in os.environ:
+        os.environ["SPEED_RAY_CACHE"] = str(tmp_path_factory.mktemp("speed-ray-cache"))
+    return Path(os.environ["SPEED_RAY_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(model_cache) -> str:
+    from speed_ray.models import resolve_model
+
+    return resolve_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(model_cache) -> str:
+    from speed_ray.models import resolve_model
+
+    return resolve_model("tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def beir_tiny(tmp_path_factory) -> Path:
+    """20 Debian queries, their 20 documents and 20 more documents, in BEIR layout."""
+    from speed_ray.evaluation import read_beir
+
+    corpus, queries, qrels = read_beir(DEBIAN / "retrieval")
+    queries = queries[:20]
+    wanted = {d for q in queries for d in qrels[q["id"]]}
+    docs = [d for d in corpus if d["id"] in wanted] + [d for d in corpus if d["id"] not in wanted][:20]
+    out = tmp_path_factory.mktemp("beir")
+    (out / "qrels").mkdir()
+    (out / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": d["id"], "title": "", "text": d["text"]}) + "\n" for d in docs)
+    )
+    (out / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": q["id"], "text": q["text"]}) + "\n" for q in queries)
+    )
+    rows = [f"{q['id']}\t{d}\t{s}" for q in queries for d, s in qrels[q["id"]].items()]
+    (out / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(rows) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
