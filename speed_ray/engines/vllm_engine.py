@@ -40,6 +40,8 @@ class VllmGenerator:
             # cannot do ("CPU Generator does not use offset"), so prompts are prefilled whole.
             enable_chunked_prefill=False,
             max_num_batched_tokens=max(8192, max_model_len),
+            # JSON with no free whitespace: a weak model cannot spend its budget on blank runs.
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
         )
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[list[Completion]]:

@@ -142,6 +142,7 @@ def plot_training(m: dict[str, Any], path: Path) -> str | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2), squeeze=False)
     for ax, (name, hist) in zip(axes[0], curves.items(), strict=True):
@@ -149,6 +150,8 @@ def plot_training(m: dict[str, Any], path: Path) -> str | None:
         ax.set_title(f"{name} training loss")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", useOffset=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,0 +1,24 @@
+"""Every stage of a run in order: synth -> align -> embed -> eval -> report.
+
+Local (2 CPUs, no GPU):
+    python jobs/pipeline.py --config configs/quickstart.yaml
+On a Ray cluster:
+    ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+        python jobs/pipeline.py --config configs/quickstart.yaml run.ray_address=auto
+"""
+
+from __future__ import annotations
+
+from _common import parse_config
+
+from speed_ray.cli import run_stages
+from speed_ray.config import SpeedRayConfig
+from speed_ray.pipeline import STAGES
+
+
+def main(cfg: SpeedRayConfig) -> None:
+    run_stages(cfg, STAGES)
+
+
+if __name__ == "__main__":
+    main(parse_config(__doc__.splitlines()[0]))
