@@ -30,8 +30,8 @@ quickstart: install  ## run every stage of configs/quickstart.yaml (a few minute
 	$(VENV)/bin/speed-ray run configs/quickstart.yaml
 
 check: install  ## lint and type-check
-	$(VENV)/bin/ruff check speed_ray tests jobs benchmarks
-	$(VENV)/bin/ruff format --check speed_ray tests jobs benchmarks
+	$(VENV)/bin/ruff check speed_ray tests jobs
+	$(VENV)/bin/ruff format --check speed_ray tests jobs
 	$(VENV)/bin/mypy speed_ray
 
 test: check  ## lint, type-check, then the default test suite (no slow, no GPU tests)
