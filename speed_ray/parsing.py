@@ -72,10 +72,15 @@ def parse_task_list(text: str) -> tuple[list[str], str | None]:
         value = lists[0] if lists else None
     if not isinstance(value, list):
         return [], f"expected a JSON list of tasks, got {type(value).__name__}"
-    tasks = [t.strip() for t in value if isinstance(t, str) and t.strip()]
+    tasks = [t.strip() for t in value if isinstance(t, str) and _is_sentence(t)]
     if not tasks:
-        return [], "the task list is empty"
+        return [], "no task of at least 3 words in the list"
     return tasks, None
+
+
+def _is_sentence(text: str) -> bool:
+    """A task description needs words: at least 3 alphabetic tokens (drops '  ]', 'S2', '1.')."""
+    return sum(w.isalpha() for w in re.findall(r"[^\W\d_]+|\S+", text)) >= 3
 
 
 def to_triplet(kind: str, task: str, text: str) -> tuple[dict[str, str | None], str | None]:

@@ -7,10 +7,11 @@ A vLLM pool that asks for GPUs on a cluster without them waits forever instead o
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from speed_ray.config import ConfigError, SpeedRayConfig
+from speed_ray.config import ConfigError, SpeedRayConfig, TrainResources
 
 # Every Ray worker runs offline: weights come from local folders, never from a hub.
 WORKER_ENV = {
@@ -52,11 +53,44 @@ def require_resources(what: str, cpus: float, gpus: float) -> None:
         raise ConfigError(f"{what}: needs {cpus} CPUs but the Ray cluster has {have.get('CPU', 0)}")
 
 
-def fetch_result(result: Any, target: Path) -> dict[str, Any]:
-    """Copy a finished Ray Train result's checkpoint to ``target`` (atomically); return its metrics."""
+def train(
+    cfg: SpeedRayConfig,
+    name: str,
+    loop: Callable[[dict], None],
+    loop_config: dict[str, Any],
+    res: TrainResources,
+    dataset: Any,
+    target: Path,
+) -> dict[str, Any]:
+    """Run ``loop`` on a Ray Train worker group; the checkpoint rank 0 reports becomes ``target``.
+
+    Returns the final reported metrics. Ray's own copy of the checkpoint is removed once ``target``
+    holds it, so a run directory keeps one copy of each model.
+    """
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    # [1] Ray: the worker group must fit the cluster, or fail now.
+    init_ray(cfg)
+    require_resources(name, res.workers * res.cpus_per_worker, res.workers * int(res.use_gpu))
+    # [2] Ray Train: the loop on every worker, the dataset sharded across them.
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=str(cfg.run_dir / "ray")),
+        datasets={"train": ray.data.from_arrow(dataset)},
+    )
+    result = trainer.fit()
+    # [3] The model comes back as the checkpoint.
     if result.checkpoint is None or result.metrics is None:
-        raise RuntimeError(f"training finished without a checkpoint for {target}: {result.error}")
+        raise RuntimeError(f"{name}: training finished without a checkpoint ({result.error})")
     tmp = target.with_name(target.name + ".tmp")
     result.checkpoint.to_directory(str(tmp))
     tmp.rename(target)
+    result.checkpoint.filesystem.delete_dir(result.checkpoint.path)
     return result.metrics

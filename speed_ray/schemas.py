@@ -152,7 +152,9 @@ def read_stage(stage_dir: Path, schema: pa.Schema) -> pa.Table:
     """All shards of a finished stage, validated; raises if the stage has no manifest."""
     manifest = read_manifest(stage_dir)
     if manifest is None:
-        raise FileNotFoundError(f"{stage_dir}: no {MANIFEST}, the stage has not finished")
+        raise FileNotFoundError(
+            f"{stage_dir}: no {MANIFEST}: that step has not finished; run its stage first"
+        )
     tables = [
         validate_table(pq.read_table(stage_dir / f["name"]), schema, f["name"]) for f in manifest["files"]
     ]

@@ -46,18 +46,11 @@ def run(cfg: SpeedRayConfig) -> dict:
 
 
 def _train(cfg: SpeedRayConfig, kind: str, model: str, target: Path) -> dict:
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from speed_ray.ray_utils import fetch_result, init_ray, require_resources
+    from speed_ray.ray_utils import train
     from speed_ray.train.align import train_loop
 
     ac, res = cfg.align, cfg.align.resources
     started = time.time()
-    # [1] Ray: the worker group must fit the cluster, or fail now.
-    init_ray(cfg)
-    require_resources(f"align ({kind})", res.workers * res.cpus_per_worker, res.workers * int(res.use_gpu))
     pairs = read_stage(cfg.run_dir / "align" / "pairs", PREFERENCE_PAIRS)
     loop_config = {
         "kind": kind,
@@ -75,19 +68,7 @@ def _train(cfg: SpeedRayConfig, kind: str, model: str, target: Path) -> dict:
         "seed": cfg.run.seed,
         "trl": ac.trl,
     }
-    # [2] Ray Train: TRL's trainer on every worker, data sharded by Ray Data.
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker}
-        ),
-        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"align-{kind}", storage_path=str((cfg.run_dir / "ray").resolve())),
-        datasets={"train": ray.data.from_arrow(pairs)},
-    )
-    # [3] The merged model comes back as the run's checkpoint.
-    metrics = fetch_result(trainer.fit(), target)
+    metrics = train(cfg, f"align-{kind}", train_loop, loop_config, res, pairs, target)
     manifest = {
         "kind": kind,
         "base_model": model,

@@ -22,11 +22,7 @@ def run(cfg: SpeedRayConfig) -> dict:
 
 
 def _train(cfg: SpeedRayConfig) -> dict:
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from speed_ray.ray_utils import fetch_result, init_ray, require_resources
+    from speed_ray.ray_utils import train
     from speed_ray.train.embed import train_loop
 
     ec, res = cfg.embed, cfg.embed.resources
@@ -38,9 +34,6 @@ def _train(cfg: SpeedRayConfig) -> dict:
             f"embed: {examples.num_rows} training rows from synth, expected at least "
             f"embed.resources.workers x embed.batch_size = {need}"
         )
-    # [1] Ray: fail now if the worker group can never be placed.
-    init_ray(cfg)
-    require_resources("embed", res.workers * res.cpus_per_worker, res.workers * int(res.use_gpu))
     loop_config = {
         "model": resolve_model(ec.model),
         "pooling": ec.pooling,
@@ -53,22 +46,9 @@ def _train(cfg: SpeedRayConfig) -> dict:
         "cpus_per_worker": res.cpus_per_worker,
         "seed": cfg.run.seed,
     }
-    # [2] Ray Train: one loop per worker, the examples sharded across them.
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker}
-        ),
-        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
-        run_config=RunConfig(name="embed", storage_path=str((cfg.run_dir / "ray").resolve())),
-        datasets={
-            "train": ray.data.from_arrow(examples.select(["instruction", "query", "positive", "negative"]))
-        },
-    )
-    # [3] The exported model comes back as the checkpoint.
     out = cfg.run_dir / "embed" / "model"
-    metrics = fetch_result(trainer.fit(), out)
+    data = examples.select(["instruction", "query", "positive", "negative"])
+    metrics = train(cfg, "embed", train_loop, loop_config, res, data, out)
     history = metrics["history"]
     (cfg.run_dir / "embed" / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     manifest = {

@@ -31,9 +31,12 @@ def test_extract_json_reports_garbage(text):
 
 
 def test_task_list():
-    assert parse_task_list('["Find docs.", " ", "Rank news."]') == (["Find docs.", "Rank news."], None)
-    assert parse_task_list('{"tasks": ["A task."]}') == (["A task."], None)
-    assert parse_task_list("[]") == ([], "the task list is empty")
+    assert parse_task_list('["Find related docs.", " ", "  ]", "S2", "Rank the news."]') == (
+        ["Find related docs.", "Rank the news."],
+        None,
+    )
+    assert parse_task_list('{"tasks": ["Classify a review."]}') == (["Classify a review."], None)
+    assert parse_task_list("[]") == ([], "no task of at least 3 words in the list")
     assert parse_task_list('"just a string"') == ([], "expected a JSON list of tasks, got str")
 
 

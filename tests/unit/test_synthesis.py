@@ -113,12 +113,12 @@ def test_preference_pairs_best_vs_worst_and_ties_dropped():
 
 def test_parse_tasks_keeps_first_task():
     rows = [
-        _generated("t", 0, "retrieval", '["Find A.", "Find B."]') | {"sample": 0},
+        _generated("t", 0, "retrieval", '["Find papers on A.", "Find papers on B."]') | {"sample": 0},
         _generated("u", 0, "retrieval", "no list"),
     ]
     tasks = synthesis.parse_tasks(pa.Table.from_pylist(rows))
     assert tasks.schema == TASKS
-    assert tasks["task"].to_pylist() == ["Find A.", None]
+    assert tasks["task"].to_pylist() == ["Find papers on A.", None]
     assert tasks["error"][1].as_py().startswith("invalid JSON")
     reqs = synthesis.example_requests(tasks.to_pylist(), seed=0, max_chars=40)
-    assert len(reqs) == 1 and reqs[0]["task"] == "Find A."
+    assert len(reqs) == 1 and reqs[0]["task"] == "Find papers on A."
