@@ -7,46 +7,10 @@ descriptions as the corpus, 1,000 short descriptions as queries, one relevant do
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 from typing import Any
 
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    return rows
-
-
-def read_beir(folder: Path) -> tuple[list[dict], list[dict], dict[str, dict[str, int]]]:
-    """(corpus [{id, title, text}], queries [{id, text}], qrels {query_id: {doc_id: score}})."""
-    corpus = [
-        {"id": _field(r, "_id", folder / "corpus.jsonl", n), "title": r.get("title", ""), "text": r["text"]}
-        for n, r in enumerate(read_jsonl(folder / "corpus.jsonl"), 1)
-    ]
-    queries = [
-        {"id": _field(r, "_id", folder / "queries.jsonl", n), "text": r["text"]}
-        for n, r in enumerate(read_jsonl(folder / "queries.jsonl"), 1)
-    ]
-    qrels: dict[str, dict[str, int]] = {}
-    with (folder / "qrels" / "test.tsv").open() as f:
-        for row in csv.DictReader(f, delimiter="\t"):
-            qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
-    return corpus, queries, qrels
-
-
-def _field(row: dict, key: str, path: Path, n: int) -> str:
-    if key not in row or "text" not in row:
-        raise ValueError(f"{path}:{n}: expected keys {key!r} and 'text', got {sorted(row)}")
-    return str(row[key])
+from speed_ray.data import read_beir
 
 
 def retrieval_task(name: str, folder: Path) -> Any:

@@ -43,7 +43,7 @@ def tiny_bert(model_cache) -> str:
 @pytest.fixture(scope="session")
 def beir_tiny(tmp_path_factory) -> Path:
     """20 Debian queries, their 20 documents and 20 more documents, in BEIR layout."""
-    from speed_ray.evaluation import read_beir
+    from speed_ray.data import read_beir
 
     corpus, queries, qrels = read_beir(DEBIAN / "retrieval")
     queries = queries[:20]

@@ -23,6 +23,7 @@ def run(cfg: SpeedRayConfig) -> dict:
 def _evaluate(cfg: SpeedRayConfig, out: Path) -> dict:
     from sentence_transformers import SentenceTransformer
 
+    from speed_ray.data import verify_checksums
     from speed_ray.embedding import build_model, set_prompts
     from speed_ray.evaluation import evaluate, retrieval_task
     from speed_ray.models import resolve_model
@@ -32,6 +33,11 @@ def _evaluate(cfg: SpeedRayConfig, out: Path) -> dict:
     if not (trained_dir / "_manifest.json").is_file():
         raise FileNotFoundError(f"{trained_dir}: no trained model; run `speed-ray embed` first")
     started = time.time()
+    checked = verify_checksums(Path(ev.retrieval_dir))
+    log(
+        f"eval: {ev.retrieval_dir}: "
+        + (f"{len(checked)} files match SHA256SUMS" if checked else "no SHA256SUMS")
+    )
     task = retrieval_task(ev.task_name, Path(ev.retrieval_dir))
     models = {
         "base": lambda: build_model(resolve_model(ec.model), ec.pooling, ev.max_seq_length),

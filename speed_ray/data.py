@@ -1,0 +1,82 @@
+"""Loaders for the project's text data, used as they are (never rebuilt).
+
+``../shared/data/debian/`` holds Debian package descriptions, one per source package:
+``labelled.jsonl`` ({id, text, label, tags}: the Debian section is the label) and ``retrieval/`` in
+the BEIR layout (corpus.jsonl {_id, title, text}, queries.jsonl {_id, text}, qrels/test.tsv).
+``SHA256SUMS`` beside them lets a loader prove it reads the published files.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _required(row: dict, keys: tuple[str, ...], path: Path, n: int) -> None:
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise ValueError(f"{path}:{n}: missing keys {missing} (expected {list(keys)})")
+
+
+def read_beir(folder: Path) -> tuple[list[dict], list[dict], dict[str, dict[str, int]]]:
+    """(corpus [{id, title, text}], queries [{id, text}], qrels {query_id: {doc_id: score}})."""
+    corpus, queries = [], []
+    for n, r in enumerate(read_jsonl(folder / "corpus.jsonl"), 1):
+        _required(r, ("_id", "text"), folder / "corpus.jsonl", n)
+        corpus.append({"id": str(r["_id"]), "title": r.get("title", ""), "text": r["text"]})
+    for n, r in enumerate(read_jsonl(folder / "queries.jsonl"), 1):
+        _required(r, ("_id", "text"), folder / "queries.jsonl", n)
+        queries.append({"id": str(r["_id"]), "text": r["text"]})
+    qrels: dict[str, dict[str, int]] = {}
+    with (folder / "qrels" / "test.tsv").open() as f:
+        for n, row in enumerate(csv.DictReader(f, delimiter="\t"), 2):
+            _required(row, ("query-id", "corpus-id", "score"), folder / "qrels" / "test.tsv", n)
+            qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
+    return corpus, queries, qrels
+
+
+def read_labelled(path: Path) -> list[dict[str, Any]]:
+    """[{id, text, label}] from a labelled JSONL file."""
+    rows = read_jsonl(path)
+    for n, r in enumerate(rows, 1):
+        _required(r, ("id", "text", "label"), path, n)
+    return [{"id": str(r["id"]), "text": r["text"], "label": r["label"]} for r in rows]
+
+
+def verify_checksums(folder: Path) -> list[str]:
+    """Check every file under ``folder`` that a ``SHA256SUMS`` in it or its parent lists.
+
+    Returns the checked paths; raises ``ValueError`` naming the first file whose hash differs.
+    No SHA256SUMS means nothing to check (a user's own data).
+    """
+    for sums in (folder / "SHA256SUMS", folder.parent / "SHA256SUMS"):
+        if sums.is_file():
+            break
+    else:
+        return []
+    checked = []
+    for line in sums.read_text().splitlines():
+        digest, _, name = line.strip().partition("  ")
+        path = sums.parent / name
+        if not name or folder.resolve() not in path.resolve().parents:
+            continue
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise ValueError(f"{path}: SHA-256 differs from {sums}; use the published files as they are")
+        checked.append(name)
+    return checked

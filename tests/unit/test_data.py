@@ -1,0 +1,50 @@
+"""The Debian files read as published: counts, fields, checksums, and clear errors for bad rows."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from speed_ray.data import read_beir, read_labelled, verify_checksums
+from tests.conftest import DEBIAN
+
+
+def test_retrieval_set_as_published():
+    corpus, queries, qrels = read_beir(DEBIAN / "retrieval")
+    assert (len(corpus), len(queries), len(qrels)) == (5000, 1000, 1000)
+    assert queries[0] == {"id": "q:postgresql-15-pgextwlist", "text": "PostgreSQL Extension Whitelisting"}
+    assert qrels["q:postgresql-15-pgextwlist"] == {"postgresql-15-pgextwlist": 1}
+    ids = {d["id"] for d in corpus}
+    assert all(set(rel) <= ids for rel in qrels.values())
+
+
+def test_labelled_set_as_published():
+    rows = read_labelled(DEBIAN / "labelled.jsonl")
+    assert len(rows) == 18357
+    assert rows[0]["id"] == "0ad" and rows[0]["label"] == "games"
+
+
+def test_checksums(tmp_path):
+    assert verify_checksums(DEBIAN / "retrieval") == [
+        "retrieval/corpus.jsonl",
+        "retrieval/queries.jsonl",
+        "retrieval/qrels/test.tsv",
+    ]
+    copy = tmp_path / "debian"
+    shutil.copytree(DEBIAN, copy)
+    (copy / "retrieval" / "queries.jsonl").chmod(0o644)
+    with (copy / "retrieval" / "queries.jsonl").open("a") as f:
+        f.write('{"_id": "q:extra", "text": "x"}\n')
+    with pytest.raises(ValueError, match="queries.jsonl: SHA-256 differs"):
+        verify_checksums(copy / "retrieval")
+    assert verify_checksums(tmp_path) == []  # no SHA256SUMS: a user's own data
+
+
+def test_bad_rows_are_named(tmp_path):
+    (tmp_path / "l.jsonl").write_text('{"id": "a", "text": "t", "label": "x"}\n{"id": "b", "text": "t"}\n')
+    with pytest.raises(ValueError, match=r"l.jsonl:2: missing keys \['label'\]"):
+        read_labelled(tmp_path / "l.jsonl")
+    (tmp_path / "l.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match="l.jsonl:1: not valid JSON"):
+        read_labelled(tmp_path / "l.jsonl")
