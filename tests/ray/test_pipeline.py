@@ -29,6 +29,7 @@ def tiny_overrides(tmp_path, beir):
         "embed.model=tiny-bert",
         "embed.pooling=cls",
         "embed.steps=3",
+        "embed.batch_size=2",
         f"eval.retrieval_dir={beir}",
     ]
 
