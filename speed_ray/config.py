@@ -146,6 +146,8 @@ class EmbedConfig:
     learning_rate: float = 2e-5
     temperature: float = 0.02
     """InfoNCE temperature (E5/SPEED: 0.02)."""
+    chunk_size: int = 0
+    """GradCache: texts per forward pass (0: the whole batch at once). Same loss and gradients."""
     max_seq_length: int = 128
     query_instruction: str = "Given a web search query, retrieve relevant passages that answer the query"
     """Default instruction saved in the exported model's ``query`` prompt."""
@@ -323,6 +325,10 @@ def _check_names(cfg: SpeedRayConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive number, got {value}")
+    if cfg.embed.chunk_size < 0:
+        raise ConfigError(
+            f"embed.chunk_size: expected 0 (off) or a positive number, got {cfg.embed.chunk_size}"
+        )
     if cfg.synth.engine.max_actors < cfg.synth.engine.min_actors:
         raise ConfigError(
             f"synth.engine.max_actors: expected >= synth.engine.min_actors "

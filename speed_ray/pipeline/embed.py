@@ -42,6 +42,7 @@ def _train(cfg: SpeedRayConfig) -> dict:
         "steps": ec.steps,
         "learning_rate": ec.learning_rate,
         "temperature": ec.temperature,
+        "chunk_size": ec.chunk_size,
         "query_instruction": ec.query_instruction,
         "cpus_per_worker": res.cpus_per_worker,
         "seed": cfg.run.seed,

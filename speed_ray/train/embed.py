@@ -31,20 +31,35 @@ def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def train_step(model, optimizer, batch: dict[str, Any], pooling: str, temperature: float) -> dict[str, float]:
+def train_step(
+    model, optimizer, batch: dict[str, Any], pooling: str, temperature: float, chunk_size: int = 0
+) -> dict[str, float]:
+    """One optimizer step; ``chunk_size`` > 0 embeds through GradCache, same loss and gradients."""
     import torch
 
+    from speed_ray.gradcache import cached_backward
     from speed_ray.losses import info_nce
 
     queries, positives, negatives, has_neg = batch_texts(batch, pooling)
     n = len(queries)
-    features = unwrap(model).preprocess(queries + positives + negatives)
-    emb = model(dict(features))["sentence_embedding"]  # [3B, d], normalised
-    q, p, neg = emb[:n], emb[n : 2 * n], emb[2 * n :]
     mask = torch.tensor(has_neg)
-    loss, acc = info_nce(q, p, neg, mask, temperature)
+
+    def embed(texts) -> torch.Tensor:
+        return model(dict(unwrap(model).preprocess(list(texts))))[
+            "sentence_embedding"
+        ]  # [len, d], normalised
+
+    def loss_fn(emb: torch.Tensor):
+        return info_nce(emb[:n], emb[n : 2 * n], emb[2 * n :], mask, temperature)
+
+    texts = queries + positives + negatives
     optimizer.zero_grad()
-    loss.backward()
+    if chunk_size > 0:
+        no_sync = model.no_sync if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+        loss, acc = cached_backward(embed, texts, loss_fn, chunk_size, no_sync)
+    else:
+        loss, acc = loss_fn(embed(texts))
+        loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=float("inf"))
     optimizer.step()
     return {"loss": loss.item(), "accuracy": acc.item(), "grad_norm": grad_norm.item()}
@@ -72,6 +87,7 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(config["seed"])
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
     model = build_model(config["model"], config["pooling"], config["max_seq_length"])
+    model.train()  # dropout on, as in E5/SPEED and the crops paper
     # BERT-style checkpoints carry a pooler head that sentence-transformers never uses.
     model = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"])
@@ -80,7 +96,9 @@ def train_loop(config: dict[str, Any]) -> None:
     history = []
     for step in range(1, config["steps"] + 1):
         t0 = time.time()
-        metrics = train_step(model, optimizer, next(data), config["pooling"], config["temperature"])
+        metrics = train_step(
+            model, optimizer, next(data), config["pooling"], config["temperature"], config["chunk_size"]
+        )
         metrics |= {"step": step, "examples_per_s": world * config["batch_size"] / (time.time() - t0)}
         history.append(metrics)
         if ray.train.get_context().get_world_rank() == 0:
