@@ -134,16 +134,36 @@ class AlignConfig:
 
 
 @dataclass
+class EmbedDataConfig:
+    source: str = "synth"
+    """synth (this run's examples) | pairs (a user file) | corpus (unlabelled text -> crops or dropout)."""
+    path: str | None = None
+    """pairs: parquet, JSONL or a ``datasets`` folder with anchor, positive[, negative*] columns;
+    corpus: a JSONL file with ``id`` and ``text``."""
+    pair_mode: str = "crops"
+    """corpus only: crops (two different sentence crops) | dropout (one crop twice)."""
+    crop_min_chars: int = 100
+    crop_max_chars: int = 250
+    sentences_per_crop: int = 2
+    """The crops paper's rule (arXiv 2508.03453): 2 consecutive sentences of 100-250 characters."""
+
+
+@dataclass
 class EmbedConfig:
     model: str = "all-minilm-l6-v2"
     """Model to fine-tune: an encoder or a decoder LLM (spec as for the engine)."""
     pooling: str = "mean"
     """mean | cls | lasttoken (decoders, SPEED/E5: an EOS is appended and pooled)."""
+    data: EmbedDataConfig = field(default_factory=EmbedDataConfig)
     resources: TrainResources = field(default_factory=lambda: TrainResources(workers=2))
     batch_size: int = 4
     """Per-worker batch; the loss sees workers x batch_size in-batch negatives."""
     steps: int = 6
     learning_rate: float = 2e-5
+    warmup_steps: int = 0
+    """Linear warm-up to learning_rate, then linear decay to 0 at the last step (E5: 100 warm-up steps)."""
+    train_last_blocks: int = 0
+    """Train only the last N transformer blocks (0: all). The frozen blocks run without autograd."""
     temperature: float = 0.02
     """InfoNCE temperature (E5/SPEED: 0.02)."""
     chunk_size: int = 0
@@ -325,6 +345,16 @@ def _check_names(cfg: SpeedRayConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive number, got {value}")
+    data = cfg.embed.data
+    if data.source not in ("synth", "pairs", "corpus"):
+        raise ConfigError(f"embed.data.source: expected one of synth, pairs, corpus; got {data.source!r}")
+    if data.pair_mode not in ("crops", "dropout"):
+        raise ConfigError(f"embed.data.pair_mode: expected crops or dropout, got {data.pair_mode!r}")
+    if data.source != "synth" and data.path is None:
+        raise ConfigError(f"embed.data.path: required when embed.data.source is {data.source!r}")
+    for key in ("warmup_steps", "train_last_blocks"):
+        if getattr(cfg.embed, key) < 0:
+            raise ConfigError(f"embed.{key}: expected 0 or a positive number, got {getattr(cfg.embed, key)}")
     if cfg.embed.chunk_size < 0:
         raise ConfigError(
             f"embed.chunk_size: expected 0 (off) or a positive number, got {cfg.embed.chunk_size}"
@@ -371,6 +401,9 @@ def _check_resources(cfg: SpeedRayConfig) -> None:
 
 
 def _check_files(cfg: SpeedRayConfig) -> None:
+    data_path = cfg.embed.data.path
+    if data_path is not None and not Path(data_path).exists():
+        raise ConfigError(f"embed.data.path: {data_path} not found")
     if cfg.synth.topics_file is not None and not Path(cfg.synth.topics_file).is_file():
         raise ConfigError(f"synth.topics_file: file {cfg.synth.topics_file} not found")
     if cfg.synth.topics_file is None and not cfg.synth.topics:

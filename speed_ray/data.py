@@ -51,6 +51,14 @@ def read_beir(folder: Path) -> tuple[list[dict], list[dict], dict[str, dict[str,
     return corpus, queries, qrels
 
 
+def read_corpus(path: Path) -> list[dict[str, Any]]:
+    """[{id, text}] from an unlabelled JSONL corpus (extra keys such as ``label`` are ignored)."""
+    rows = read_jsonl(path)
+    for n, r in enumerate(rows, 1):
+        _required(r, ("id", "text"), path, n)
+    return [{"id": str(r["id"]), "text": r["text"]} for r in rows]
+
+
 def read_labelled(path: Path) -> list[dict[str, Any]]:
     """[{id, text, label}] from a labelled JSONL file."""
     rows = read_jsonl(path)
@@ -80,3 +88,28 @@ def verify_checksums(folder: Path) -> list[str]:
             raise ValueError(f"{path}: SHA-256 differs from {sums}; use the published files as they are")
         checked.append(name)
     return checked
+
+
+def read_pairs(path: Path) -> list[dict[str, Any]]:
+    """Pairs in the sentence-transformers convention: ``anchor``, ``positive`` and optional
+    ``negative`` / ``negative_1``... columns (the first negative is used), from parquet, JSONL or a
+    ``datasets`` folder saved with ``save_to_disk``."""
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        rows = load_from_disk(str(path)).to_list()
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    else:
+        rows = read_jsonl(path)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    for n, r in enumerate(rows, 1):
+        _required(r, ("anchor", "positive"), path, n)
+    negatives = [k for k in rows[0] if k.startswith("negative")]
+    return [
+        {"anchor": r["anchor"], "positive": r["positive"], "negative": r[negatives[0]] if negatives else None}
+        for r in rows
+    ]

@@ -39,6 +39,40 @@ def build_model(model_path: str, pooling: str, max_seq_length: int, device: str 
     return SentenceTransformer(modules=[transformer, pool, models.Normalize()], device=device)
 
 
+def transformer_blocks(model: Any) -> Any:
+    """The ``nn.ModuleList`` of transformer blocks inside a SentenceTransformer (BERT, Llama, ...)."""
+    import torch
+
+    hf = model[0].auto_model
+    n = hf.config.num_hidden_layers
+    for module in hf.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"no list of {n} transformer blocks found in {type(hf).__name__}")
+
+
+def train_last_blocks(model: Any, n: int) -> int:
+    """Freeze everything below the last ``n`` blocks (embeddings included); returns trainable params.
+
+    The frozen part then builds no autograd graph: its inputs need no gradient and its weights have
+    none, so PyTorch stores none of its activations and the backward pass stops at block ``-n``.
+    """
+    blocks = transformer_blocks(model)
+    if not 0 < n <= len(blocks):
+        raise ValueError(f"embed.train_last_blocks: expected 1..{len(blocks)} for this model, got {n}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in list(blocks)[-n:]:
+        for p in block.parameters():
+            p.requires_grad_(True)
+    hf = model[0].auto_model
+    for name, module in hf.named_children():  # final norms after the blocks (Llama's ``norm``)
+        if "norm" in name.lower():
+            for p in module.parameters():
+                p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def set_prompts(model: Any, instruction: str, pooling: str) -> None:
     """Save the query/document prompts in the model so ``encode(..., prompt_name="query")`` is right."""
     if pooling == "lasttoken":

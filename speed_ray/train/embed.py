@@ -81,16 +81,22 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
     from ray.train import Checkpoint
     from ray.train.torch import prepare_model
+    from transformers import get_linear_schedule_with_warmup
 
-    from speed_ray.embedding import build_model, set_prompts
+    from speed_ray.embedding import build_model, set_prompts, train_last_blocks
 
     torch.manual_seed(config["seed"])
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
     model = build_model(config["model"], config["pooling"], config["max_seq_length"])
     model.train()  # dropout on, as in E5/SPEED and the crops paper
+    if config["train_last_blocks"]:
+        train_last_blocks(model, config["train_last_blocks"])
     # BERT-style checkpoints carry a pooler head that sentence-transformers never uses.
     model = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"])
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config["learning_rate"]
+    )
+    scheduler = get_linear_schedule_with_warmup(optimizer, config["warmup_steps"], config["steps"])
     world = ray.train.get_context().get_world_size()
     data = batches(ray.train.get_dataset_shard("train"), config["batch_size"])
     history = []
@@ -99,6 +105,8 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics = train_step(
             model, optimizer, next(data), config["pooling"], config["temperature"], config["chunk_size"]
         )
+        metrics |= {"lr": scheduler.get_last_lr()[0]}
+        scheduler.step()
         metrics |= {"step": step, "examples_per_s": world * config["batch_size"] / (time.time() - t0)}
         history.append(metrics)
         if ray.train.get_context().get_world_rank() == 0:

@@ -53,6 +53,14 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
         ("", ["synth.engine.max_actors=0"], "synth.engine.max_actors: expected >= synth.engine.min_actors"),
         ("- a\n- b\n", [], "expected a mapping at the top level"),
         ("", ["novalue"], "override 'novalue': expected key.sub=value"),
+        ("", ["embed.data.source=web"], "embed.data.source: expected one of synth, pairs, corpus"),
+        ("", ["embed.data.source=corpus"], "embed.data.path: required when embed.data.source is 'corpus'"),
+        (
+            "",
+            ["embed.data.source=pairs", "embed.data.path=/no/pairs.jsonl"],
+            "embed.data.path: /no/pairs.jsonl not found",
+        ),
+        ("", ["embed.train_last_blocks=-1"], "embed.train_last_blocks: expected 0 or a positive number"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, monkeypatch, text, overrides, message):

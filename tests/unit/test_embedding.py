@@ -1,0 +1,71 @@
+"""Embedding model helpers: last-N-block training on encoders and decoders, and pair files."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from speed_ray.data import read_pairs
+from speed_ray.embedding import build_model, train_last_blocks, transformer_blocks
+
+
+@pytest.mark.parametrize(("fixture", "pooling"), [("tiny_bert", "mean"), ("tiny_llama", "lasttoken")])
+def test_last_block_only_and_no_graph_below_it(request, fixture, pooling):
+    model = build_model(request.getfixturevalue(fixture), pooling, 32)
+    blocks = transformer_blocks(model)
+    assert len(blocks) == 2
+    trainable = train_last_blocks(model, 1)
+    assert trainable == sum(p.numel() for p in blocks[1].parameters()) + sum(
+        p.numel() for n, p in model[0].auto_model.named_parameters() if n.startswith("norm.")
+    )
+    assert not any(p.requires_grad for p in blocks[0].parameters())
+    seen = {}
+    blocks[0].register_forward_hook(
+        lambda m, i, o: seen.__setitem__(0, (o[0] if isinstance(o, tuple) else o).requires_grad)
+    )
+    blocks[1].register_forward_hook(
+        lambda m, i, o: seen.__setitem__(1, (o[0] if isinstance(o, tuple) else o).requires_grad)
+    )
+    emb = model(dict(model.preprocess(["a package manager", "a font"])))["sentence_embedding"]
+    assert seen == {0: False, 1: True}  # the frozen block built no autograd graph
+    emb.sum().backward()
+    assert all(p.grad is not None for p in blocks[1].parameters())
+
+
+def test_train_last_blocks_range(tiny_bert):
+    with pytest.raises(ValueError, match="expected 1..2 for this model, got 3"):
+        train_last_blocks(build_model(tiny_bert, "mean", 32), 3)
+
+
+def test_read_pairs_from_each_format(tmp_path):
+    rows = [
+        {"anchor": "a", "positive": "p", "negative_1": "n"},
+        {"anchor": "b", "positive": "q", "negative_1": None},
+    ]
+    want = [
+        {"anchor": "a", "positive": "p", "negative": "n"},
+        {"anchor": "b", "positive": "q", "negative": None},
+    ]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    from datasets import Dataset
+
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    for path in ("p.jsonl", "p.parquet", "ds"):
+        assert read_pairs(tmp_path / path) == want
+    (tmp_path / "bad.jsonl").write_text('{"anchor": "a"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing keys \['positive'\]"):
+        read_pairs(tmp_path / "bad.jsonl")
+
+
+def test_grad_flows_only_where_trainable(tiny_bert):
+    model = build_model(tiny_bert, "mean", 32)
+    train_last_blocks(model, 2)
+    emb = model(dict(model.preprocess(["x y"])))["sentence_embedding"]
+    emb.sum().backward()
+    assert model[0].auto_model.embeddings.word_embeddings.weight.grad is None
+    assert torch.count_nonzero(transformer_blocks(model)[0].output.dense.weight.grad) > 0
