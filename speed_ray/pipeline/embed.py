@@ -101,6 +101,7 @@ def _train(cfg: SpeedRayConfig) -> dict:
         "data": data_info,
         "steps": metrics["steps"],
         "history": history,
+        "probe": metrics["probe"],
         "duration_s": round(time.time() - started, 2),
     }
     write_json_atomic(out / "_manifest.json", manifest)

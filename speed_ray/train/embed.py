@@ -15,6 +15,8 @@ from typing import Any
 
 from speed_ray.embedding import format_query
 
+PROBE_TEXTS = ["a command-line tool to convert images", "library for parsing XML documents"]
+
 
 def batch_texts(batch: dict[str, Any], pooling: str) -> tuple[list[str], list[str], list[str], list[bool]]:
     """Rows -> (queries, positives, negatives, has_negative); a missing negative becomes '' and is masked."""
@@ -115,10 +117,13 @@ def train_loop(config: dict[str, Any]) -> None:
                 + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             )
     with tempfile.TemporaryDirectory() as d:
-        checkpoint = None
+        checkpoint, report = None, {"history": history, "steps": config["steps"]}
         if ray.train.get_context().get_world_rank() == 0:
             module = unwrap(model)
             set_prompts(module, config["query_instruction"], config["pooling"])
             module.save(d)
             checkpoint = Checkpoint.from_directory(d)
-        ray.train.report({"history": history, "steps": config["steps"]}, checkpoint=checkpoint)
+            # The trained model's own embeddings of fixed texts: the exported folder must reproduce them.
+            module.eval()
+            report["probe"] = {"texts": PROBE_TEXTS, "embeddings": module.encode(PROBE_TEXTS).tolist()}
+        ray.train.report(report, checkpoint=checkpoint)

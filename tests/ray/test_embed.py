@@ -56,6 +56,10 @@ def test_embed_trains_every_layer(tmp_path, tiny_bert, beir_tiny, ray_session, c
     base = SentenceTransformer(tiny_bert, device="cpu").state_dict()
     encoder = [k for k in base if ".encoder.layer." in k]
     assert encoder and all(not torch.equal(base[k], trained[k]) for k in encoder)
+    # the exported folder reproduces the trainer's own embeddings
+    probe = manifest["probe"]
+    again = SentenceTransformer(str(cfg.run_dir / "embed/model"), device="cpu").encode(probe["texts"])
+    torch.testing.assert_close(torch.tensor(again), torch.tensor(probe["embeddings"]), rtol=0, atol=1e-6)
 
 
 def test_embed_on_corpus_crops_last_block_only(tmp_path, tiny_bert, beir_tiny, ray_session):
