@@ -20,9 +20,12 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
-    return torch.cat(all_gather(x), dim=0)
+    # The backward of an all-gather is a reduce-scatter: each rank gets the summed gradient of its rows.
+    world = dist.group.WORLD
+    assert world is not None  # a process group is initialised (checked above)
+    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=world)
 
 
 def info_nce(

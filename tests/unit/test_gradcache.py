@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from speed_ray.gradcache import cached_backward
 from speed_ray.losses import info_nce
-from tests.unit.test_losses import _data, _embed
+from tests.unit.test_losses import _data, _embed, free_port
 
 N = 5  # rows: 5 queries, 5 positives, 5 negatives = 15 texts
 
@@ -107,13 +107,17 @@ def _worker(rank, world, per_rank, path, port):
     dist.all_reduce(grad)
     if rank == 0:
         torch.save(grad / world, path)
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
+    # gloo's threads sometimes abort in C++ static destructors at interpreter exit ("terminate called
+    # without an active exception"), after all the work is done; skip those destructors.
+    os._exit(0)
 
 
 def test_cached_with_gather_equals_the_full_batch(tmp_path):
     world, per_rank = 2, 3
     path = tmp_path / "grad.pt"
-    port = 30500 + os.getpid() % 1000
+    port = free_port()
     torch.multiprocessing.spawn(_worker, args=(world, per_rank, str(path), port), nprocs=world, join=True)
     w0, (xq, xp, xn) = _data(world, per_rank)
     w = w0.clone().requires_grad_(True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 
 import pytest
 import torch
@@ -39,6 +40,12 @@ def test_gather_is_identity_without_process_group():
     assert all_gather_with_grad(x) is x
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _embed(w, x):
     return F.normalize(x @ w, dim=-1)
 
@@ -64,13 +71,17 @@ def _worker(rank, world, per_rank, path, port):
     dist.all_gather(losses, loss.detach())
     if rank == 0:
         torch.save({"grad": grad / world, "loss": torch.stack(losses).mean()}, path)
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
+    # gloo's threads sometimes abort in C++ static destructors at interpreter exit ("terminate called
+    # without an active exception"), after all the work is done; skip those destructors.
+    os._exit(0)
 
 
 def test_two_gloo_ranks_equal_the_full_batch(tmp_path):
     world, per_rank = 2, 3
     path = tmp_path / "dist.pt"
-    port = 29500 + os.getpid() % 1000
+    port = free_port()
     torch.multiprocessing.spawn(_worker, args=(world, per_rank, str(path), port), nprocs=world, join=True)
     got = torch.load(path)
     w0, (xq, xp, xn) = _data(world, per_rank)
