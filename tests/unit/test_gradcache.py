@@ -3,15 +3,14 @@ and without dropout, and across 2 gloo ranks with the negatives gathered."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 
 from speed_ray.gradcache import cached_backward
 from speed_ray.losses import info_nce
-from tests.unit.test_losses import _data, _embed, free_port
+from tests.distributed import run_gloo
+from tests.unit.test_losses import _data, _embed
 
 N = 5  # rows: 5 queries, 5 positives, 5 negatives = 15 texts
 
@@ -88,9 +87,7 @@ def test_cached_replays_dropout(model):
         torch.testing.assert_close(g, want[name], rtol=1e-5, atol=1e-7)
 
 
-def _worker(rank, world, per_rank, path, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, per_rank, path):
     w0, (xq, xp, xn) = _data(world, per_rank)
     w = w0.clone().requires_grad_(True)
     sl = slice(rank * per_rank, (rank + 1) * per_rank)
@@ -107,18 +104,12 @@ def _worker(rank, world, per_rank, path, port):
     dist.all_reduce(grad)
     if rank == 0:
         torch.save(grad / world, path)
-    dist.barrier()  # no rank tears gloo down while another still talks to it
-    dist.destroy_process_group()
-    # gloo's threads sometimes abort in C++ static destructors at interpreter exit ("terminate called
-    # without an active exception"), after all the work is done; skip those destructors.
-    os._exit(0)
 
 
 def test_cached_with_gather_equals_the_full_batch(tmp_path):
     world, per_rank = 2, 3
     path = tmp_path / "grad.pt"
-    port = free_port()
-    torch.multiprocessing.spawn(_worker, args=(world, per_rank, str(path), port), nprocs=world, join=True)
+    run_gloo(_worker, world, per_rank, str(path))
     w0, (xq, xp, xn) = _data(world, per_rank)
     w = w0.clone().requires_grad_(True)
     mask = torch.arange(world * per_rank) % 3 != 0

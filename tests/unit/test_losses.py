@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from speed_ray.losses import all_gather_with_grad, info_nce
+from tests.distributed import run_gloo
 
 
 def test_in_batch_loss_by_hand():
@@ -40,12 +39,6 @@ def test_gather_is_identity_without_process_group():
     assert all_gather_with_grad(x) is x
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _embed(w, x):
     return F.normalize(x @ w, dim=-1)
 
@@ -56,9 +49,7 @@ def _data(world, per_rank):
     return torch.randn(6, 4, generator=g), [torch.randn(n, 6, generator=g) for _ in range(3)]
 
 
-def _worker(rank, world, per_rank, path, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, per_rank, path):
     w0, (xq, xp, xn) = _data(world, per_rank)
     w = w0.clone().requires_grad_(True)
     sl = slice(rank * per_rank, (rank + 1) * per_rank)
@@ -71,18 +62,12 @@ def _worker(rank, world, per_rank, path, port):
     dist.all_gather(losses, loss.detach())
     if rank == 0:
         torch.save({"grad": grad / world, "loss": torch.stack(losses).mean()}, path)
-    dist.barrier()  # no rank tears gloo down while another still talks to it
-    dist.destroy_process_group()
-    # gloo's threads sometimes abort in C++ static destructors at interpreter exit ("terminate called
-    # without an active exception"), after all the work is done; skip those destructors.
-    os._exit(0)
 
 
 def test_two_gloo_ranks_equal_the_full_batch(tmp_path):
     world, per_rank = 2, 3
     path = tmp_path / "dist.pt"
-    port = free_port()
-    torch.multiprocessing.spawn(_worker, args=(world, per_rank, str(path), port), nprocs=world, join=True)
+    run_gloo(_worker, world, per_rank, str(path))
     got = torch.load(path)
     w0, (xq, xp, xn) = _data(world, per_rank)
     w = w0.clone().requires_grad_(True)
