@@ -19,9 +19,14 @@ _FENCE = re.compile(r"```(?:json)?", re.IGNORECASE)
 
 def extract_json(text: str) -> tuple[Any, str | None]:
     """Return ``(value, None)`` for the first JSON value in ``text``, or ``(None, error)``."""
-    candidates = [text, _FENCE.sub("", text)]
-    block = _first_block(candidates[1])
-    if block is not None:
+    unfenced = _FENCE.sub("", text)
+    candidates = [text, unfenced]
+    starts = [i for i in (unfenced.find("{"), unfenced.find("[")) if i >= 0]
+    if starts:
+        # A value cut off by the token budget: close what is open from its first bracket to the end.
+        candidates.append(_close_brackets(unfenced[min(starts) :]))
+    block = _first_block(unfenced)
+    if block is not None:  # a complete value with chatter around it
         candidates += [block, _close_brackets(block)]
     candidates += [re.sub(r"[\n\r\t]", " ", c) for c in list(candidates)]
     for c in candidates:

@@ -8,6 +8,7 @@ Consumes the config's topics; produces under ``<run>/synth/``:
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -38,7 +39,9 @@ def run(cfg: SpeedRayConfig) -> dict:
             "top_p": sc.sampling.top_p,
             "n": 1,
         }
-        tables = _chain([synthesis.sts_tasks(sts)], _generate(cfg, asks, sampling, synthesis.parse_tasks))
+        tables = itertools.chain(
+            [synthesis.sts_tasks(sts)], _generate(cfg, asks, sampling, synthesis.parse_tasks)
+        )
         return write_stage(out / "tasks", tables, TASKS, {"engine": sc.engine.kind}, started)
 
     def generations() -> dict:
@@ -64,11 +67,6 @@ def run(cfg: SpeedRayConfig) -> dict:
         "generations": step(out / "generations", "synth/generations", generations),
         "examples": step(out / "examples", "synth/examples", examples),
     }
-
-
-def _chain(*parts: Any) -> Iterator[pa.Table]:
-    for part in parts:
-        yield from part
 
 
 def _generate(

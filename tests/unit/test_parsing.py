@@ -17,6 +17,7 @@ from speed_ray.prompts import STS_TASK
         ('{"a": "line\nbreak"}', {"a": "line\nbreak"}),  # raw newline inside a string (strict=False)
         ('{"a": {"b": "cut', {"a": {"b": "cut"}}),  # truncated: quote and two braces closed
         ('["one", "two"', ["one", "two"]),  # truncated list
+        ('["] a list", "task two", "cut', ["] a list", "task two", "cut"]),  # truncated, "]" inside a string
     ],
 )
 def test_extract_json_repairs(text, value):
