@@ -352,13 +352,14 @@ def _check_names(cfg: SpeedRayConfig) -> None:
         raise ConfigError(f"embed.data.pair_mode: expected crops or dropout, got {data.pair_mode!r}")
     if data.source != "synth" and data.path is None:
         raise ConfigError(f"embed.data.path: required when embed.data.source is {data.source!r}")
-    for key in ("warmup_steps", "train_last_blocks"):
-        if getattr(cfg.embed, key) < 0:
-            raise ConfigError(f"embed.{key}: expected 0 or a positive number, got {getattr(cfg.embed, key)}")
-    if cfg.embed.chunk_size < 0:
-        raise ConfigError(
-            f"embed.chunk_size: expected 0 (off) or a positive number, got {cfg.embed.chunk_size}"
-        )
+    non_negative = {
+        "embed.warmup_steps": cfg.embed.warmup_steps,
+        "embed.train_last_blocks": cfg.embed.train_last_blocks,
+        "embed.chunk_size": cfg.embed.chunk_size,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: expected 0 (off) or a positive number, got {value}")
     if cfg.synth.engine.max_actors < cfg.synth.engine.min_actors:
         raise ConfigError(
             f"synth.engine.max_actors: expected >= synth.engine.min_actors "

@@ -60,7 +60,11 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
             ["embed.data.source=pairs", "embed.data.path=/no/pairs.jsonl"],
             "embed.data.path: /no/pairs.jsonl not found",
         ),
-        ("", ["embed.train_last_blocks=-1"], "embed.train_last_blocks: expected 0 or a positive number"),
+        (
+            "",
+            ["embed.train_last_blocks=-1"],
+            "embed.train_last_blocks: expected 0 (off) or a positive number",
+        ),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, monkeypatch, text, overrides, message):
