@@ -1,7 +1,8 @@
 """Generation engines behind one small protocol. Nothing here imports Ray; vLLM is imported lazily.
 
 A ``Request`` is one chat with its own seed and optional JSON schema; ``generate`` returns, per
-request, ``n`` ``Completion``s with token counts. Stage classes wrap an engine; engines know nothing
+request, exactly ``n`` ``Completion``s with token counts. The prompt's tokens are counted once, on
+the first completion (later ones carry 0), so summing a column gives the true total. Stage classes wrap an engine; engines know nothing
 about Ray.
 """
 
@@ -32,6 +33,9 @@ class Completion:
     num_input_tokens: int
     num_output_tokens: int
     finish_reason: str | None = None
+    error: str | None = None
+    """Set when the engine could not produce this completion (e.g. an HTTP call failed after its
+    retries); ``text`` is then empty and the row is kept with this error, never dropped."""
 
 
 class Generator(Protocol):
