@@ -49,4 +49,12 @@ def build_generator(kind: str, **kwargs: Any) -> Generator:
         from speed_ray.engines.vllm_engine import VllmGenerator
 
         return VllmGenerator(**kwargs)
-    raise ValueError(f"unknown engine kind {kind!r}; expected 'vllm'")
+    if kind == "transformers":
+        from speed_ray.engines.hf_engine import HFGenerator
+
+        return HFGenerator(**kwargs)
+    if kind == "openai":
+        from speed_ray.engines.openai_http import OpenAIGenerator
+
+        return OpenAIGenerator(**kwargs)
+    raise ValueError(f"unknown engine kind {kind!r}; expected 'vllm', 'transformers' or 'openai'")

@@ -2,6 +2,8 @@
 
 CPU-build facts this relies on (../shared/research/vllm-on-cpu.md): the KV cache size must be given
 explicitly, ``enforce_eager`` avoids a 50-90 s compile with no speed gain, and structured output works.
+``llm_kwargs`` and ``sampling_params`` are the whole translation from our settings to vLLM's; the
+throughput benchmark feeds them to a bare ``vllm.LLM`` as the reference.
 """
 
 from __future__ import annotations
@@ -12,68 +14,101 @@ from typing import Any
 from speed_ray.engines import Completion, Request, Sampling
 
 
+def llm_kwargs(
+    model: str,
+    dtype: Any = "bfloat16",
+    max_model_len: int = 1536,
+    kv_cache_gib: float = 0.5,
+    enforce_eager: bool = True,
+    tensor_parallel_size: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for these settings."""
+    return {
+        "model": model,
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+        "enforce_eager": enforce_eager,
+        "kv_cache_memory_bytes": int(kv_cache_gib * 2**30),
+        "tensor_parallel_size": tensor_parallel_size,
+        "seed": seed,
+        # Per-request seeds make a row's output independent of its batch. With chunked prefill,
+        # vLLM rewinds the seeded generator of a partly prefilled request, which the CPU build
+        # cannot do ("CPU Generator does not use offset"), so prompts are prefilled whole.
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": max(8192, max_model_len),
+        # JSON with no free whitespace: a weak model cannot spend its budget on blank runs.
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+    }
+
+
+def sampling_params(requests: list[Request], sampling: Sampling) -> list[Any]:
+    """One ``vllm.SamplingParams`` per request: its own seed, and its JSON schema as a grammar.
+
+    Greedy decoding (temperature 0) asks for one sample: vLLM refuses n > 1 there, and the samples
+    would be identical anyway (``VllmGenerator`` repeats it n times)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return [
+        SamplingParams(
+            n=sampling.n if sampling.temperature > 0 else 1,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            seed=r.seed,
+            structured_outputs=(
+                StructuredOutputsParams(json=r.json_schema, disable_any_whitespace=True)
+                if r.json_schema is not None
+                else None
+            ),
+        )
+        for r in requests
+    ]
+
+
 class VllmGenerator:
-    def __init__(
-        self,
-        model: str,
-        dtype: Any = "bfloat16",
-        max_model_len: int = 1536,
-        kv_cache_gib: float = 0.5,
-        enforce_eager: bool = True,
-        tensor_parallel_size: int = 1,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, model: str, **settings: Any) -> None:
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         from vllm import LLM
 
         self.name = model
-        self.llm = LLM(
-            model=model,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            enforce_eager=enforce_eager,
-            kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
-            tensor_parallel_size=tensor_parallel_size,
-            seed=seed,
-            # Per-request seeds make a row's output independent of its batch. With chunked prefill,
-            # vLLM rewinds the seeded generator of a partly prefilled request, which the CPU build
-            # cannot do ("CPU Generator does not use offset"), so prompts are prefilled whole.
-            enable_chunked_prefill=False,
-            max_num_batched_tokens=max(8192, max_model_len),
-            # JSON with no free whitespace: a weak model cannot spend its budget on blank runs.
-            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
-        )
+        self.llm = LLM(**llm_kwargs(model, **settings))
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[list[Completion]]:
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
-        params = [
-            SamplingParams(
-                n=sampling.n,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                max_tokens=sampling.max_tokens,
-                seed=r.seed,
-                structured_outputs=(
-                    StructuredOutputsParams(json=r.json_schema, disable_any_whitespace=True)
-                    if r.json_schema is not None
-                    else None
-                ),
-            )
+        """Completions per request; a prompt that leaves no room in the context gets error
+        completions (vLLM would fail the whole batch), and the others run."""
+        tokenizer = self.llm.get_tokenizer()
+        lengths = [
+            len(tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, return_dict=False))
             for r in requests
         ]
+        fits = [i for i, n in enumerate(lengths) if n < self.max_model_len]
+        done = dict(zip(fits, self._generate([requests[i] for i in fits], sampling), strict=True))
+        too_long = [
+            [Completion("", n if k == 0 else 0, 0, "length", self._too_long(n)) for k in range(sampling.n)]
+            for n in lengths
+        ]
+        return [done.get(i, too_long[i]) for i in range(len(requests))]
+
+    def _too_long(self, n: int) -> str:
+        return f"prompt of {n} tokens leaves no room in max_model_len={self.max_model_len}"
+
+    def _generate(self, requests: list[Request], sampling: Sampling) -> list[list[Completion]]:
+        if not requests:
+            return []
         messages: Any = [r.messages for r in requests]
-        outs = self.llm.chat(messages, params, use_tqdm=False)
+        outs = self.llm.chat(messages, sampling_params(requests, sampling), use_tqdm=False)
         return [
             [
                 Completion(
                     text=c.text,
-                    num_input_tokens=len(o.prompt_token_ids or []),
-                    num_output_tokens=len(c.token_ids),
+                    num_input_tokens=len(o.prompt_token_ids or []) if k == 0 else 0,
+                    num_output_tokens=len(c.token_ids) if k < len(o.outputs) else 0,  # repeats cost nothing
                     finish_reason=c.finish_reason,
                 )
-                for c in o.outputs
+                for k, c in enumerate(o.outputs * (sampling.n // len(o.outputs)))
             ]
             for o in outs
         ]

@@ -30,7 +30,9 @@ def test_seeded_rows_do_not_depend_on_their_batch(engine):
     alone = engine.generate([a], sampling)[0]
     together = engine.generate([b, a], sampling)[1]
     assert [c.text for c in alone] == [c.text for c in together]
-    assert len(alone) == 2 and all(c.num_output_tokens > 0 and c.num_input_tokens > 0 for c in alone)
+    assert len(alone) == 2 and all(c.num_output_tokens > 0 for c in alone)
+    # the prompt is counted once per request, on its first completion
+    assert alone[0].num_input_tokens > 0 and alone[1].num_input_tokens == 0
 
 
 def test_structured_output_is_valid_json(engine):
@@ -41,3 +43,19 @@ def test_structured_output_is_valid_json(engine):
         value = json.loads(c.text, strict=False)  # the grammar allows raw control characters in strings
         assert set(value) == {"S1", "S2", "S3"}
         assert all(isinstance(v, str) and 1 <= len(v) <= 20 for v in value.values())
+
+
+def test_greedy_decoding_repeats_its_one_sample(engine):
+    [out] = engine.generate([Request(chat("hello"), seed=1)], Sampling(temperature=0.0, max_tokens=8, n=3))
+    assert len(out) == 3 and len({c.text for c in out}) == 1
+    assert [c.num_input_tokens > 0 for c in out] == [True, False, False]
+    assert out[0].num_output_tokens > 0 and out[1].num_output_tokens == out[2].num_output_tokens == 0
+
+
+def test_a_prompt_too_long_for_the_context_is_an_error_row_not_a_failed_batch(engine):
+    long = Request(chat("word " * 600), seed=3)
+    short = Request(chat("hello"), seed=4)
+    too_long, fine = engine.generate([long, short], Sampling(max_tokens=8, n=2))
+    assert [c.text for c in too_long] == ["", ""] and too_long[1].error == too_long[0].error
+    assert too_long[0].error.startswith("prompt of ") and "max_model_len=512" in too_long[0].error
+    assert too_long[0].num_input_tokens > 512 and fine[0].error is None and fine[0].num_output_tokens > 0
