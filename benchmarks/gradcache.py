@@ -79,8 +79,15 @@ def _run(mode: str, batch: int, chunk: int, budget_gib: float, out: mp.Queue) ->
     except (RuntimeError, MemoryError) as e:
         out.put({"mode": mode, "batch": batch, "ok": False, "error": str(e).splitlines()[0][:120]})
         return
-    out.put({"mode": mode, "batch": batch, "ok": True, "step_s": round(time.perf_counter() - t0, 3),
-             "peak_extra_gib": round(_rss_gib() - base, 3)})
+    out.put(
+        {
+            "mode": mode,
+            "batch": batch,
+            "ok": True,
+            "step_s": round(time.perf_counter() - t0, 3),
+            "peak_extra_gib": round(_rss_gib() - base, 3),
+        }
+    )
 
 
 def measure(mode: str, batch: int, chunk: int, budget_gib: float) -> dict:
@@ -89,7 +96,11 @@ def measure(mode: str, batch: int, chunk: int, budget_gib: float) -> dict:
     p = ctx.Process(target=_run, args=(mode, batch, chunk, budget_gib, q))
     p.start()
     p.join()
-    result = q.get() if not q.empty() else {"mode": mode, "batch": batch, "ok": False, "error": f"exit {p.exitcode}"}
+    result = (
+        q.get()
+        if not q.empty()
+        else {"mode": mode, "batch": batch, "ok": False, "error": f"exit {p.exitcode}"}
+    )
     print(json.dumps(result), flush=True)
     return result
 
@@ -121,7 +132,11 @@ def main() -> None:
     out = REPO / "benchmarks/results/gradcache.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("largest_batch_in_budget", "cached_over_plain_step_time")}, indent=2))
+    print(
+        json.dumps(
+            {k: result[k] for k in ("largest_batch_in_budget", "cached_over_plain_step_time")}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

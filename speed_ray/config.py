@@ -9,6 +9,7 @@ exit code 2). ``save_config`` writes the resolved config into the run directory.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import types
 import typing
@@ -43,9 +44,11 @@ class RunSection:
 @dataclass
 class EngineConfig:
     kind: str = "vllm"
-    """Generation engine. ``vllm`` (CPU or CUDA build, same code)."""
+    """vllm (CPU or CUDA build, same code) | transformers (fallback, no vLLM) | openai (an
+    OpenAI-compatible HTTP server: a teacher such as GPT-4o, or ``vllm serve``)."""
     model: str = "smollm2-135m-instruct"
-    """Model spec: a built-in name (see ``speed-ray doctor``), a local folder, or a hub name."""
+    """Model spec: a built-in name (see ``speed-ray doctor``), a local folder, or a hub name;
+    for ``openai`` the server's model name."""
     dtype: str = "bfloat16"
     """Weights dtype in the engine (bf16 is ~1.75x faster than fp32 on the CPU build)."""
     max_model_len: int = 1536
@@ -56,7 +59,8 @@ class EngineConfig:
     """Skip torch.compile: 17 s start instead of 50-90 s on CPU, same speed."""
     tensor_parallel_size: int = 1
     num_gpus: float = 0.0
-    """GPUs per engine actor (0 on CPU)."""
+    """GPUs per tensor-parallel rank of an engine actor (0 on CPU); an actor takes
+    ``num_gpus * tensor_parallel_size``."""
     num_cpus: float = 0.5
     """CPUs Ray reserves per engine actor. Keep below 1 on a 2-core box (read tasks need a CPU)."""
     min_actors: int = 1
@@ -64,6 +68,21 @@ class EngineConfig:
     """The actor pool autoscales between min_actors and max_actors."""
     batch_size: int = 32
     """Rows per engine call."""
+    base_url: str | None = None
+    """openai: the server's base URL, e.g. ``https://api.openai.com/v1`` or ``http://host:8000/v1``."""
+    api_key_env: str | None = None
+    """openai: the environment variable that holds the API key (the key itself never goes in a config,
+    a log or a manifest). On a cluster, set it on the worker nodes (e.g. a Kubernetes secret)."""
+    timeout_s: float = 60.0
+    max_retries: int = 4
+    """openai: retries with exponential backoff on timeouts, connection errors, 429 and 5xx."""
+    max_concurrency: int = 8
+    """openai: requests in flight per actor."""
+    requests_per_second: float = 0.0
+    """openai: rate limit per actor (0: none)."""
+    price_per_million_input_tokens: float = 0.0
+    price_per_million_output_tokens: float = 0.0
+    """openai: prices for the cost column of the accounting (e.g. GPT-4o-2024-05-13: 5.0 and 15.0 USD)."""
 
 
 @dataclass
@@ -74,31 +93,57 @@ class SamplingConfig:
     max_tokens: int = 512
     """Completion budget for one example."""
     samples_per_prompt: int = 2
-    """Samples per example prompt; with >1 the align stage can form preference pairs."""
+    """Samples per example prompt (k); with k > 1 the judge forms preference pairs."""
     brainstorm_max_tokens: int = 160
+    judge_max_tokens: int = 256
+    """The judge samples at temperature 0 (SPEED App. B)."""
+    revise_max_tokens: int = 768
     max_field_chars: int = 800
     """Upper bound on each generated JSON string field (keeps structured output finite)."""
 
 
 @dataclass
+class TaxonomyConfig:
+    path: str | None = None
+    """A file with one ``A/B/C`` topic path per line (``#`` comments); None: the built-in taxonomy."""
+    topics: list[str] = field(default_factory=list)
+    """Inline topic paths; when given they replace the file."""
+
+
+@dataclass
+class DedupConfig:
+    enabled: bool = True
+    threshold: float = 0.8
+    """MinHash LSH: rows whose estimated Jaccard similarity reaches this are near duplicates."""
+    num_perm: int = 128
+    shingle_size: int = 3
+    """Word n-grams per shingle."""
+
+
+@dataclass
 class SynthConfig:
-    topics: list[str] = field(
-        default_factory=lambda: [
-            "Computers/Software/Operating_Systems/Linux",
-            "Science/Biology/Ecology",
-            "Arts/Music/Instruments/Guitar",
-            "Health/Nutrition",
-        ]
-    )
-    """ODP-style topic paths (``A/B/C``). Deeper paths keep their first two and last two levels."""
-    topics_file: str | None = None
-    """A file with one topic path per line; replaces ``topics`` when set."""
+    taxonomy: TaxonomyConfig = field(default_factory=TaxonomyConfig)
     num_topics: int = 4
-    """How many topics to use (the first N after a seeded shuffle)."""
-    task_types: list[str] = field(default_factory=lambda: list(TASK_TYPES))
-    """SPEED task types to generate: classification, sts, retrieval, text_matching."""
+    """How many topics to use (the first N after a seeded shuffle); one task per topic (SPEED Table 3)."""
+    mix: dict[str, float] = field(
+        default_factory=lambda: {"classification": 7, "sts": 7, "retrieval": 7, "text_matching": 2}
+    )
+    """Share of topics per task type (SPEED §4.1: 7:7:7:2). Text matching is split evenly into
+    short-short and long-long."""
+    examples_per_task: int = 1
+    """Example prompts per task, each with its own sampled placeholders (scale beyond one per topic)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
+    """The generator of the examples."""
+    brainstormer: EngineConfig | None = None
+    """Brainstorms the tasks (SPEED: the teacher); None: the generator."""
+    judge: EngineConfig | None = None
+    """Picks best and worst of the k samples per prompt (SPEED §3.2.3); None: a rule-based score."""
+    reviser: EngineConfig | None = None
+    """Rewrites each example once (SPEED §3.2.4); None: no revision pass."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    shard_rows: int = 256
+    """Input rows per output shard: a killed run keeps finished shards and redoes the rest."""
 
 
 @dataclass
@@ -240,7 +285,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"config file {path}: expected a mapping at the top level, got {type(data).__name__}"
         )
-    return data
+    # YAML aliases (``reviser: *teacher``) share one object: copy them, so that an override of
+    # ``synth.judge.model`` does not also change the reviser.
+    return json.loads(json.dumps(data, default=str))
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -322,19 +369,29 @@ def _scalar(tp: type, value: Any, key: str) -> Any:
 def _check_names(cfg: SpeedRayConfig) -> None:
     if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):
         raise ConfigError(f"run.name: expected a plain folder name, got {cfg.run.name!r}")
-    if cfg.synth.engine.kind != "vllm":
-        raise ConfigError(f"synth.engine.kind: expected 'vllm', got {cfg.synth.engine.kind!r}")
-    for i, t in enumerate(cfg.synth.task_types):
+    for key, eng in _engines(cfg).items():
+        _check_engine(key, eng)
+    for t, w in cfg.synth.mix.items():
         if t not in TASK_TYPES:
-            raise ConfigError(f"synth.task_types[{i}]: expected one of {TASK_TYPES}, got {t!r}")
+            raise ConfigError(f"synth.mix.{t}: unknown task type (expected one of {', '.join(TASK_TYPES)})")
+        if not isinstance(w, int | float) or isinstance(w, bool) or w < 0:
+            raise ConfigError(f"synth.mix.{t}: expected a non-negative number, got {w!r}")
+    if not any(w > 0 for w in cfg.synth.mix.values()):
+        raise ConfigError("synth.mix: expected at least one task type with a positive share")
+    if not 0.0 < cfg.synth.dedup.threshold <= 1.0:
+        raise ConfigError(
+            f"synth.dedup.threshold: expected a value in (0, 1], got {cfg.synth.dedup.threshold}"
+        )
     if cfg.embed.pooling not in POOLING_MODES:
         raise ConfigError(f"embed.pooling: expected one of {POOLING_MODES}, got {cfg.embed.pooling!r}")
     positive = {
         "synth.num_topics": cfg.synth.num_topics,
         "synth.sampling.max_tokens": cfg.synth.sampling.max_tokens,
         "synth.sampling.samples_per_prompt": cfg.synth.sampling.samples_per_prompt,
-        "synth.engine.batch_size": cfg.synth.engine.batch_size,
-        "synth.engine.min_actors": cfg.synth.engine.min_actors,
+        "synth.shard_rows": cfg.synth.shard_rows,
+        "synth.examples_per_task": cfg.synth.examples_per_task,
+        "synth.dedup.num_perm": cfg.synth.dedup.num_perm,
+        "synth.dedup.shingle_size": cfg.synth.dedup.shingle_size,
         "align.batch_size": cfg.align.batch_size,
         "align.resources.workers": cfg.align.resources.workers,
         "embed.batch_size": cfg.embed.batch_size,
@@ -360,13 +417,43 @@ def _check_names(cfg: SpeedRayConfig) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: expected 0 (off) or a positive number, got {value}")
-    if cfg.synth.engine.max_actors < cfg.synth.engine.min_actors:
-        raise ConfigError(
-            f"synth.engine.max_actors: expected >= synth.engine.min_actors "
-            f"({cfg.synth.engine.min_actors}), got {cfg.synth.engine.max_actors}"
-        )
     if not 0.0 <= cfg.synth.sampling.top_p <= 1.0:
         raise ConfigError(f"synth.sampling.top_p: expected a value in [0, 1], got {cfg.synth.sampling.top_p}")
+
+
+ENGINE_KINDS = ("vllm", "transformers", "openai")
+
+
+def _engines(cfg: SpeedRayConfig) -> dict[str, EngineConfig]:
+    """The configured engines by dotted key (judge and reviser are optional)."""
+    engines = {
+        "synth.engine": cfg.synth.engine,
+        "synth.judge": cfg.synth.judge,
+        "synth.reviser": cfg.synth.reviser,
+    }
+    return {k: e for k, e in engines.items() if e is not None}
+
+
+def _check_engine(key: str, eng: EngineConfig) -> None:
+    if eng.kind not in ENGINE_KINDS:
+        raise ConfigError(f"{key}.kind: expected one of {', '.join(ENGINE_KINDS)}, got {eng.kind!r}")
+    for name in ("batch_size", "min_actors", "max_concurrency", "tensor_parallel_size"):
+        if getattr(eng, name) <= 0:
+            raise ConfigError(f"{key}.{name}: expected a positive number, got {getattr(eng, name)}")
+    if eng.max_actors < eng.min_actors:
+        raise ConfigError(
+            f"{key}.max_actors: expected >= {key}.min_actors ({eng.min_actors}), got {eng.max_actors}"
+        )
+    if eng.kind == "openai":
+        if not eng.base_url or not eng.base_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{key}.base_url: expected an http(s):// URL for kind openai, got {eng.base_url!r}"
+            )
+        if eng.api_key_env is not None and eng.api_key_env not in os.environ:
+            raise ConfigError(
+                f"{key}.api_key_env: environment variable {eng.api_key_env} is not set "
+                "(export it; the key is never read from a config file)"
+            )
 
 
 def _check_resources(cfg: SpeedRayConfig) -> None:
@@ -388,36 +475,33 @@ def _check_resources(cfg: SpeedRayConfig) -> None:
                 f"{name}.resources.use_gpu: {res.workers} GPU workers asked for, "
                 f"but this machine has {gpus} GPUs"
             )
-    eng = cfg.synth.engine
-    if eng.num_gpus * eng.min_actors > gpus:
-        raise ConfigError(
-            f"synth.engine.num_gpus: {eng.min_actors} actors x {eng.num_gpus} GPUs asked for, "
-            f"but this machine has {gpus} GPUs (set num_gpus: 0 for the CPU build of vLLM)"
-        )
-    if eng.num_cpus * eng.min_actors >= cpus:
-        raise ConfigError(
-            f"synth.engine.num_cpus: {eng.min_actors} actors x {eng.num_cpus} CPUs leaves no CPU for "
-            f"Ray Data's read and write tasks on {cpus} CPUs (that deadlocks); expected less than {cpus}"
-        )
+    for key, eng in _engines(cfg).items():
+        need_gpus = eng.num_gpus * eng.tensor_parallel_size * eng.min_actors
+        if need_gpus > gpus:
+            raise ConfigError(
+                f"{key}.num_gpus: {eng.min_actors} actors x {eng.num_gpus * eng.tensor_parallel_size} GPUs "
+                f"asked for, but this machine has {gpus} GPUs (set num_gpus: 0 for the CPU build of vLLM)"
+            )
+        if eng.num_cpus * eng.min_actors >= cpus:
+            raise ConfigError(
+                f"{key}.num_cpus: {eng.min_actors} actors x {eng.num_cpus} CPUs leaves no CPU for "
+                f"Ray Data's read and write tasks on {cpus} CPUs (that deadlocks); expected less than {cpus}"
+            )
 
 
 def _check_files(cfg: SpeedRayConfig) -> None:
     data_path = cfg.embed.data.path
     if data_path is not None and not Path(data_path).exists():
         raise ConfigError(f"embed.data.path: {data_path} not found")
-    if cfg.synth.topics_file is not None and not Path(cfg.synth.topics_file).is_file():
-        raise ConfigError(f"synth.topics_file: file {cfg.synth.topics_file} not found")
-    if cfg.synth.topics_file is None and not cfg.synth.topics:
-        raise ConfigError("synth.topics: expected at least one topic (or set synth.topics_file)")
+    tax = cfg.synth.taxonomy
+    if tax.path is not None and not tax.topics and not Path(tax.path).is_file():
+        raise ConfigError(f"synth.taxonomy.path: file {tax.path} not found")
     rdir = Path(cfg.eval.retrieval_dir)
     for rel in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
         if not (rdir / rel).is_file():
             raise ConfigError(f"eval.retrieval_dir: expected {rdir / rel} (BEIR layout), not found")
-    for key, spec in {
-        "synth.engine.model": cfg.synth.engine.model,
-        "align.model": cfg.align.model,
-        "embed.model": cfg.embed.model,
-    }.items():
+    models = {f"{k}.model": e.model for k, e in _engines(cfg).items() if e.kind != "openai"}
+    for key, spec in {**models, "align.model": cfg.align.model, "embed.model": cfg.embed.model}.items():
         if _looks_like_path(spec) and not Path(spec).is_dir():
             raise ConfigError(f"{key}: model folder {spec} not found")
 

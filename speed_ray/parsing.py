@@ -93,6 +93,11 @@ def to_triplet(kind: str, task: str, text: str) -> tuple[dict[str, str | None], 
     value, err = extract_json(text)
     if err:
         return {}, err
+    return value_to_triplet(kind, task, value)
+
+
+def value_to_triplet(kind: str, task: str, value: Any) -> tuple[dict[str, str | None], str | None]:
+    """A parsed example object (the kind's JSON keys) -> the training row fields, or an error."""
     if not isinstance(value, dict):
         return {}, f"expected a JSON object, got {type(value).__name__}"
     q_key, p_key, n_key = FIELDS[kind]
@@ -106,3 +111,36 @@ def to_triplet(kind: str, task: str, text: str) -> tuple[dict[str, str | None], 
             return {}, f"missing or empty field {key!r}"
         row[name] = v.strip()
     return row, None
+
+
+def parse_judgment(text: str, k: int) -> tuple[dict[str, Any], str | None]:
+    """Judge output -> ``{best, worst, reason}`` with 0 <= best != worst < k, or an error."""
+    value, err = extract_json(text)
+    if err:
+        return {}, err
+    if not isinstance(value, dict):
+        return {}, f"expected a JSON object, got {type(value).__name__}"
+    best, worst = value.get("best"), value.get("worst")
+    for key, v in (("best", best), ("worst", worst)):
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v.strip())
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < k:
+            return {}, f"field {key!r}: expected an index in 0..{k - 1}, got {v!r}"
+        value[key] = v
+    if value["best"] == value["worst"]:
+        return {}, f"best and worst are the same output ({value['best']})"
+    reason = value.get("reason")
+    return {"best": value["best"], "worst": value["worst"], "reason": str(reason or "")}, None
+
+
+def parse_revision(kind: str, task: str, text: str) -> tuple[dict[str, str | None], str | None]:
+    """Reviser output ``{reason, revision: {...}}`` -> training row fields plus ``reason``, or an error."""
+    value, err = extract_json(text)
+    if err:
+        return {}, err
+    if not isinstance(value, dict) or not isinstance(value.get("revision"), dict):
+        return {}, "expected a JSON object with a 'revision' object"
+    fields, err = value_to_triplet(kind, task, value["revision"])
+    if err:
+        return {}, f"revision: {err}"
+    return {**fields, "reason": str(value.get("reason") or "")}, None

@@ -37,14 +37,6 @@ def kinds_for(task_type: str, rng: random.Random) -> str:
     return task_type
 
 
-def truncate_topic(path: str) -> str:
-    """Keep the first two and last two levels of a deep ODP path (SPEED App. D.1)."""
-    parts = [p for p in path.strip().strip("/").split("/") if p]
-    if len(parts) > 4:
-        parts = parts[:2] + parts[-2:]
-    return "/".join(parts)
-
-
 def chat(user: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
@@ -263,5 +255,63 @@ def synthesis_schema(kind: str, max_chars: int) -> dict[str, Any]:
         "type": "object",
         "properties": {k: string for k in keys},
         "required": keys,
+        "additionalProperties": False,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Judge (SPEED §3.2.3, App. C.2; repo ``get_create_dpo_data_prompt``) and reviser (§3.2.4)
+
+
+def judge_prompt(data_prompt: str, outputs: list[str]) -> list[dict[str, str]]:
+    """Ask which of ``outputs`` fits ``data_prompt`` best and which worst (indices from 0)."""
+    listing = "\n".join(f"[{i}] {o}" for i, o in enumerate(outputs))
+    return chat(
+        "You are given a data synthesis prompt and a list of outputs generated for it.\n\n"
+        f"### Prompt\n{data_prompt}\n\n### Outputs\n{listing}\n\n"
+        "Decide which output fits the prompt best and which fits it worst: judge the relevance to the "
+        "task, the completeness of the required JSON keys, and how well the guidelines are followed. "
+        'Your output must be a JSON object with the keys "reason" (a string, why), "best" (the index of '
+        'the best output, indices start from 0) and "worst" (the index of the worst output). Do not '
+        "output anything else."
+    )
+
+
+def judge_schema(k: int, max_chars: int) -> dict[str, Any]:
+    index = {"type": "integer", "enum": list(range(k))}
+    return {
+        "type": "object",
+        "properties": {
+            "reason": {"type": "string", "minLength": 1, "maxLength": max_chars},
+            "best": index,
+            "worst": index,
+        },
+        "required": ["reason", "best", "worst"],
+        "additionalProperties": False,
+    }
+
+
+def revise_prompt(data_prompt: str, example: str) -> list[dict[str, str]]:
+    """Ask for a critique of one example against its prompt, then a revised example with the same keys."""
+    return chat(
+        "You are given a data synthesis prompt and one example generated for it.\n\n"
+        f"### Prompt\n{data_prompt}\n\n### Example\n{example}\n\n"
+        "Evaluate the example on three criteria: (1) relevance to the task in the prompt; (2) "
+        "completeness against the elements the prompt requires; (3) factual accuracy and adherence to "
+        "the guidelines. Explain briefly for each criterion, then write a revised version of the example "
+        'that fixes every problem you found. Your output must be a JSON object with the keys "reason" '
+        '(a string, your explanation) and "revision" (a JSON object with exactly the keys of the '
+        "example). Do not output anything else."
+    )
+
+
+def revise_schema(kind: str, max_chars: int) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "reason": {"type": "string", "minLength": 1, "maxLength": max_chars},
+            "revision": synthesis_schema(kind, max_chars),
+        },
+        "required": ["reason", "revision"],
         "additionalProperties": False,
     }

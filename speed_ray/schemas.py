@@ -60,6 +60,23 @@ GENERATIONS = pa.schema(
         pa.field("query", pa.string()),
         pa.field("positive", pa.string()),
         pa.field("negative", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("error", pa.string()),
+        *_PROVENANCE,
+        *_ACCOUNTING,
+    ]
+)
+
+# The judge's verdict on the k samples of one example prompt (``example_id`` is the generations id).
+JUDGMENTS = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("example_id", pa.string()),
+        pa.field("samples", pa.int64()),
+        pa.field("best", pa.int64()),
+        pa.field("worst", pa.int64()),
+        pa.field("reason", pa.string()),
+        pa.field("raw", pa.string()),
         pa.field("error", pa.string()),
         *_PROVENANCE,
         *_ACCOUNTING,
@@ -126,14 +143,29 @@ def write_stage(
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    files = []
-    for i, table in enumerate(tables):
-        name = f"shard_{i:05d}.parquet"
-        # zstd: small files, fast to read; one row group per shard, the shards are small.
-        pq.write_table(validate_table(table, schema, name), tmp / name, compression="zstd")
-        files.append({"name": name, "num_rows": table.num_rows, "sha256": _sha256(tmp / name)})
+    files = [write_shard(tmp / shard_name(i), table, schema) for i, table in enumerate(tables)]
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
+    return write_manifest(out_dir, schema, files, extra, started)
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.parquet"
+
+
+def write_shard(path: Path, table: pa.Table, schema: pa.Schema) -> dict[str, Any]:
+    """Write one shard whole or not at all (temp file, then rename); returns its manifest entry."""
+    tmp = path.with_name(path.name + ".tmp")
+    # zstd: small files, fast to read; one row group per shard, the shards are small.
+    pq.write_table(validate_table(table, schema, path.name), tmp, compression="zstd")
+    tmp.replace(path)
+    return {"name": path.name, "num_rows": table.num_rows, "sha256": sha256_file(path)}
+
+
+def write_manifest(
+    out_dir: Path, schema: pa.Schema, files: list[dict[str, Any]], extra: dict[str, Any], started: float
+) -> dict:
+    """The manifest marks the stage finished, so it is written last."""
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "schema": schema.names,
@@ -171,7 +203,7 @@ def read_stage(stage_dir: Path, schema: pa.Schema) -> pa.Table:
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -28,6 +28,7 @@ class GenerateStage:
         "generator": "engine model name",
         "num_input_tokens": "prompt tokens",
         "num_output_tokens": "generated tokens",
+        "engine_error": "why the engine gave no text for this sample (null when it did)",
     }
 
     def __init__(self, engine: dict[str, Any], sampling: dict[str, Any], generator: Any = None) -> None:
@@ -37,7 +38,8 @@ class GenerateStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         missing = [c for c in self.REQUIRED_COLUMNS if c not in batch.column_names]
         if missing:
-            raise ValueError(f"GenerateStage: input batch lacks columns {missing}")
+            need = ", ".join(f"{c} ({self.REQUIRED_COLUMNS[c]})" for c in missing)
+            raise ValueError(f"GenerateStage: input batch lacks the columns {need}")
         rows = batch.to_pylist()
         requests = [
             Request(
@@ -59,6 +61,7 @@ class GenerateStage:
                         "generator": self.engine.name,
                         "num_input_tokens": c.num_input_tokens,
                         "num_output_tokens": c.num_output_tokens,
+                        "engine_error": c.error,
                     }
                 )
         return pa.Table.from_pylist(out)

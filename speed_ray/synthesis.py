@@ -7,17 +7,17 @@ Row ids and seeds are hashes of (run seed, round, inputs), so a rerun builds the
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from speed_ray import prompts
-from speed_ray.parsing import parse_task_list, to_triplet
-from speed_ray.schemas import EXAMPLES, GENERATIONS, PREFERENCE_PAIRS, TASKS, cast_rows
+from speed_ray.parsing import parse_judgment, parse_revision, parse_task_list, to_triplet
+from speed_ray.schemas import EXAMPLES, GENERATIONS, JUDGMENTS, PREFERENCE_PAIRS, TASKS, cast_rows
 
 
 def stable_id(*parts: object) -> str:
@@ -28,43 +28,62 @@ def stable_seed(*parts: object) -> int:
     return int(stable_id(*parts)[:8], 16)
 
 
-def load_topics(topics: list[str], topics_file: str | None, num_topics: int, seed: int) -> list[str]:
-    """Topic paths (file or inline), truncated per SPEED App. D.1, deduplicated, seeded shuffle, first N."""
-    if topics_file is not None:
-        lines = Path(topics_file).read_text().splitlines()
-        topics = [t for t in (line.strip() for line in lines) if t and not t.startswith("#")]
-        if not topics:
-            raise ValueError(f"{topics_file}: no topics (expected one A/B/C path per line)")
-    unique = list(dict.fromkeys(prompts.truncate_topic(t) for t in topics))
+def load_topics(path: str | None, inline: list[str], num_topics: int, seed: int) -> list[str]:
+    """Topic paths (inline, a file, or the built-in taxonomy), truncated per SPEED App. D.1,
+    deduplicated, shuffled with ``seed``; the first ``num_topics``."""
+    from speed_ray import taxonomy
+
+    paths = inline or taxonomy.read_taxonomy(path or taxonomy.default_topics_path())
+    unique = list(dict.fromkeys(taxonomy.truncate(t) for t in paths))
+    if num_topics > len(unique):
+        source = "synth.taxonomy.topics" if inline else (path or "the built-in taxonomy")
+        raise ValueError(
+            f"synth.num_topics: {num_topics} asked for, but {source} has {len(unique)} distinct topics "
+            "(lower num_topics, or raise synth.examples_per_task for more rows per topic)"
+        )
     random.Random(seed).shuffle(unique)
     return unique[:num_topics]
 
 
+def assign_task_types(topics: list[str], mix: dict[str, float], seed: int) -> list[tuple[str, str]]:
+    """One task type per topic in the ``mix`` proportions (largest remainder), in a seeded order."""
+    weights = {t: w for t, w in sorted(mix.items()) if w > 0}
+    total = sum(weights.values())
+    quotas = {t: len(topics) * w / total for t, w in weights.items()}
+    counts = {t: int(q) for t, q in quotas.items()}
+    by_remainder = sorted(weights, key=lambda t: (counts[t] - quotas[t], t))
+    for t in by_remainder[: len(topics) - sum(counts.values())]:
+        counts[t] += 1
+    types = [t for t in weights for _ in range(counts[t])]
+    random.Random(stable_seed(seed, "mix")).shuffle(types)
+    return list(zip(topics, types, strict=True))
+
+
 def task_requests(
-    topics: list[str], task_types: list[str], seed: int, max_chars: int
+    topics: list[str], mix: dict[str, float], seed: int, max_chars: int
 ) -> list[dict[str, Any]]:
-    """One brainstorm request per (topic, task type); STS has no brainstorm (it takes the topic)."""
+    """One brainstorm request per topic for its assigned task type; STS has no brainstorm (it takes
+    the topic)."""
     rows = []
-    for topic in topics:
-        for task_type in task_types:
-            rid = stable_id(seed, "tasks", topic, task_type)
-            rng = random.Random(stable_seed(seed, rid))
-            kind = prompts.kinds_for(task_type, rng)
-            row = {
-                "id": rid,
-                "topic": topic,
-                "task_type": task_type,
-                "kind": kind,
-                "seed": stable_seed(seed, rid, 0),
-            }
-            if kind == "sts":
-                row.update(messages="", json_schema="", task=topic)
-            else:
-                msgs = prompts.brainstorm_prompt(kind, topic, rng)
-                row.update(
-                    messages=json.dumps(msgs), json_schema=json.dumps(prompts.brainstorm_schema(max_chars))
-                )
-            rows.append(row)
+    for topic, task_type in assign_task_types(topics, mix, seed):
+        rid = stable_id(seed, "tasks", topic, task_type)
+        rng = random.Random(stable_seed(seed, rid))
+        kind = prompts.kinds_for(task_type, rng)
+        row = {
+            "id": rid,
+            "topic": topic,
+            "task_type": task_type,
+            "kind": kind,
+            "seed": stable_seed(seed, rid, 0),
+        }
+        if kind == "sts":
+            row.update(messages="", json_schema="", task=topic)
+        else:
+            msgs = prompts.brainstorm_prompt(kind, topic, rng)
+            row.update(
+                messages=json.dumps(msgs), json_schema=json.dumps(prompts.brainstorm_schema(max_chars))
+            )
+        rows.append(row)
     return rows
 
 
@@ -73,6 +92,7 @@ def parse_tasks(batch: pa.Table) -> pa.Table:
     out = []
     for r in batch.to_pylist():
         tasks, err = parse_task_list(r["raw"])
+        err = r.get("engine_error") or err
         out.append(
             {
                 "id": r["id"],
@@ -103,13 +123,15 @@ def sts_tasks(rows: list[dict[str, Any]]) -> pa.Table:
     return cast_rows(out, TASKS)
 
 
-def example_requests(tasks: list[dict[str, Any]], seed: int, max_chars: int) -> list[dict[str, Any]]:
-    """One synthesis request per valid task, with seeded placeholders."""
+def example_requests(
+    tasks: list[dict[str, Any]], seed: int, max_chars: int, per_task: int = 1
+) -> list[dict[str, Any]]:
+    """``per_task`` synthesis requests per valid task, each with its own seeded placeholders."""
     rows = []
-    for t in tasks:
+    for t, j in itertools.product(tasks, range(per_task)):
         if t["error"] is not None or not t["task"]:
             continue
-        rid = stable_id(seed, "examples", t["id"])
+        rid = stable_id(seed, "examples", t["id"], *([j] if j else []))
         rng = random.Random(stable_seed(seed, rid))
         msgs = prompts.synthesis_prompt(t["kind"], t["task"], rng)
         rows.append(
@@ -132,6 +154,7 @@ def parse_generations(batch: pa.Table) -> pa.Table:
     out = []
     for r in batch.to_pylist():
         fields, err = to_triplet(r["kind"], r["task"], r["raw"])
+        err = r.get("engine_error") or err
         out.append(
             {
                 k: r[k]
@@ -161,14 +184,134 @@ def parse_generations(batch: pa.Table) -> pa.Table:
     return cast_rows(out, GENERATIONS)
 
 
-def pick_examples(generations: pa.Table) -> pa.Table:
-    """The training rows: per prompt, the valid sample with the lowest sample index."""
-    best: dict[str, dict[str, Any]] = {}
+def group_samples(generations: pa.Table) -> dict[str, list[dict[str, Any]]]:
+    """Generation rows by example prompt id, each list ordered by sample index."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in sorted(generations.to_pylist(), key=lambda r: (r["id"], r["sample"])):
-        if r["error"] is None and r["id"] not in best:
-            best[r["id"]] = r
+        groups[r["id"]].append(r)
+    return groups
+
+
+def judge_requests(
+    groups: dict[str, list[dict[str, Any]]], seed: int, max_chars: int
+) -> list[dict[str, Any]]:
+    """One judge request per example prompt with at least two samples: the data prompt and its outputs."""
+    rows = []
+    for gid, samples in sorted(groups.items()):
+        if len(samples) < 2:
+            continue
+        data_prompt = json.loads(samples[0]["messages"])[-1]["content"]
+        rid = stable_id(seed, "judge", gid)
+        rows.append(
+            {
+                "id": rid,
+                "example_id": gid,
+                "samples": len(samples),
+                "messages": json.dumps(prompts.judge_prompt(data_prompt, [s["raw"] for s in samples])),
+                "json_schema": json.dumps(prompts.judge_schema(len(samples), max_chars)),
+                "seed": stable_seed(seed, rid, 0),
+            }
+        )
+    return rows
+
+
+def parse_judgments(batch: pa.Table) -> pa.Table:
+    """Judge outputs -> JUDGMENTS rows (best, worst, reason) or an error."""
+    out = []
+    for r in batch.to_pylist():
+        verdict, err = parse_judgment(r["raw"], r["samples"])
+        out.append(
+            {k: r[k] for k in ("id", "example_id", "samples", "raw", "generator", "seed")}
+            | {"best": None, "worst": None, "reason": None}
+            | verdict
+            | {
+                "error": r.get("engine_error") or err,
+                "prompt_id": r["id"],
+                "round": "judge",
+                "num_input_tokens": r["num_input_tokens"],
+                "num_output_tokens": r["num_output_tokens"],
+            }
+        )
+    return cast_rows(out, JUDGMENTS)
+
+
+def pick_drafts(groups: dict[str, list[dict[str, Any]]], judgments: pa.Table | None = None) -> pa.Table:
+    """One draft per example prompt: the judge's best sample if it parsed, else the first valid one.
+
+    Returns GENERATIONS rows; prompts with no valid sample give no draft (the counts show them).
+    """
+    best = {}
+    if judgments is not None:
+        best = {j["example_id"]: j["best"] for j in judgments.to_pylist() if j["error"] is None}
+    out = []
+    for gid, samples in sorted(groups.items()):
+        valid = [s for s in samples if s["error"] is None]
+        judged = samples[best[gid]] if gid in best and best[gid] < len(samples) else None
+        pick = judged if judged is not None and judged["error"] is None else (valid[0] if valid else None)
+        if pick is not None:
+            out.append(pick)
+    return cast_rows(out, GENERATIONS)
+
+
+def revise_requests(drafts: list[dict[str, Any]], seed: int, max_chars: int) -> list[dict[str, Any]]:
+    """One reviser request per draft: its data prompt and the example in the generator's own keys."""
+    rows = []
+    for d in drafts:
+        keys = prompts.FIELDS[d["kind"]]
+        example = {k: d[name] for k, name in zip(keys, ("query", "positive", "negative"), strict=True) if k}
+        data_prompt = json.loads(d["messages"])[-1]["content"]
+        rid = stable_id(seed, "revise", d["id"])
+        rows.append(
+            {k: d[k] for k in ("topic", "task_type", "kind", "task", "sample")}
+            | {
+                "id": rid,
+                "draft_id": d["id"],
+                "messages": json.dumps(prompts.revise_prompt(data_prompt, json.dumps(example))),
+                "json_schema": json.dumps(prompts.revise_schema(d["kind"], max_chars)),
+                "seed": stable_seed(seed, rid, 0),
+            }
+        )
+    return rows
+
+
+def parse_revisions(batch: pa.Table) -> pa.Table:
+    """Reviser outputs -> GENERATIONS rows (id = the draft's id, round ``revision``) or an error."""
+    out = []
+    for r in batch.to_pylist():
+        fields, err = parse_revision(r["kind"], r["task"], r["raw"])
+        out.append(
+            {k: r[k] for k in ("topic", "task_type", "kind", "task", "messages", "raw", "generator", "seed")}
+            | {"id": r["id"], "sample": 0, "instruction": None, "query": None, "positive": None}
+            | {"negative": None, "reason": None}
+            | fields
+            | {
+                "error": r.get("engine_error") or err,
+                "prompt_id": r["draft_id"],
+                "round": "revision",
+                "num_input_tokens": r["num_input_tokens"],
+                "num_output_tokens": r["num_output_tokens"],
+            }
+        )
+    return cast_rows(out, GENERATIONS)
+
+
+def final_rows(drafts: pa.Table, revisions: pa.Table | None) -> pa.Table:
+    """EXAMPLES rows: each draft's revision when it parsed, else the draft itself (one row per draft).
+
+    A revised row keeps the draft's id and task, and names the reviser as its generator.
+    """
+    revised = {}
+    if revisions is not None:
+        revised = {r["prompt_id"]: r for r in revisions.to_pylist() if r["error"] is None}
     keep = set(EXAMPLES.names)
-    return cast_rows([{k: v for k, v in r.items() if k in keep} for r in best.values()], EXAMPLES)
+    out = []
+    for d in drafts.to_pylist():
+        r = revised.get(d["id"])
+        row = (
+            d if r is None else d | {k: r[k] for k in ("query", "positive", "negative", "generator", "round")}
+        )
+        out.append({k: v for k, v in row.items() if k in keep})
+    return cast_rows(out, EXAMPLES)
 
 
 def quality_score(row: dict[str, Any]) -> float:
@@ -191,25 +334,36 @@ def quality_score(row: dict[str, Any]) -> float:
     return score
 
 
-def preference_pairs(generations: pa.Table) -> pa.Table:
-    """(prompt, chosen=best, rejected=worst) per prompt; prompts whose samples tie give no pair."""
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in generations.to_pylist():
-        groups[r["id"]].append(r)
+def preference_pairs(groups: dict[str, list[dict[str, Any]]], judgments: pa.Table | None = None) -> pa.Table:
+    """(prompt, chosen=best, rejected=worst) per prompt (SPEED's D_DPO).
+
+    The judge decides where its verdict parsed; elsewhere (no judge, or an unusable verdict) the
+    rule-based ``quality_score`` does, and prompts whose samples tie under it give no pair. The
+    ``reason`` column says which decided.
+    """
+    verdicts = {}
+    if judgments is not None:
+        verdicts = {j["example_id"]: j for j in judgments.to_pylist() if j["error"] is None}
     out = []
-    for rid, rows in sorted(groups.items()):
-        rows.sort(key=lambda r: (-quality_score(r), r["sample"]))
-        best, worst = rows[0], rows[-1]
-        if quality_score(best) == quality_score(worst):
-            continue
+    for gid, samples in sorted(groups.items()):
+        j = verdicts.get(gid)
+        if j is not None and j["samples"] == len(samples):
+            best, worst, reason = samples[j["best"]], samples[j["worst"]], f"judge: {j['reason']}"
+        else:
+            ranked = sorted(samples, key=lambda r: (-quality_score(r), r["sample"]))
+            best, worst = ranked[0], ranked[-1]
+            if quality_score(best) == quality_score(worst):
+                continue
+            reason = f"rule score {quality_score(best):.3f} > {quality_score(worst):.3f}" + (
+                f" ({worst['error']})" if worst["error"] else ""
+            )
         out.append(
             {
-                "id": rid,
+                "id": gid,
                 "messages": best["messages"],
                 "chosen": best["raw"],
                 "rejected": worst["raw"],
-                "reason": f"rule score {quality_score(best):.3f} > {quality_score(worst):.3f}"
-                + (f" ({worst['error']})" if worst["error"] else ""),
+                "reason": reason,
             }
         )
     return cast_rows(out, PREFERENCE_PAIRS)

@@ -13,6 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# A stand-in API key for the fake HTTP teacher. Set before any Ray starts, so that Ray's workers,
+# which inherit this environment, can read it as they would a real key.
+TEST_API_KEY_ENV = "SPEED_RAY_TEST_API_KEY"
+os.environ[TEST_API_KEY_ENV] = "sk-test-d0-not-leak-7f3a"
 
 REPO = Path(__file__).resolve().parents[1]
 DEBIAN = REPO.parent / "shared" / "data" / "debian"

@@ -31,3 +31,79 @@ class FakeGenerator:
                 text = CANNED[keys[0]].format(s=r.seed) if keys else "free text"
             out.append([Completion(text if k == 0 else "not json", 10, 5 + k) for k in range(sampling.n)])
         return out
+
+
+class FakeTeacher:
+    """An OpenAI-compatible chat server on 127.0.0.1 (a thread of the test process) that answers every
+    SPEED prompt from its ``response_format`` schema: a task list, an example, a verdict or a revision.
+    Requests whose seed is a multiple of ``fail_every`` get HTTP 400 (not retried): error rows.
+
+    Use as a context manager; ``url`` is the base URL, ``requests`` counts chat calls.
+    """
+
+    def __init__(self, fail_every: int = 0) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        teacher = self
+        self.fail_every, self.requests, self.auth = fail_every, 0, set()
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._send(200, {"object": "list", "data": [{"id": "teacher"}]})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                teacher.requests += 1
+                teacher.auth.add(self.headers.get("Authorization"))
+                if teacher.fail_every and body["seed"] % teacher.fail_every == 0:
+                    self._send(400, {"error": {"message": "bad request"}})
+                    return
+                schema = body.get("response_format", {}).get("json_schema", {}).get("schema", {})
+                texts = [teacher.answer(schema, body["seed"], k) for k in range(body["n"])]
+                usage = {"prompt_tokens": 100, "completion_tokens": 20 * body["n"]}
+                choices = [
+                    {"index": k, "message": {"content": t}, "finish_reason": "stop"}
+                    for k, t in enumerate(texts)
+                ]
+                self._send(200, {"choices": choices, "usage": usage})
+
+            def _send(self, status: int, payload: object) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @staticmethod
+    def answer(schema: dict, seed: int, k: int) -> str:
+        props = schema.get("properties", {})
+        if schema.get("type") == "array":
+            return json.dumps([f"Find documents about subject {seed}.", "Another task here."])
+        if "best" in props:
+            return json.dumps({"reason": "sample 1 follows the guidelines", "best": 1, "worst": 0})
+        if "revision" in props:
+            keys = props["revision"]["required"]
+            return json.dumps(
+                {"reason": "tightened", "revision": {key: f"revised {key} {seed}" for key in keys}}
+            )
+        keys = schema.get("required", [])
+        return json.dumps({key: f"{key} text {seed} sample {k} " + "word " * 12 for key in keys})
+
+    def __enter__(self) -> FakeTeacher:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,10 +1,9 @@
 """align: preference pairs -> junior (SFT, LoRA) -> senior (DPO against the frozen junior), with TRL
 inside Ray Train.
 
-Consumes ``<run>/synth/generations``; produces under ``<run>/align/``: ``pairs/`` (PREFERENCE_PAIRS),
-and the merged model folders ``junior/`` and ``senior/`` that the vLLM engine loads directly, each
-with a ``_manifest.json`` (base model, data, steps, losses). In this thin version the pairs come from a
-rule-based score of the generator's own samples; the teacher judge of SPEED §3.2.3 replaces it later.
+Consumes ``<run>/synth/pairs`` (judged, or rule-scored without a judge); produces under ``<run>/align/``
+the merged model folders ``junior/`` and ``senior/`` that the vLLM engine loads directly, each
+with a ``_manifest.json`` (base model, data, steps, losses).
 """
 
 from __future__ import annotations
@@ -12,23 +11,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from speed_ray import synthesis
 from speed_ray.config import ConfigError, SpeedRayConfig
 from speed_ray.models import resolve_model
 from speed_ray.pipeline.common import log, step
-from speed_ray.schemas import GENERATIONS, PREFERENCE_PAIRS, read_stage, write_json_atomic, write_stage
+from speed_ray.schemas import PREFERENCE_PAIRS, read_stage, write_json_atomic
 
 
 def run(cfg: SpeedRayConfig) -> dict:
     out = cfg.run_dir / "align"
-
-    def pairs() -> dict:
-        started = time.time()
-        table = synthesis.preference_pairs(read_stage(cfg.run_dir / "synth" / "generations", GENERATIONS))
-        return write_stage(out / "pairs", [table], PREFERENCE_PAIRS, {"rule": "quality_score"}, started)
-
-    manifests = {"pairs": step(out / "pairs", "align/pairs", pairs)}
-    n_pairs = manifests["pairs"]["num_rows"]
+    n_pairs = read_stage(cfg.run_dir / "synth" / "pairs", PREFERENCE_PAIRS).num_rows
+    manifests: dict[str, dict] = {}
     need = cfg.align.resources.workers
     if n_pairs < need:
         raise ConfigError(
@@ -51,7 +43,7 @@ def _train(cfg: SpeedRayConfig, kind: str, model: str, target: Path) -> dict:
 
     ac, res = cfg.align, cfg.align.resources
     started = time.time()
-    pairs = read_stage(cfg.run_dir / "align" / "pairs", PREFERENCE_PAIRS)
+    pairs = read_stage(cfg.run_dir / "synth" / "pairs", PREFERENCE_PAIRS)
     loop_config = {
         "kind": kind,
         "model": model,

@@ -6,6 +6,7 @@ Reads only the run directory, so ``speed-ray report CONFIG`` can re-render a fin
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -28,52 +29,91 @@ def run(cfg: SpeedRayConfig) -> dict:
 def collect(run_dir: Path) -> dict[str, Any]:
     """Every stage's manifest (None where the stage has not run), plus synth counts."""
     names = {
-        "tasks": "synth/tasks",
-        "generations": "synth/generations",
-        "examples": "synth/examples",
-        "pairs": "align/pairs",
+        **{k: f"synth/{k}" for k in SYNTH_STEPS},
         "junior": "align/junior",
         "senior": "align/senior",
         "embed": "embed/model",
         "eval": "eval",
     }
     m: dict[str, Any] = {k: read_manifest(run_dir / v) for k, v in names.items()}
-    if m["generations"] is not None:
-        m["synth_stats"] = synth_stats(
-            read_stage(run_dir / "synth/tasks", TASKS),
-            read_stage(run_dir / "synth/generations", GENERATIONS),
-            read_stage(run_dir / "synth/examples", EXAMPLES),
-        )
+    if m["examples"] is not None:
+        examples = read_stage(run_dir / "synth/examples", EXAMPLES)
+        m["examples_by_type"] = dict(Counter(examples["task_type"].to_pylist()))
+        m["error_kinds"] = {
+            k: error_kinds(read_stage(run_dir / f"synth/{k}", schema))
+            for k, schema in (("tasks", TASKS), ("generations", GENERATIONS))
+        }
     return m
 
 
-def synth_stats(tasks, gens, examples) -> dict[str, Any]:
-    def total(t, col: str) -> int:
-        return sum(v or 0 for v in t[col].to_pylist())
+# Model-calling steps, in order, and the paper's teacher budget (SPEED §4.5, Table 5).
+SYNTH_STEPS = ("tasks", "generations", "judgments", "pairs", "drafts", "revisions", "examples")
+CALL_STEPS = ("tasks", "generations", "judgments", "revisions")
+PAPER_TEACHER = {"calls": 45_000, "tokens": 32_000_000}
 
-    by_type: dict[str, int] = {}
-    for v in examples["task_type"].to_pylist():
-        by_type[v] = by_type.get(v, 0) + 1
-    return {
-        "task_rows": tasks.num_rows,
-        "task_errors": tasks.num_rows - tasks["error"].null_count,
-        "generation_rows": gens.num_rows,
-        "generation_errors": gens.num_rows - gens["error"].null_count,
-        "tokens_in": total(tasks, "num_input_tokens") + total(gens, "num_input_tokens"),
-        "tokens_out": total(tasks, "num_output_tokens") + total(gens, "num_output_tokens"),
-        "examples_by_type": by_type,
-        "errors": sorted({e.split(":")[0] for e in gens["error"].to_pylist() if e}),
-    }
+
+def error_kinds(table) -> dict[str, int]:
+    """Error rows by the error's first words (``invalid JSON``, ``missing or empty field``...)."""
+    return dict(Counter(e.split(":")[0].split("'")[0].strip() for e in table["error"].to_pylist() if e))
+
+
+def synth_lines(cfg: SpeedRayConfig, m: dict[str, Any]) -> list[str]:
+    """The synthesis section: per-step accounting, parse failures, dedup and the teacher budget."""
+    lines = [
+        "",
+        "## Synthesis",
+        "",
+        "| step | engine | calls | rows | errors | error rate | tokens in | tokens out | rows/s | cost USD |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    teacher = {"calls": 0, "tokens": 0}
+    for key in CALL_STEPS:
+        man = m.get(key)
+        if man is None or "accounting" not in man:
+            continue
+        a = man["accounting"]
+        rate = a["errors"] / max(man["num_rows"], 1)
+        lines.append(
+            f"| {key} | {man['engine']}:`{man['model']}` | {a['calls']} | {man['num_rows']} | {a['errors']} "
+            f"| {rate:.1%} | {a['input_tokens']} | {a['output_tokens']} | {a['rows_per_s']} | {a['cost_usd']} |"
+        )
+        if man["engine"] == "openai":
+            teacher["calls"] += a["calls"]
+            teacher["tokens"] += a["input_tokens"] + a["output_tokens"]
+    ex = m["examples"]
+    lines.append("")
+    if ex is not None:
+        lines.append(f"- training rows: {ex['num_rows']} from {ex.get('drafts', ex['num_rows'])} drafts")
+        if "revised" in ex:
+            lines.append(f"- revised: {ex['revised']} of {ex['drafts']} (the rest kept their draft)")
+        if "dedup" in ex:
+            d = ex["dedup"]
+            lines.append(
+                f"- MinHash dedup (threshold {d['threshold']}, {d['num_perm']} permutations, "
+                f"{d['shingle_size']}-word shingles): removed {d['removed']} of {d['input_rows']}"
+            )
+        lines.append(f"- rows by task type: {json.dumps(m.get('examples_by_type', {}))}")
+        for key, kinds in m.get("error_kinds", {}).items():
+            lines.append(f"- {key} errors by kind: {json.dumps(kinds) if kinds else 'none'}")
+    if m["pairs"] is not None:
+        p = m["pairs"]
+        lines.append(
+            f"- preference pairs: {p['num_rows']} ({p['judged']} from the judge, "
+            f"{p['rule_scored']} rule-scored where no usable verdict)"
+        )
+    lines.append(
+        f"- teacher (HTTP) use: {teacher['calls']} calls, {teacher['tokens']} tokens; the paper's "
+        f"budget is {PAPER_TEACHER['calls']} calls / {PAPER_TEACHER['tokens']} tokens "
+        f"({teacher['calls'] / PAPER_TEACHER['calls']:.2%} / {teacher['tokens'] / PAPER_TEACHER['tokens']:.2%})"
+    )
+    return lines
 
 
 def render(cfg: SpeedRayConfig, m: dict[str, Any], plot: str | None) -> str:
     lines = [f"# speed-ray run `{cfg.run.name}`", ""]
     lines += ["| stage | step | rows | seconds |", "|---|---|---:|---:|"]
     for stage, key in [
-        ("synth", "tasks"),
-        ("synth", "generations"),
-        ("synth", "examples"),
-        ("align", "pairs"),
+        *[("synth", k) for k in SYNTH_STEPS],
         ("align", "junior"),
         ("align", "senior"),
         ("embed", "embed"),
@@ -85,18 +125,8 @@ def render(cfg: SpeedRayConfig, m: dict[str, Any], plot: str | None) -> str:
         else:
             rows = man.get("num_rows", man.get("pairs", man.get("train_rows", "")))
             lines.append(f"| {stage} | {key} | {rows} | {man.get('duration_s', '')} |")
-    if "synth_stats" in m:
-        s = m["synth_stats"]
-        lines += [
-            "",
-            "## Synthesis",
-            "",
-            f"- generator: `{cfg.synth.engine.model}` on vLLM, {cfg.synth.sampling.samples_per_prompt} samples per prompt",
-            f"- tasks: {s['task_rows']} ({s['task_errors']} unparsable)",
-            f"- generations: {s['generation_rows']} ({s['generation_errors']} rejected: {', '.join(s['errors']) or 'none'})",
-            f"- training examples by type: {json.dumps(s['examples_by_type'])}",
-            f"- tokens: {s['tokens_in']} in, {s['tokens_out']} out",
-        ]
+    if m["generations"] is not None:
+        lines += synth_lines(cfg, m)
     for key, title in [
         ("junior", "Junior generator (SFT)"),
         ("senior", "Senior generator (DPO)"),

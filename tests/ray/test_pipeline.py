@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from speed_ray.cli import main
-from speed_ray.schemas import EXAMPLES, GENERATIONS, TASKS, read_manifest, read_stage
+from speed_ray.schemas import EXAMPLES, GENERATIONS, JUDGMENTS, TASKS, read_manifest, read_stage
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.vllm
@@ -19,10 +19,12 @@ def tiny_overrides(tmp_path, beir):
     return [
         f"run.output_dir={tmp_path}",
         "run.name=tiny",
-        "synth.num_topics=3",
-        "synth.engine.model=tiny-llama",
-        "synth.engine.dtype=float32",
-        "synth.engine.kv_cache_gib=0.25",
+        "synth.num_topics=8",
+        *[
+            f"synth.{eng}.{key}"
+            for eng in ("engine", "judge", "reviser")
+            for key in ("model=tiny-llama", "dtype=float32", "kv_cache_gib=0.25", "max_model_len=2048")
+        ],
         "synth.sampling.max_tokens=160",
         "synth.sampling.max_field_chars=40",
         "align.model=tiny-llama",
@@ -43,22 +45,31 @@ def test_quickstart_on_tiny_models(tmp_path, beir_tiny, model_cache, ray_session
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["synth"]["engine"]["model"] == "tiny-llama" and saved["run"]["name"] == "tiny"
 
-    # synth: 3 topics x 4 types = 12 tasks; 9 brainstormed + 3 STS; 2 samples per valid task
+    # synth: 8 topics in the 7:7:7:2 mix -> 3 classification, 2 STS, 2 retrieval, 1 text matching
     tasks = read_stage(run / "synth/tasks", TASKS)
-    assert tasks.num_rows == 12 and sorted(set(tasks["task_type"].to_pylist())) == [
-        "classification",
-        "retrieval",
-        "sts",
-        "text_matching",
-    ]
+    types = tasks["task_type"].to_pylist()
+    assert {t: types.count(t) for t in set(types)} == {
+        "classification": 3,
+        "sts": 2,
+        "retrieval": 2,
+        "text_matching": 1,
+    }
     gens = read_stage(run / "synth/generations", GENERATIONS)
-    valid_tasks = tasks.num_rows - (tasks.num_rows - tasks["error"].null_count)
-    assert gens.num_rows == 2 * valid_tasks
-    assert sorted(set(gens["id"].to_pylist())) == sorted(
-        set(read_stage(run / "synth/generations", GENERATIONS)["id"].to_pylist())
-    )
+    assert gens.num_rows == 2 * tasks["error"].null_count  # 2 samples per valid task
+    # the judge saw every prompt; each draft got exactly one revision attempt
+    judgments = read_stage(run / "synth/judgments", JUDGMENTS)
+    assert sorted(judgments["example_id"].to_pylist()) == sorted(set(gens["id"].to_pylist()))
+    drafts = read_stage(run / "synth/drafts", GENERATIONS)
+    assert drafts.num_rows == len({r["id"] for r in gens.to_pylist() if r["error"] is None})
+    revisions = read_stage(run / "synth/revisions", GENERATIONS)
+    assert sorted(revisions["prompt_id"].to_pylist()) == sorted(drafts["id"].to_pylist())
     examples = read_stage(run / "synth/examples", EXAMPLES)
-    assert examples.num_rows == len({r["id"] for r in gens.to_pylist() if r["error"] is None})
+    ex_manifest = read_manifest(run / "synth/examples")
+    assert examples.num_rows == drafts.num_rows - ex_manifest["dedup"]["removed"]
+    assert set(examples["id"].to_pylist()) <= set(drafts["id"].to_pylist())
+    acc = read_manifest(run / "synth/generations")["accounting"]
+    assert acc["calls"] == tasks["error"].null_count
+    assert acc["output_tokens"] == sum(gens["num_output_tokens"].to_pylist()) > 0
 
     # align: junior and senior model folders that transformers (and so vLLM) load
     from transformers import AutoModelForCausalLM
@@ -85,6 +96,7 @@ def test_quickstart_on_tiny_models(tmp_path, beir_tiny, model_cache, ray_session
     ).is_file()
     report = (run / "report.md").read_text()
     assert "nDCG@10" in report and "| trained |" in report and (run / "training.png").is_file()
+    assert "| generations | vllm:`tiny-llama` |" in report and "MinHash dedup" in report
     assert f"report: {run / 'report.md'}" in capsys.readouterr().out
 
     # a rerun finds every step finished and changes no shard

@@ -14,9 +14,8 @@ SAMPLING = {"max_tokens": 32, "n": 2}
 
 
 def example_rows():
-    tasks = synthesis.task_requests(
-        ["A/B", "C/D"], ["classification", "sts", "retrieval", "text_matching"], 0, 100
-    )
+    mix = {"classification": 1, "sts": 1, "retrieval": 1, "text_matching": 1}
+    tasks = synthesis.task_requests([f"A/B{i}" for i in range(8)], mix, 0, 100)
     for t in tasks:  # pretend the brainstorm produced one task each
         t.update(task=t.get("task") or f"Task about {t['topic']}", error=None)
     return synthesis.example_requests(tasks, seed=0, max_chars=100)
@@ -32,12 +31,14 @@ def test_stage_called_directly():
     errors = gens["error"].to_pylist()
     assert errors[0::2] == [None] * len(rows)  # sample 0 is canned JSON
     assert all(e.startswith("invalid JSON") for e in errors[1::2])  # sample 1 is "not json"
-    assert synthesis.pick_examples(gens).num_rows == len(rows)
+    assert synthesis.pick_drafts(synthesis.group_samples(gens)).num_rows == len(rows)
 
 
 def test_stage_rejects_missing_columns():
     stage = GenerateStage(engine={}, sampling=SAMPLING, generator=FakeGenerator())
-    with pytest.raises(ValueError, match=r"lacks columns \['json_schema', 'seed'\]"):
+    with pytest.raises(
+        ValueError, match=r"lacks the columns json_schema \(JSON schema.*\), seed \(per-row sampling seed\)"
+    ):
         stage(pa.table({"id": ["1"], "messages": ["[]"]}))
 
 

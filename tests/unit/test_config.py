@@ -19,7 +19,10 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
-def test_every_config_in_the_repo_loads(path):
+def test_every_config_in_the_repo_loads(path, monkeypatch):
+    monkeypatch.setenv(
+        "OPENAI_API_KEY", "sk-test"
+    )  # synth-teacher.yaml names it; only its presence is checked
     assert isinstance(load_config(path), SpeedRayConfig)
 
 
@@ -39,12 +42,25 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
         ("synth:\n  enigne: {}\n", [], "synth.enigne: unknown key"),
         ("", ["synth.sampling.max_tokens=lots"], "synth.sampling.max_tokens: expected int, got 'lots'"),
         ("", ["embed.resources.use_gpu=3"], "embed.resources.use_gpu: expected bool, got 3"),
-        ("synth:\n  task_types: [poetry]\n", [], "synth.task_types[0]: expected one of"),
+        ("synth:\n  mix: {poetry: 1}\n", [], "synth.mix.poetry: unknown task type"),
+        ("", ["synth.mix.sts=-1"], "synth.mix.sts: expected a non-negative number, got -1"),
+        ("", ["synth.engine.kind=tgi"], "synth.engine.kind: expected one of vllm, transformers, openai"),
+        (
+            "synth:\n  judge: {kind: openai, model: gpt-4o}\n",
+            [],
+            "synth.judge.base_url: expected an http(s):// URL for kind openai, got None",
+        ),
+        (
+            "synth:\n  reviser: {kind: openai, model: m, base_url: 'http://x/v1', api_key_env: NO_SUCH_KEY_VAR}\n",
+            [],
+            "synth.reviser.api_key_env: environment variable NO_SUCH_KEY_VAR is not set",
+        ),
+        ("", ["synth.dedup.threshold=1.5"], "synth.dedup.threshold: expected a value in (0, 1], got 1.5"),
         ("", ["embed.pooling=max"], "embed.pooling: expected one of"),
         (
             "",
-            ["synth.topics_file=/nonexistent/topics.txt"],
-            "synth.topics_file: file /nonexistent/topics.txt not found",
+            ["synth.taxonomy.path=/nonexistent/topics.txt"],
+            "synth.taxonomy.path: file /nonexistent/topics.txt not found",
         ),
         ("", ["eval.retrieval_dir=/nonexistent"], "eval.retrieval_dir: expected /nonexistent/corpus.jsonl"),
         ("", ["embed.model=./no/such/model"], "embed.model: model folder ./no/such/model not found"),
@@ -97,3 +113,10 @@ def test_cli_bad_config_exits_2_before_ray(tmp_path):
     assert r.returncode == 2
     assert "embed.batch_sise: unknown key" in r.stderr
     assert "ray" not in r.stderr.lower().replace("speed-ray", "")  # failed before Ray started
+
+
+def test_yaml_aliases_are_copies(tmp_path):
+    text = "synth:\n  judge: &t {kind: openai, model: a, base_url: 'http://h/v1'}\n  reviser: *t\n"
+    cfg = load_config(write(tmp_path, text), ["synth.judge.model=b"])
+    assert (cfg.synth.judge.model, cfg.synth.reviser.model) == ("b", "a")
+    assert cfg.synth.brainstormer is None and cfg.synth.reviser.base_url == "http://h/v1"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from speed_ray.parsing import extract_json, parse_task_list, to_triplet
+from speed_ray.parsing import extract_json, parse_judgment, parse_revision, parse_task_list, to_triplet
 from speed_ray.prompts import STS_TASK
 
 
@@ -67,3 +67,31 @@ def test_triplet_errors_are_values_not_exceptions():
     )
     assert to_triplet("sts", "t", "[1, 2]") == ({}, "expected a JSON object, got list")
     assert to_triplet("sts", "t", "nonsense")[1].startswith("invalid JSON")
+
+
+def test_parse_judgment():
+    assert parse_judgment('{"reason": "r", "best": 1, "worst": 0}', 2) == (
+        {"best": 1, "worst": 0, "reason": "r"},
+        None,
+    )
+    assert parse_judgment('```json\n{"reason": "r", "best": "2", "worst": 0}\n```', 3)[0]["best"] == 2
+    assert parse_judgment('{"best": 2, "worst": 0}', 2) == (
+        {},
+        "field 'best': expected an index in 0..1, got 2",
+    )
+    assert parse_judgment('{"best": 0, "worst": 0}', 2)[1] == "best and worst are the same output (0)"
+    assert parse_judgment("[0, 1]", 2)[1] == "expected a JSON object, got list"
+
+
+def test_parse_revision():
+    text = '{"reason": "ok", "revision": {"S1": "a", "S2": "b", "S3": "c"}}'
+    assert parse_revision("sts", "ignored", text) == (
+        {"instruction": STS_TASK, "query": "a", "positive": "b", "negative": "c", "reason": "ok"},
+        None,
+    )
+    assert (
+        parse_revision("sts", "t", '{"reason": "x"}')[1] == "expected a JSON object with a 'revision' object"
+    )
+    assert (
+        parse_revision("sts", "t", '{"revision": {"S1": "a"}}')[1] == "revision: missing or empty field 'S2'"
+    )

@@ -1,17 +1,10 @@
-"""Prompt building: topic truncation, seeded placeholders, schemas."""
+"""Prompt building: seeded placeholders, schemas, judge and reviser prompts."""
 
 from __future__ import annotations
 
 import random
 
 from speed_ray import prompts
-
-
-def test_truncate_topic_keeps_first_two_and_last_two_levels():
-    # SPEED App. D.1's own example.
-    path = "Arts/Movies/Titles/3/36_Hours_-_1964/Cast_and_Crew"
-    assert prompts.truncate_topic(path) == "Arts/Movies/36_Hours_-_1964/Cast_and_Crew"
-    assert prompts.truncate_topic("/Science/Biology/") == "Science/Biology"
 
 
 def test_prompts_are_a_function_of_the_seed():
@@ -35,3 +28,18 @@ def test_schemas_require_exactly_the_fields():
     assert schema["required"] == ["user_query", "positive_document", "hard_negative_document"]
     assert schema["properties"]["user_query"]["maxLength"] == 100
     assert prompts.synthesis_schema("text_matching_long", 5)["required"] == ["input", "positive_document"]
+
+
+def test_judge_and_reviser_prompts_and_schemas():
+    judge = prompts.judge_prompt("Write one example.", ['{"a": 1}', "oops"])
+    assert judge[0]["content"] == prompts.SYSTEM
+    assert "### Prompt\nWrite one example." in judge[1]["content"]
+    assert '[0] {"a": 1}\n[1] oops' in judge[1]["content"] and "indices start from 0" in judge[1]["content"]
+    schema = prompts.judge_schema(3, max_chars=50)
+    assert schema["required"] == ["reason", "best", "worst"]
+    assert schema["properties"]["worst"] == {"type": "integer", "enum": [0, 1, 2]}
+    revise = prompts.revise_prompt("Write one example.", '{"input": "x", "positive_document": "y"}')
+    assert '### Example\n{"input": "x", "positive_document": "y"}' in revise[1]["content"]
+    rschema = prompts.revise_schema("text_matching_short", max_chars=50)
+    assert rschema["properties"]["revision"] == prompts.synthesis_schema("text_matching_short", 50)
+    assert rschema["properties"]["revision"]["required"] == ["input", "positive_document"]

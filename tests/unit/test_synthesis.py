@@ -8,37 +8,52 @@ import pyarrow as pa
 import pytest
 
 from speed_ray import synthesis
-from speed_ray.schemas import EXAMPLES, GENERATIONS, PREFERENCE_PAIRS, TASKS
+from speed_ray.schemas import EXAMPLES, GENERATIONS, JUDGMENTS, PREFERENCE_PAIRS, TASKS
+
+MIX = {"classification": 7, "sts": 7, "retrieval": 7, "text_matching": 2}
+
+
+def test_mix_is_allocated_by_largest_remainder():
+    topics = [f"T/{i}" for i in range(23)]
+    pairs = synthesis.assign_task_types(topics, MIX, seed=0)
+    counts = {t: sum(1 for _, x in pairs if x == t) for t in MIX}
+    assert counts == {"classification": 7, "sts": 7, "retrieval": 7, "text_matching": 2}
+    assert [t for t, _ in pairs] == topics  # topics keep their order; types are shuffled
+    # 10 topics: quotas 3.04 x3 and 0.87 -> floors 3,3,3,0 and the one left goes to text_matching
+    counts10 = [x for _, x in synthesis.assign_task_types(topics[:10], MIX, seed=0)]
+    assert sorted(counts10).count("text_matching") == 1 and len(counts10) == 10
+    assert synthesis.assign_task_types(topics, {"sts": 1, "retrieval": 0}, seed=0) == [
+        (t, "sts") for t in topics
+    ]
 
 
 def test_task_requests_are_stable_and_complete():
-    topics = ["A/B", "C/D"]
-    rows = synthesis.task_requests(
-        topics, ["classification", "sts", "retrieval", "text_matching"], seed=1, max_chars=50
-    )
-    again = synthesis.task_requests(
-        topics, ["classification", "sts", "retrieval", "text_matching"], seed=1, max_chars=50
-    )
-    assert rows == again
-    assert len(rows) == 8 and len({r["id"] for r in rows}) == 8
+    topics = [f"A/B{i}" for i in range(23)]
+    rows = synthesis.task_requests(topics, MIX, seed=1, max_chars=50)
+    assert rows == synthesis.task_requests(topics, MIX, seed=1, max_chars=50)
+    assert len(rows) == 23 and len({r["id"] for r in rows}) == 23
+    assert sorted(r["topic"] for r in rows) == sorted(topics)  # one task per topic
     sts = [r for r in rows if r["kind"] == "sts"]
-    assert [r["task"] for r in sts] == topics and all(r["messages"] == "" for r in sts)
+    assert len(sts) == 7 and all(r["task"] == r["topic"] and r["messages"] == "" for r in sts)
     assert {r["kind"] for r in rows if r["task_type"] == "text_matching"} <= {
         "text_matching_short",
         "text_matching_long",
     }
-    other = synthesis.task_requests(topics, ["retrieval"], seed=2, max_chars=50)
-    assert other[0]["id"] != [r for r in rows if r["task_type"] == "retrieval"][0]["id"]
+    other = synthesis.task_requests(topics, MIX, seed=2, max_chars=50)
+    assert {r["id"] for r in other}.isdisjoint({r["id"] for r in rows})
 
 
 def test_load_topics(tmp_path):
     f = tmp_path / "topics.txt"
     f.write_text("# comment\nA/B/C/D/E/F\nX/Y\n\nX/Y\n")
-    assert sorted(synthesis.load_topics([], str(f), 10, seed=0)) == ["A/B/E/F", "X/Y"]
-    assert len(synthesis.load_topics(["a", "b", "c"], None, 2, seed=0)) == 2
+    assert sorted(synthesis.load_topics(str(f), [], 2, seed=0)) == ["A/B/E/F", "X/Y"]
+    assert len(synthesis.load_topics(None, ["a", "b", "c"], 2, seed=0)) == 2
+    with pytest.raises(ValueError, match="synth.num_topics: 3 asked for, but .* has 2 distinct topics"):
+        synthesis.load_topics(str(f), [], 3, seed=0)
+    assert len(synthesis.load_topics(None, [], 1000, seed=0)) == 1000  # the built-in taxonomy
     f.write_text("# nothing\n")
-    with pytest.raises(ValueError, match="no topics"):
-        synthesis.load_topics([], str(f), 10, seed=0)
+    with pytest.raises(ValueError, match="topics.txt"):
+        synthesis.load_topics(str(f), [], 10, seed=0)
 
 
 def _generated(rid, sample, kind, raw, task="Find docs"):
@@ -63,7 +78,7 @@ GOOD = '{"user_query": "how to bake bread", "positive_document": "Mix flour and 
 SOUP = '{"user_query": "x1", "positive_document": "@@##", "hard_negative_document": "$$"}'
 
 
-def test_parse_generations_and_pick_examples():
+def test_parse_generations_and_pick_drafts():
     batch = pa.Table.from_pylist(
         [
             _generated("a", 0, "retrieval", "garbage"),
@@ -75,9 +90,12 @@ def test_parse_generations_and_pick_examples():
     gens = synthesis.parse_generations(batch)
     assert gens.schema == GENERATIONS
     assert [e is None for e in gens["error"].to_pylist()] == [False, True, True, True]
-    examples = synthesis.pick_examples(gens)
+    drafts = synthesis.pick_drafts(synthesis.group_samples(gens))
+    assert drafts.schema == GENERATIONS
+    # no judge: first valid sample per prompt: a -> sample 1, b -> sample 0
+    assert [(r["id"], r["sample"]) for r in drafts.to_pylist()] == [("a", 1), ("b", 0)]
+    examples = synthesis.final_rows(drafts, None)
     assert examples.schema == EXAMPLES
-    # first valid sample per prompt: a -> sample 1, b -> sample 0
     assert [(r["id"], r["query"]) for r in examples.to_pylist()] == [("a", "how to bake bread"), ("b", "x1")]
 
 
@@ -88,7 +106,7 @@ def test_quality_score_by_hand():
     assert synthesis.quality_score({"error": "bad", "query": None, "positive": None, "negative": None}) == 0.0
 
 
-def test_preference_pairs_best_vs_worst_and_ties_dropped():
+def test_rule_scored_pairs_best_vs_worst_and_ties_dropped():
     batch = pa.Table.from_pylist(
         [
             _generated("a", 0, "retrieval", "garbage"),
@@ -97,7 +115,7 @@ def test_preference_pairs_best_vs_worst_and_ties_dropped():
             _generated("b", 1, "retrieval", GOOD),
         ]
     )
-    pairs = synthesis.preference_pairs(synthesis.parse_generations(batch))
+    pairs = synthesis.preference_pairs(synthesis.group_samples(synthesis.parse_generations(batch)))
     assert pairs.schema == PREFERENCE_PAIRS
     # GOOD: valid (1) + all letters and spaces (1) + positive != query (1) + negative != positive (1) = 4
     assert pairs.to_pylist() == [
@@ -122,3 +140,87 @@ def test_parse_tasks_keeps_first_task():
     assert tasks["error"][1].as_py().startswith("invalid JSON")
     reqs = synthesis.example_requests(tasks.to_pylist(), seed=0, max_chars=40)
     assert len(reqs) == 1 and reqs[0]["task"] == "Find papers on A."
+
+
+def _judged(example_id, raw, samples=2, engine_error=None):
+    return {
+        "id": "j" + example_id,
+        "example_id": example_id,
+        "samples": samples,
+        "raw": raw,
+        "generator": "judge",
+        "seed": 3,
+        "num_input_tokens": 50,
+        "num_output_tokens": 9,
+        "engine_error": engine_error,
+    }
+
+
+def test_judge_requests_pairs_and_drafts():
+    gens = synthesis.parse_generations(
+        pa.Table.from_pylist(
+            [
+                _generated("a", 0, "retrieval", GOOD),
+                _generated("a", 1, "retrieval", SOUP),
+                _generated("b", 0, "retrieval", SOUP),
+                _generated("b", 1, "retrieval", "garbage"),
+                _generated("c", 0, "retrieval", GOOD),
+            ]
+        )
+    )
+    groups = synthesis.group_samples(gens)
+    reqs = synthesis.judge_requests(groups, seed=0, max_chars=100)
+    assert [r["example_id"] for r in reqs] == ["a", "b"]  # c has one sample: nothing to judge
+    user = json.loads(reqs[0]["messages"])[-1]["content"]
+    assert "### Prompt\np" in user and f"[0] {GOOD}" in user and f"[1] {SOUP}" in user
+    assert json.loads(reqs[0]["json_schema"])["properties"]["best"] == {"type": "integer", "enum": [0, 1]}
+
+    judgments = synthesis.parse_judgments(
+        pa.Table.from_pylist(
+            [
+                _judged("a", '{"reason": "1 is noise", "best": 1, "worst": 0}'),
+                _judged("b", '{"reason": "x", "best": 1, "worst": 1}'),
+                _judged("c", "", samples=2, engine_error="http 503 after 5 attempts"),
+            ]
+        )
+    )
+    assert judgments.schema == JUDGMENTS
+    assert judgments["error"].to_pylist() == [
+        None,
+        "best and worst are the same output (1)",
+        "http 503 after 5 attempts",
+    ]
+    pairs = synthesis.preference_pairs(groups, judgments)
+    # a: the judge (against the rule score's choice); b: no usable verdict -> rule score; c: one sample
+    assert [(p["id"], p["chosen"], p["rejected"], p["reason"]) for p in pairs.to_pylist()] == [
+        ("a", SOUP, GOOD, "judge: 1 is noise"),
+        # SOUP: valid 1 + fluency 1/8 (only the x of "x1@@##$$") + 1 + 1
+        ("b", SOUP, "garbage", "rule score 3.125 > 0.000 (invalid JSON: 'garbage')"),
+    ]
+    # the judge's best wins when it parsed (a -> 1); b's judgment failed -> first valid sample (0)
+    drafts = synthesis.pick_drafts(groups, judgments)
+    assert [(r["id"], r["sample"]) for r in drafts.to_pylist()] == [("a", 1), ("b", 0), ("c", 0)]
+
+
+def test_revision_requests_and_final_rows():
+    gens = synthesis.parse_generations(
+        pa.Table.from_pylist([_generated("a", 0, "retrieval", GOOD), _generated("b", 0, "retrieval", GOOD)])
+    )
+    drafts = synthesis.pick_drafts(synthesis.group_samples(gens))
+    reqs = synthesis.revise_requests(drafts.to_pylist(), seed=0, max_chars=100)
+    user = json.loads(reqs[0]["messages"])[-1]["content"]
+    assert json.loads(user.split("### Example\n")[1].split("\n\n")[0]) == json.loads(GOOD)
+    revised = '{"reason": "shorter", "revision": {"user_query": "bake bread", "positive_document": "Knead", "hard_negative_document": "Cake"}}'
+    outs = [
+        r | {"raw": raw, "generator": "reviser", "num_input_tokens": 80, "num_output_tokens": 20}
+        for r, raw in zip(reqs, [revised, '{"reason": "x", "revision": {"user_query": "only"}}'], strict=True)
+    ]
+    revisions = synthesis.parse_revisions(pa.Table.from_pylist(outs))
+    assert revisions["prompt_id"].to_pylist() == ["a", "b"]
+    assert revisions["reason"][0].as_py() == "shorter"
+    assert revisions["error"][1].as_py() == "revision: missing or empty field 'positive_document'"
+    final = synthesis.final_rows(drafts, revisions).to_pylist()
+    assert [(r["id"], r["query"], r["negative"], r["generator"], r["round"]) for r in final] == [
+        ("a", "bake bread", "Cake", "reviser", "revision"),
+        ("b", "how to bake bread", "Bread is old", "g", "examples"),  # failed revision: the draft stays
+    ]
