@@ -23,6 +23,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -155,22 +156,27 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--num-gpus", type=float, default=0.0)
     p.add_argument("--side", choices=["raw", "ray"], help=argparse.SUPPRESS)
+    p.add_argument("--side-out", help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(REPO / "benchmarks/results/synth_throughput.json"))
     args = p.parse_args()
-    if args.side:  # a child run: print one side's JSON
-        print(json.dumps(run_raw(args) if args.side == "raw" else run_ray(args)))
+    if args.side:  # a child run: one side's result as JSON in --side-out (vLLM also prints to stdout)
+        result = run_raw(args) if args.side == "raw" else run_ray(args)
+        Path(args.side_out).write_text(json.dumps(result))
         return
     sides = {}
-    for side in ("raw", "ray"):
-        cmd = [sys.executable, __file__, "--side", side, *sys.argv[1:]]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        sides[side] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{side}: {sides[side]['steady']['tokens_per_s']} tokens/s (steady)", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        for side in ("raw", "ray"):
+            out = Path(tmp) / f"{side}.json"
+            subprocess.run(
+                [sys.executable, __file__, "--side", side, "--side-out", str(out), *sys.argv[1:]], check=True
+            )
+            sides[side] = json.loads(out.read_text())
+            print(f"{side}: {sides[side]['steady']['tokens_per_s']} tokens/s (steady)", file=sys.stderr)
     result = {
         "benchmark": "synth_throughput",
         "what": "output tokens/s, steady state, same prompts/model/settings/batches: bare vllm.LLM vs the "
         "speed-ray Ray Data stage (actor pool + parse)",
-        "settings": {k: v for k, v in vars(args).items() if k not in ("side", "out")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("side", "side_out", "out")},
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
