@@ -92,25 +92,26 @@ def parse_tasks(batch: pa.Table) -> pa.Table:
     out = []
     for r in batch.to_pylist():
         tasks, err = parse_task_list(r["raw"])
-        err = r.get("engine_error") or err
         out.append(
-            {
-                "id": r["id"],
-                "topic": r["topic"],
-                "task_type": r["task_type"],
-                "kind": r["kind"],
-                "task": tasks[0] if tasks else None,
-                "raw": r["raw"],
-                "error": err,
-                "generator": r["generator"],
-                "prompt_id": r["id"],
-                "seed": r["seed"],
-                "round": "tasks",
-                "num_input_tokens": r["num_input_tokens"],
-                "num_output_tokens": r["num_output_tokens"],
-            }
+            {k: r[k] for k in ("id", "topic", "task_type", "kind", "raw")}
+            | {"task": tasks[0] if tasks else None}
+            | outcome(r, err, "tasks")
         )
     return cast_rows(out, TASKS)
+
+
+def outcome(r: dict[str, Any], err: str | None, round_: str, prompt_id: str | None = None) -> dict[str, Any]:
+    """The columns every parsed engine output carries: its error (the engine's own comes first),
+    provenance and token accounting."""
+    return {
+        "error": r.get("engine_error") or err,
+        "generator": r["generator"],
+        "prompt_id": prompt_id or r["id"],
+        "seed": r["seed"],
+        "round": round_,
+        "num_input_tokens": r["num_input_tokens"],
+        "num_output_tokens": r["num_output_tokens"],
+    }
 
 
 def sts_tasks(rows: list[dict[str, Any]]) -> pa.Table:
@@ -154,32 +155,11 @@ def parse_generations(batch: pa.Table) -> pa.Table:
     out = []
     for r in batch.to_pylist():
         fields, err = to_triplet(r["kind"], r["task"], r["raw"])
-        err = r.get("engine_error") or err
         out.append(
-            {
-                k: r[k]
-                for k in (
-                    "id",
-                    "sample",
-                    "topic",
-                    "task_type",
-                    "kind",
-                    "task",
-                    "messages",
-                    "raw",
-                    "generator",
-                )
-            }
+            {k: r[k] for k in ("id", "sample", "topic", "task_type", "kind", "task", "messages", "raw")}
             | {"instruction": None, "query": None, "positive": None, "negative": None}
             | fields
-            | {
-                "error": err,
-                "prompt_id": r["id"],
-                "seed": r["seed"],
-                "round": "examples",
-                "num_input_tokens": r["num_input_tokens"],
-                "num_output_tokens": r["num_output_tokens"],
-            }
+            | outcome(r, err, "examples")
         )
     return cast_rows(out, GENERATIONS)
 
@@ -221,16 +201,10 @@ def parse_judgments(batch: pa.Table) -> pa.Table:
     for r in batch.to_pylist():
         verdict, err = parse_judgment(r["raw"], r["samples"])
         out.append(
-            {k: r[k] for k in ("id", "example_id", "samples", "raw", "generator", "seed")}
+            {k: r[k] for k in ("id", "example_id", "samples", "raw")}
             | {"best": None, "worst": None, "reason": None}
             | verdict
-            | {
-                "error": r.get("engine_error") or err,
-                "prompt_id": r["id"],
-                "round": "judge",
-                "num_input_tokens": r["num_input_tokens"],
-                "num_output_tokens": r["num_output_tokens"],
-            }
+            | outcome(r, err, "judge")
         )
     return cast_rows(out, JUDGMENTS)
 
@@ -280,17 +254,17 @@ def parse_revisions(batch: pa.Table) -> pa.Table:
     for r in batch.to_pylist():
         fields, err = parse_revision(r["kind"], r["task"], r["raw"])
         out.append(
-            {k: r[k] for k in ("topic", "task_type", "kind", "task", "messages", "raw", "generator", "seed")}
-            | {"id": r["id"], "sample": 0, "instruction": None, "query": None, "positive": None}
-            | {"negative": None, "reason": None}
-            | fields
+            {k: r[k] for k in ("id", "topic", "task_type", "kind", "task", "messages", "raw")}
             | {
-                "error": r.get("engine_error") or err,
-                "prompt_id": r["draft_id"],
-                "round": "revision",
-                "num_input_tokens": r["num_input_tokens"],
-                "num_output_tokens": r["num_output_tokens"],
+                "sample": 0,
+                "instruction": None,
+                "query": None,
+                "positive": None,
+                "negative": None,
+                "reason": None,
             }
+            | fields
+            | outcome(r, err, "revision", prompt_id=r["draft_id"])
         )
     return cast_rows(out, GENERATIONS)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from speed_ray.engines import Request, Sampling, build_generator
+from tests.engine_contract import chat, seeded_rows_do_not_depend_on_their_batch
 
 
 @pytest.fixture(scope="module")
@@ -14,18 +15,9 @@ def engine(tiny_llama):
     return HFGenerator(tiny_llama, max_model_len=512)
 
 
-def chat(text):
-    return [{"role": "user", "content": text}]
-
-
 def test_seeded_rows_do_not_depend_on_their_batch(engine):
-    a = Request(chat("hello one"), seed=11)
-    b = Request(chat("hello two"), seed=22)
-    sampling = Sampling(temperature=1.0, max_tokens=12, n=2)
-    alone = engine.generate([a], sampling)[0]
-    together = engine.generate([b, a], sampling)[1]
-    assert [c.text for c in alone] == [c.text for c in together]
-    assert len(alone) == 2 and alone[0].text != alone[1].text
+    alone = seeded_rows_do_not_depend_on_their_batch(engine)
+    assert alone[0].text != alone[1].text
 
 
 def test_token_counts_put_the_prompt_on_the_first_completion(engine):

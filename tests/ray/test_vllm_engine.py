@@ -8,6 +8,7 @@ import pytest
 
 from speed_ray import prompts
 from speed_ray.engines import Request, Sampling
+from tests.engine_contract import chat, seeded_rows_do_not_depend_on_their_batch
 
 pytestmark = pytest.mark.vllm
 
@@ -19,18 +20,9 @@ def engine(tiny_llama):
     return VllmGenerator(tiny_llama, dtype="float32", max_model_len=512, kv_cache_gib=0.25)
 
 
-def chat(text):
-    return [{"role": "user", "content": text}]
-
-
 def test_seeded_rows_do_not_depend_on_their_batch(engine):
-    a = Request(chat("hello one"), seed=11)
-    b = Request(chat("hello two"), seed=22)
-    sampling = Sampling(temperature=1.0, max_tokens=12, n=2)
-    alone = engine.generate([a], sampling)[0]
-    together = engine.generate([b, a], sampling)[1]
-    assert [c.text for c in alone] == [c.text for c in together]
-    assert len(alone) == 2 and all(c.num_output_tokens > 0 for c in alone)
+    alone = seeded_rows_do_not_depend_on_their_batch(engine)
+    assert all(c.num_output_tokens > 0 for c in alone)
     # the prompt is counted once per request, on its first completion
     assert alone[0].num_input_tokens > 0 and alone[1].num_input_tokens == 0
 
