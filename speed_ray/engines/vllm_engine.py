@@ -79,7 +79,7 @@ class VllmGenerator:
     def generate(self, requests: list[Request], sampling: Sampling) -> list[list[Completion]]:
         """Completions per request; a prompt that leaves no room in the context gets error
         completions (vLLM would fail the whole batch), and the others run."""
-        tokenizer = self.llm.get_tokenizer()
+        tokenizer: Any = self.llm.get_tokenizer()
         lengths = [
             len(tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, return_dict=False))
             for r in requests
