@@ -62,3 +62,21 @@ def test_stage_in_a_ray_data_actor_pool(ray_session):
     by_id = {r["id"]: r for r in table.to_pylist() if r["sample"] == 0}
     for r in rows:  # the canned text carries the row's own seed: outputs follow ids, not order
         assert str(r["seed"]) in by_id[r["id"]]["query"]
+
+
+def test_a_gpu_pool_on_a_cluster_without_gpus_fails_at_once(ray_session, model_cache):
+    """Ray would wait forever for a GPU actor it cannot place; the pool refuses before it is built."""
+    import time
+
+    from speed_ray.config import ConfigError, load_config
+    from speed_ray.pipeline.synth import engine_pool
+    from tests.conftest import DEBIAN
+
+    overrides = ["run.ray_address=auto", "synth.engine.model=tiny-llama", "synth.engine.num_gpus=1"]
+    cfg = load_config(None, [*overrides, f"eval.retrieval_dir={DEBIAN / 'retrieval'}"])
+    started = time.time()
+    with pytest.raises(
+        ConfigError, match=r"vllm engine tiny-llama: needs 1.0 GPU\(s\) but the Ray cluster has 0"
+    ):
+        list(engine_pool(cfg, cfg.synth.engine, example_rows(), SAMPLING, synthesis.parse_generations))
+    assert time.time() - started < 30
