@@ -19,7 +19,10 @@ def run(cfg: SpeedRayConfig) -> dict:
     run_dir = cfg.run_dir
     m = collect(run_dir)
     plot = plot_training(m, run_dir / "training.png")
+    synth_plot = plot_synth(m, run_dir / "synth.png")
     text = render(cfg, m, plot)
+    if synth_plot:
+        text = text.replace("\n## Synthesis\n", f"\n## Synthesis\n\n![synthesis steps]({synth_plot})\n", 1)
     path = run_dir / "report.md"
     path.write_text(text)
     log(f"report: {path}")
@@ -182,6 +185,36 @@ def plot_training(m: dict[str, Any], path: Path) -> str | None:
         ax.set_ylabel("loss")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.ticklabel_format(axis="y", useOffset=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def plot_synth(m: dict[str, Any], path: Path) -> str | None:
+    """Per model-calling step: rows kept and error rows (left), tokens in and out (right)."""
+    steps = [k for k in CALL_STEPS if m.get(k) is not None and "accounting" in m[k]]
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = [m[k]["accounting"] for k in steps]
+    errors = [a["errors"] for a in acc]
+    ok = [m[k]["num_rows"] - e for k, e in zip(steps, errors, strict=True)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.bar(steps, ok, label="parsed")
+    left.bar(steps, errors, bottom=ok, label="error rows")
+    left.set_title("rows per step")
+    left.legend()
+    xs = range(len(steps))
+    right.bar([x - 0.2 for x in xs], [a["input_tokens"] for a in acc], width=0.4, label="tokens in")
+    right.bar([x + 0.2 for x in xs], [a["output_tokens"] for a in acc], width=0.4, label="tokens out")
+    right.set_xticks(list(xs), steps)
+    right.set_title("tokens per step")
+    right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

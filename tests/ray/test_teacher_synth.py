@@ -109,6 +109,7 @@ def test_synth_through_an_http_teacher(tmp_path, ray_session, capsys):
     assert acc["cost_usd"] == round((acc["input_tokens"] * 5 + acc["output_tokens"] * 15) / 1e6, 4)
     report = (tmp_path / "teacher" / "report.md").read_text()
     assert f"teacher (HTTP) use: {calls} calls" in report and "45000 calls / 32000000 tokens" in report
+    assert "![synthesis steps](synth.png)" in report and (tmp_path / "teacher" / "synth.png").is_file()
 
     # the key reached the server, and no file of the run holds it
     key = os.environ[TEST_API_KEY_ENV]
