@@ -16,6 +16,7 @@ them, and the rerun only sends the missing shards' rows to the engine.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -187,7 +188,7 @@ def generate_step(
     if ready and ready_parse is not None:
         writer.add(ready_parse([r for r in ready if r["id"] in pending]))
     todo = [r for r in rows if r["id"] in pending and r["id"] not in ready_ids]
-    for table in engine_pool(cfg, eng, todo, sampling, parse):
+    for table in engine_pool(cfg, eng, todo, sampling, parse, writer.shard_of):
         writer.add(table)
     prices = (eng.price_per_million_input_tokens, eng.price_per_million_output_tokens)
     extra = {"engine": eng.kind, "model": eng.model, "sampling": sampling}
@@ -222,14 +223,30 @@ def engine_kwargs(eng: EngineConfig, seed: int) -> dict[str, Any]:
     }
 
 
+def input_blocks(
+    rows: list[dict[str, Any]], size: int, shard_of: dict[str, int] | None = None
+) -> list[list[dict[str, Any]]]:
+    """``rows`` in order, cut into lists of at most ``size`` rows that each lie within one shard."""
+    blocks: list[list[dict[str, Any]]] = []
+    for _, group in itertools.groupby(rows, key=lambda r: (shard_of or {}).get(r["id"], 0)):
+        items = list(group)
+        blocks += [items[i : i + size] for i in range(0, len(items), size)]
+    return blocks
+
+
 def engine_pool(
     cfg: SpeedRayConfig,
     eng: EngineConfig,
     rows: list[dict[str, Any]],
     sampling: dict[str, Any],
     parse: Callable[[pa.Table], pa.Table],
+    shard_of: dict[str, int] | None = None,
 ) -> Iterator[pa.Table]:
-    """Stream ``rows`` through an autoscaling engine actor pool and ``parse``; yields parsed blocks."""
+    """Stream ``rows`` through an autoscaling engine actor pool and ``parse``; yields parsed blocks.
+
+    Input blocks hold at most ``batch_size`` rows and never straddle two shards (``shard_of``), so
+    shards complete one after another as the pool works through the rows in order.
+    """
     if not rows:
         return
     import ray
@@ -250,9 +267,8 @@ def engine_pool(
     init_ray(cfg)
     gpus = eng.num_gpus * eng.tensor_parallel_size
     require_resources(f"{eng.kind} engine {eng.model}", eng.num_cpus, gpus)
-    # [2] Ray Data: enough blocks for every actor to get work (one block would feed one actor).
-    blocks = max(eng.max_actors, -(-len(rows) // eng.batch_size))
-    ds = ray.data.from_items(rows).repartition(blocks)
+    # [2] Ray Data: blocks of at most batch_size rows, cut at shard boundaries, in input order.
+    ds = ray.data.from_arrow([pa.Table.from_pylist(b) for b in input_blocks(rows, eng.batch_size, shard_of)])
     # [3] The autoscaling engine pool, then parsing as plain tasks.
     ds = ds.map_batches(
         GenerateStage,

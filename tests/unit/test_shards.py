@@ -86,3 +86,17 @@ def test_missing_outputs_fail_loudly_and_unknown_ids_are_rejected(tmp_path):
     with pytest.raises(RuntimeError, match=r"no output for some rows of shards \[2\]"):
         w.finish({}, started=0.0)
     assert not (tmp_path / "step" / MANIFEST).exists()
+
+
+def test_input_blocks_hold_at_most_a_batch_and_never_straddle_shards():
+    from speed_ray.pipeline.synth import input_blocks
+
+    rows = [{"id": f"r{i}"} for i in range(10)]
+    shard_of = {f"r{i}": i // 4 for i in range(10)}  # shards [0-3] [4-7] [8-9]
+    blocks = [[int(r["id"][1:]) for r in b] for b in input_blocks(rows, 3, shard_of)]
+    assert blocks == [[0, 1, 2], [3], [4, 5, 6], [7], [8, 9]]
+    assert [[int(r["id"][1:]) for r in b] for b in input_blocks(rows, 4)] == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [8, 9],
+    ]
