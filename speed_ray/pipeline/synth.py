@@ -268,7 +268,9 @@ def engine_pool(
     gpus = eng.num_gpus * eng.tensor_parallel_size
     require_resources(f"{eng.kind} engine {eng.model}", eng.num_cpus, gpus)
     # [2] Ray Data: blocks of at most batch_size rows, cut at shard boundaries, in input order.
-    ds = ray.data.from_arrow([pa.Table.from_pylist(b) for b in input_blocks(rows, eng.batch_size, shard_of)])
+    ds: Any = ray.data.from_arrow(
+        [pa.Table.from_pylist(b) for b in input_blocks(rows, eng.batch_size, shard_of)]
+    )
     # [3] The autoscaling engine pool, then parsing as plain tasks.
     ds = ds.map_batches(
         GenerateStage,
