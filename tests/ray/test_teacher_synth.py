@@ -126,3 +126,12 @@ def test_an_unreachable_teacher_stops_the_run_with_its_url(tmp_path, capsys):
     assert main(["synth", empty_config(tmp_path), *overrides(tmp_path, url)]) == 2
     err = capsys.readouterr().err
     assert f"cannot reach {url}/models: connection refused" in err and "Traceback" not in err
+
+
+def test_an_empty_taxonomy_file_stops_the_run_with_its_name(tmp_path, capsys):
+    topics = tmp_path / "topics.txt"
+    topics.write_text("# only a comment\n\n")
+    args = ["synth", empty_config(tmp_path), f"run.output_dir={tmp_path}", f"synth.taxonomy.path={topics}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"speed-ray: error: {topics}: no topics" in err and "Traceback" not in err
