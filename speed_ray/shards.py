@@ -41,6 +41,8 @@ class ShardedWriter:
             raise ValueError(f"{out_dir.name}: input row ids are not unique")
         self.buffers: dict[int, dict[tuple[str, int], dict[str, Any]]] = defaultdict(dict)
         self.written_now = 0
+        self.entries: dict[int, dict[str, Any]] = {}
+        """Manifest entries of the shards this run wrote (earlier runs' shards are read back at the end)."""
         self._check_plan(shard_rows, ids)
         self.done = {s for s in range(len(self.shards)) if (out_dir / shard_name(s)).is_file()}
 
@@ -85,7 +87,8 @@ class ShardedWriter:
 
     def _write(self, s: int) -> None:
         rows = [row for _, row in sorted(self.buffers.pop(s).items())]
-        write_shard(self.out_dir / shard_name(s), pa.Table.from_pylist(rows, schema=self.schema), self.schema)
+        table = pa.Table.from_pylist(rows, schema=self.schema)
+        self.entries[s] = write_shard(self.out_dir / shard_name(s), table, self.schema) | accounting(table)
         self.done.add(s)
         self.written_now += len(rows)
         log(f"{self.out_dir.name}: shard {s + 1}/{len(self.shards)} written ({len(self.done)} done)")
@@ -99,7 +102,10 @@ class ShardedWriter:
                 f"{self.out_dir.name}: the engine returned no output for some rows of shards {missing[:5]} "
                 f"(outputs so far: {short}); rerun to retry them, finished shards are kept"
             )
-        files = [shard_entry(self.out_dir / shard_name(s)) for s in range(len(self.shards))]
+        files = [
+            self.entries[s] if s in self.entries else shard_entry(self.out_dir / shard_name(s))
+            for s in range(len(self.shards))
+        ]
         elapsed = max(time.time() - started, 1e-9)
         accounting = totals(files, prices) | {"rows_per_s": round(self.written_now / elapsed, 2)}
         return write_manifest(self.out_dir, self.schema, files, extra | {"accounting": accounting}, started)
