@@ -1,10 +1,10 @@
-"""Junior (SFT) and senior (DPO) generators with TRL under Ray Train (writes <run>/align/).
+"""SPEED's alignment loop: junior (SFT), senior (DPO), revisor (SFT), TRL under Ray Train (<run>/align/).
 
 Local:
-    python jobs/align.py --config configs/quickstart.yaml
+    python jobs/align.py --config configs/speed-cpu.yaml
 On a Ray cluster:
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
-        python jobs/align.py --config configs/quickstart.yaml run.ray_address=auto
+        python jobs/align.py --config configs/speed_llama3_8b.yaml
 """
 
 from __future__ import annotations

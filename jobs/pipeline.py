@@ -1,4 +1,4 @@
-"""Every stage of a run in order: synth -> align -> embed -> eval -> report.
+"""Every stage of a run in order: align -> synth -> embed -> eval -> report.
 
 Local (2 CPUs, no GPU):
     python jobs/pipeline.py --config configs/quickstart.yaml

@@ -1,7 +1,7 @@
 """The ``speed-ray`` command.
 
     speed-ray run CONFIG [key.sub=value ...]      every stage in order
-    speed-ray STAGE CONFIG [key.sub=value ...]    one stage: synth, align, embed, eval, report
+    speed-ray STAGE CONFIG [key.sub=value ...]    one stage: align, synth, embed, eval, report
     speed-ray doctor [CONFIG]                     what this machine offers, and what a run would use
 
 Exit codes: 0 done, 2 a user error (bad config, missing input), 1 anything else.

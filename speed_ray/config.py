@@ -155,25 +155,81 @@ class TrainResources:
 
 
 @dataclass
+class AlignTrainConfig:
+    """One TRL training run of the alignment loop."""
+
+    steps: int = 100
+    """Optimizer steps."""
+    learning_rate: float = 1e-4
+    batch_size: int = 16
+    """Per-worker batch; the global batch is workers x batch_size (SPEED App. B gives global sizes)."""
+
+
+# SPEED's released revisor adapter (HF speed-synthesis-8b-revisor): every projection but k_proj.
+SPEED_LORA_MODULES = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
 class AlignConfig:
+    """SPEED's alignment loop (§3.2): teacher seed data -> junior (SFT) -> k junior samples per prompt
+    -> teacher judge -> senior (DPO against the frozen junior); teacher revisions of junior samples ->
+    revisor (SFT from the base model). Prompts, task mix and sampling settings are synth's
+    (``synth.taxonomy``, ``synth.mix``, ``synth.sampling``), so the models learn the prompts they serve."""
+
+    enabled: bool = True
+    """False: ``speed-ray run`` skips this stage (synth then uses its own engines as configured)."""
     model: str = "smollm2-135m-instruct"
-    """Base model of the junior generator."""
-    resources: TrainResources = field(default_factory=TrainResources)
-    sft_steps: int = 2
-    dpo_steps: int = 2
-    batch_size: int = 2
-    """Per-worker batch size."""
-    sft_learning_rate: float = 1e-4
-    """SPEED App. B: junior SFT lr 1e-4."""
-    dpo_learning_rate: float = 1e-5
-    """SPEED App. B: senior DPO lr 1e-5."""
+    """Base model of the junior and the revisor (SPEED: LLaMA-3-8B, the base model)."""
+    teacher: EngineConfig = field(default_factory=EngineConfig)
+    """Brainstorms the alignment tasks, writes seed data, judges and revises (SPEED: GPT-4o over HTTP)."""
+    generator: EngineConfig = field(default_factory=lambda: EngineConfig(model="run:align/junior"))
+    """The engine that samples the junior's outputs for the judge and the reviser."""
+    num_topics: int = 8
+    """Topics, so alignment prompts: one task per topic, examples_per_task prompts per task."""
+    examples_per_task: int = 1
+    samples_per_prompt: int = 4
+    """Junior outputs per prompt that the judge ranks (SPEED Fig. 5 shows 5)."""
+    without_verdict: str = "drop"
+    """Prompts whose judge verdict is unusable (invalid JSON, best == worst): drop (SPEED gives no rule)
+    | rule (fall back to a rule-based score, for weak local judges)."""
+    seed_data: str | None = None
+    """Your own teacher data instead of the seed step: parquet or JSONL with ``messages`` (the chat
+    prompt, a list of role/content objects or its JSON) and ``completion``."""
+    pairs_data: str | None = None
+    """Your own preference pairs instead of root/judgments: ``messages``, ``chosen``, ``rejected``."""
+    revision_data: str | None = None
+    """Your own revisions instead of the revision step: ``messages`` (the revise prompt), ``completion``."""
+    junior: AlignTrainConfig = field(default_factory=AlignTrainConfig)
+    """SPEED App. B: lr 1e-4, batch 16."""
+    senior: AlignTrainConfig = field(
+        default_factory=lambda: AlignTrainConfig(learning_rate=1e-5, batch_size=16)
+    )
+    """SPEED App. B: lr 1e-5, batch 16, beta 0.1."""
+    revisor: AlignTrainConfig = field(
+        default_factory=lambda: AlignTrainConfig(learning_rate=5e-6, batch_size=24)
+    )
+    """SPEED App. B: lr 5e-6, batch 24."""
     beta: float = 0.1
-    """DPO beta (SPEED: 0.1 best)."""
-    max_length: int = 768
+    """DPO beta (SPEED swept 0.05-0.3; 0.1 best)."""
+    precompute_ref_log_probs: bool = True
+    """Reference log-probabilities computed once before DPO and reused (cached beside the data)."""
+    finetune: str = "lora"
+    """lora | full."""
     lora_r: int = 16
-    """LoRA rank; SPEED's released adapters: r 16, alpha 32, dropout 0.1."""
+    """SPEED's released adapters: r 16, alpha 32, dropout 0.1."""
     lora_alpha: int = 32
     lora_dropout: float = 0.1
+    lora_target_modules: list[str] = field(default_factory=lambda: list(SPEED_LORA_MODULES))
+    max_length: int = 1024
+    """Prompt plus completion tokens; longer rows are truncated by TRL."""
+    gradient_checkpointing: bool = False
+    deepspeed_stage: int = 0
+    """0 (DDP) | 2 | 3: DeepSpeed ZeRO stage."""
+    save_steps: int = 0
+    """Checkpoint every N optimizer steps, so a killed worker resumes there (0: no checkpoints)."""
+    max_failures: int = 2
+    """Worker-group restarts Ray Train allows per training step."""
+    resources: TrainResources = field(default_factory=TrainResources)
     trl: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for TRL's SFTConfig and DPOConfig."""
 
@@ -312,7 +368,9 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def _build(cls: type, data: Any, prefix: str, base: Any = None) -> Any:
+    """``cls`` from a mapping; keys it leaves out keep their value in ``base`` (default: ``cls()``'s),
+    so ``embed: {resources: {cpus_per_worker: 2}}`` keeps embed's own default of 2 workers."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -321,19 +379,23 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if unknown:
         key = f"{prefix}{unknown[0]}"
         raise ConfigError(f"{key}: unknown key (expected one of: {', '.join(sorted(names))})")
-    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
-    return cls(**kwargs)
+    base = base if base is not None else cls()
+    kwargs = {
+        name: _coerce(hints[name], value, f"{prefix}{name}", getattr(base, name))
+        for name, value in data.items()
+    }
+    return dataclasses.replace(base, **kwargs)
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
+def _coerce(tp: Any, value: Any, key: str, default: Any = None) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(typing.cast(type, tp), value, key + ".")
+        return _build(typing.cast(type, tp), value, key + ".", default)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(args[0], value, key)
+        return _coerce(args[0], value, key, default)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -392,8 +454,15 @@ def _check_names(cfg: SpeedRayConfig) -> None:
         "synth.examples_per_task": cfg.synth.examples_per_task,
         "synth.dedup.num_perm": cfg.synth.dedup.num_perm,
         "synth.dedup.shingle_size": cfg.synth.dedup.shingle_size,
-        "align.batch_size": cfg.align.batch_size,
         "align.resources.workers": cfg.align.resources.workers,
+        "align.num_topics": cfg.align.num_topics,
+        "align.examples_per_task": cfg.align.examples_per_task,
+        "align.max_length": cfg.align.max_length,
+        **{
+            f"align.{n}.{k}": getattr(getattr(cfg.align, n), k)
+            for n in ALIGN_STEPS
+            for k in ("steps", "batch_size")
+        },
         "embed.batch_size": cfg.embed.batch_size,
         "embed.steps": cfg.embed.steps,
         "embed.resources.workers": cfg.embed.resources.workers,
@@ -417,20 +486,47 @@ def _check_names(cfg: SpeedRayConfig) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: expected 0 (off) or a positive number, got {value}")
+    _check_align(cfg.align)
     if not 0.0 <= cfg.synth.sampling.top_p <= 1.0:
         raise ConfigError(f"synth.sampling.top_p: expected a value in [0, 1], got {cfg.synth.sampling.top_p}")
 
 
 ENGINE_KINDS = ("vllm", "transformers", "openai")
+ALIGN_STEPS = ("junior", "senior", "revisor")
+# Models an earlier stage of the same run produces, for engines to name as ``run:<folder>``.
+RUN_MODELS = tuple(f"run:align/{n}" for n in ALIGN_STEPS)
+
+
+def _check_align(a: AlignConfig) -> None:
+    choices = {
+        "align.without_verdict": (a.without_verdict, ("drop", "rule")),
+        "align.finetune": (a.finetune, ("lora", "full")),
+        "align.deepspeed_stage": (a.deepspeed_stage, (0, 2, 3)),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
+    if a.samples_per_prompt < 2:
+        raise ConfigError(
+            f"align.samples_per_prompt: the judge needs at least 2 outputs per prompt, got {a.samples_per_prompt}"
+        )
+    for key in ("save_steps", "max_failures"):
+        if getattr(a, key) < 0:
+            raise ConfigError(f"align.{key}: expected 0 (off) or a positive number, got {getattr(a, key)}")
+    if a.finetune == "lora" and not a.lora_target_modules:
+        raise ConfigError("align.lora_target_modules: expected at least one module name for LoRA")
 
 
 def _engines(cfg: SpeedRayConfig) -> dict[str, EngineConfig]:
     """The configured engines by dotted key (judge and reviser are optional)."""
     engines = {
         "synth.engine": cfg.synth.engine,
+        "synth.brainstormer": cfg.synth.brainstormer,
         "synth.judge": cfg.synth.judge,
         "synth.reviser": cfg.synth.reviser,
     }
+    if cfg.align.enabled:
+        engines |= {"align.teacher": cfg.align.teacher, "align.generator": cfg.align.generator}
     return {k: e for k, e in engines.items() if e is not None}
 
 
@@ -443,6 +539,11 @@ def _check_engine(key: str, eng: EngineConfig) -> None:
     if eng.max_actors < eng.min_actors:
         raise ConfigError(
             f"{key}.max_actors: expected >= {key}.min_actors ({eng.min_actors}), got {eng.max_actors}"
+        )
+    if eng.model.startswith("run:") and (eng.kind == "openai" or eng.model not in RUN_MODELS):
+        raise ConfigError(
+            f"{key}.model: {eng.model!r} names no model this run makes; expected one of "
+            f"{', '.join(RUN_MODELS)} (with kind vllm or transformers)"
         )
     if eng.kind == "openai":
         if not eng.base_url or not eng.base_url.startswith(("http://", "https://")):
@@ -490,9 +591,15 @@ def _check_resources(cfg: SpeedRayConfig) -> None:
 
 
 def _check_files(cfg: SpeedRayConfig) -> None:
-    data_path = cfg.embed.data.path
-    if data_path is not None and not Path(data_path).exists():
-        raise ConfigError(f"embed.data.path: {data_path} not found")
+    data_files = {
+        "embed.data.path": cfg.embed.data.path,
+        "align.seed_data": cfg.align.seed_data,
+        "align.pairs_data": cfg.align.pairs_data,
+        "align.revision_data": cfg.align.revision_data,
+    }
+    for key, data_path in data_files.items():
+        if data_path is not None and not Path(data_path).exists():
+            raise ConfigError(f"{key}: {data_path} not found")
     tax = cfg.synth.taxonomy
     if tax.path is not None and not tax.topics and not Path(tax.path).is_file():
         raise ConfigError(f"synth.taxonomy.path: file {tax.path} not found")

@@ -90,10 +90,8 @@ def verify_checksums(folder: Path) -> list[str]:
     return checked
 
 
-def read_pairs(path: Path) -> list[dict[str, Any]]:
-    """Pairs in the sentence-transformers convention: ``anchor``, ``positive`` and optional
-    ``negative`` / ``negative_1``... columns (the first negative is used), from parquet, JSONL or a
-    ``datasets`` folder saved with ``save_to_disk``."""
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a parquet file, a JSONL file or a ``datasets`` folder saved with ``save_to_disk``."""
     if path.is_dir():
         from datasets import load_from_disk
 
@@ -106,6 +104,14 @@ def read_pairs(path: Path) -> list[dict[str, Any]]:
         rows = read_jsonl(path)
     if not rows:
         raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def read_pairs(path: Path) -> list[dict[str, Any]]:
+    """Pairs in the sentence-transformers convention: ``anchor``, ``positive`` and optional
+    ``negative`` / ``negative_1``... columns (the first negative is used), from parquet, JSONL or a
+    ``datasets`` folder saved with ``save_to_disk``."""
+    rows = read_rows(path)
     for n, r in enumerate(rows, 1):
         _required(r, ("anchor", "positive"), path, n)
     negatives = [k for k in rows[0] if k.startswith("negative")]
@@ -113,3 +119,29 @@ def read_pairs(path: Path) -> list[dict[str, Any]]:
         {"anchor": r["anchor"], "positive": r["positive"], "negative": r[negatives[0]] if negatives else None}
         for r in rows
     ]
+
+
+def read_chat_rows(path: Path, text_keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """A user's alignment data: ``messages`` (a chat prompt: a list of ``{role, content}`` objects, or
+    its JSON) plus the non-empty string columns ``text_keys``; ``messages`` comes back as JSON."""
+    out = []
+    for n, r in enumerate(read_rows(path), 1):
+        _required(r, ("messages", *text_keys), path, n)
+        msgs = r["messages"]
+        if isinstance(msgs, str):
+            try:
+                msgs = json.loads(msgs)
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}:{n}: messages is a string but not JSON") from None
+        if not (
+            isinstance(msgs, list)
+            and msgs
+            and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs)
+        ):
+            raise ValueError(f"{path}:{n}: messages: expected a non-empty list of {{role, content}} objects")
+        for k in text_keys:
+            if not isinstance(r[k], str) or not r[k].strip():
+                raise ValueError(f"{path}:{n}: {k}: expected a non-empty string, got {r[k]!r}")
+        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        out.append({"messages": json.dumps(msgs)} | {k: r[k] for k in text_keys})
+    return out

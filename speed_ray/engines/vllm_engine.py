@@ -70,6 +70,9 @@ def sampling_params(requests: list[Request], sampling: Sampling) -> list[Any]:
 class VllmGenerator:
     def __init__(self, model: str, **settings: Any) -> None:
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        # One engine step prefills up to max_num_batched_tokens whole prompts; on a busy 2-core CPU
+        # that can take longer than vLLM's 300 s step timeout, which kills the engine mid-run.
+        os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
         from vllm import LLM
 
         self.name = model

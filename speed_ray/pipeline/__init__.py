@@ -3,4 +3,5 @@ under ``cfg.run_dir/<stage>/``; a finished step has a ``_manifest.json`` and is 
 
 from __future__ import annotations
 
-STAGES = ("synth", "align", "embed", "eval", "report")
+# align comes first: synth can generate with the models it makes (``run:align/senior``).
+STAGES = ("align", "synth", "embed", "eval", "report")

@@ -1,77 +1,424 @@
-"""align: preference pairs -> junior (SFT, LoRA) -> senior (DPO against the frozen junior), with TRL
-inside Ray Train.
+"""align: SPEED's alignment loop (§3.2), each step resumable, each output recorded in its manifest.
 
-Consumes ``<run>/synth/pairs`` (judged, or rule-scored without a judge); produces under ``<run>/align/``
-the merged model folders ``junior/`` and ``senior/`` that the vLLM engine loads directly, each
-with a ``_manifest.json`` (base model, data, steps, losses).
+Steps under ``<run>/align/``:
+- ``tasks/``: the teacher brainstorms one task per alignment topic (TASKS);
+- ``seed/``: the teacher writes one example per prompt: the junior's SFT data (GENERATIONS);
+  ``align.seed_data`` replaces it with your own teacher data;
+- ``junior/``: the base model fine-tuned (SFT) on the seed data: a merged model folder;
+- ``root/``: the junior samples ``samples_per_prompt`` outputs per prompt (GENERATIONS);
+- ``judgments/``: the teacher picks the best and worst output per prompt (JUDGMENTS);
+- ``pairs/``: (prompt, best, worst) preference pairs; unusable verdicts are dropped, by reason
+  (PREFERENCE_PAIRS); ``align.pairs_data`` replaces root, judgments and pairs;
+- ``senior/``: the junior aligned by DPO on the pairs, against the frozen junior as reference;
+- ``revisions/``: the teacher critiques and rewrites one junior output per prompt (GENERATIONS);
+  ``align.revision_data`` replaces it;
+- ``revisor/``: the base model fine-tuned (SFT) to produce the teacher's critique and revision.
+
+The senior and revisor folders load in vLLM; synth uses them as ``run:align/senior`` and
+``run:align/revisor``. Model-calling steps go through ``speed_ray.pipeline.synth.generate_step``
+(resumable shards, token and call accounting); training steps through Ray Train
+(``speed_ray.train.align``), which checkpoints and resumes.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
-from speed_ray.config import ConfigError, SpeedRayConfig
-from speed_ray.models import resolve_model
+from speed_ray import synthesis
+from speed_ray.config import AlignTrainConfig, ConfigError, SpeedRayConfig
 from speed_ray.pipeline.common import log, step
-from speed_ray.schemas import PREFERENCE_PAIRS, read_stage, write_json_atomic
+from speed_ray.pipeline.synth import generate_step, sampling_params
+from speed_ray.schemas import (
+    GENERATIONS,
+    JUDGMENTS,
+    PREFERENCE_PAIRS,
+    TASKS,
+    cast_rows,
+    read_stage,
+    write_json_atomic,
+    write_stage,
+)
+
+# SPEED §4.5: teacher calls behind each trained model (seed data, judgments, revisions).
+PAPER_CALLS = {"seed": 25_000, "judgments": 10_000, "revisions": 10_000}
 
 
 def run(cfg: SpeedRayConfig) -> dict:
-    out = cfg.run_dir / "align"
-    n_pairs = read_stage(cfg.run_dir / "synth" / "pairs", PREFERENCE_PAIRS).num_rows
-    manifests: dict[str, dict] = {}
-    need = cfg.align.resources.workers
-    if n_pairs < need:
-        raise ConfigError(
-            f"align: {n_pairs} preference pairs from synth, expected at least align.resources.workers={need}; "
-            "raise synth.num_topics or synth.sampling.samples_per_prompt"
+    ac, out = cfg.align, cfg.run_dir / "align"
+    if not ac.enabled:
+        log("align: align.enabled is false, skipped")
+        return {}
+    m: dict[str, Any] = {}
+    m |= seed_steps(cfg, out)
+    m["junior"] = step(out / "junior", "align/junior (SFT)", lambda: train_step(cfg, "junior", out))
+    m |= pair_steps(cfg, out)
+    m["senior"] = step(out / "senior", "align/senior (DPO)", lambda: train_step(cfg, "senior", out))
+    m |= revision_steps(cfg, out)
+    m["revisor"] = step(out / "revisor", "align/revisor (SFT)", lambda: train_step(cfg, "revisor", out))
+    return m
+
+
+def teacher_step(cfg: SpeedRayConfig, name: str, out: Path, rows, schema, parse, max_tokens, **kw) -> dict:
+    """A step whose rows go to the teacher (one output per row)."""
+    s = cfg.synth.sampling
+    temperature = 0.0 if name == "judgments" else s.temperature  # SPEED App. B: the judge at T=0
+    params = sampling_params(max_tokens, temperature, s.top_p, 1)
+    return generate_step(cfg, cfg.align.teacher, out / name, schema, rows, params, parse, **kw)
+
+
+def prompts_rows(cfg: SpeedRayConfig, out: Path) -> list[dict[str, Any]]:
+    """The alignment prompts: one synthesis prompt per valid task (``examples_per_task`` each)."""
+    tasks = read_stage(out / "tasks", TASKS).to_pylist()
+    return synthesis.example_requests(
+        tasks, cfg.run.seed, cfg.synth.sampling.max_field_chars, cfg.align.examples_per_task
+    )
+
+
+def seed_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
+    """tasks -> seed: the teacher's own examples, the junior's SFT data (or the user's file)."""
+    ac, sc, seed = cfg.align, cfg.synth, cfg.run.seed
+    if ac.seed_data is not None:
+        return {"seed": step(out / "seed", "align/seed (your data)", lambda: user_step(cfg, out, "seed"))}
+    try:
+        topics = synthesis.load_topics(
+            sc.taxonomy.path,
+            sc.taxonomy.topics,
+            ac.num_topics,
+            synthesis.stable_seed(seed, "align"),
+            key="align.num_topics",
         )
-    base = resolve_model(cfg.align.model)
-    manifests["junior"] = step(
-        out / "junior", "align/junior (SFT)", lambda: _train(cfg, "sft", base, out / "junior")
-    )
-    manifests["senior"] = step(
-        out / "senior", "align/senior (DPO)", lambda: _train(cfg, "dpo", str(out / "junior"), out / "senior")
-    )
-    return manifests
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    log(f"align: {len(topics)} topics, teacher {ac.teacher.kind}:{ac.teacher.model}, base {ac.model}")
+
+    def tasks() -> dict:
+        rows = synthesis.task_requests(topics, sc.mix, seed, sc.sampling.max_field_chars)
+        sts = [r for r in rows if r["kind"] == "sts"]
+        return teacher_step(
+            cfg,
+            "tasks",
+            out,
+            rows,
+            TASKS,
+            synthesis.parse_tasks,
+            sc.sampling.brainstorm_max_tokens,
+            ready=sts,
+            ready_parse=synthesis.sts_tasks,
+        )
+
+    def seed_data() -> dict:
+        rows = prompts_rows(cfg, out)
+        return teacher_step(
+            cfg, "seed", out, rows, GENERATIONS, synthesis.parse_generations, sc.sampling.max_tokens
+        )
+
+    return {
+        "tasks": step(out / "tasks", "align/tasks (teacher)", tasks),
+        "seed": step(out / "seed", "align/seed (teacher)", seed_data),
+    }
 
 
-def _train(cfg: SpeedRayConfig, kind: str, model: str, target: Path) -> dict:
+def pair_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
+    """root -> judgments -> pairs: the junior's k outputs per prompt ranked by the teacher (D_DPO)."""
+    ac, s = cfg.align, cfg.synth.sampling
+    if ac.pairs_data is not None:
+        return {"pairs": step(out / "pairs", "align/pairs (your data)", lambda: user_step(cfg, out, "pairs"))}
+    if not (out / "tasks").is_dir():
+        raise ConfigError(
+            "align.pairs_data: the junior's prompts come from align/tasks, which align.seed_data skips; "
+            "give align.pairs_data too (or drop align.seed_data)"
+        )
+
+    def root() -> dict:
+        params = sampling_params(s.max_tokens, s.temperature, s.top_p, ac.samples_per_prompt)
+        rows = prompts_rows(cfg, out)
+        return generate_step(
+            cfg, ac.generator, out / "root", GENERATIONS, rows, params, synthesis.parse_generations
+        )
+
+    m = {"root": step(out / "root", "align/root (junior samples)", root)}
+    groups = synthesis.group_samples(read_stage(out / "root", GENERATIONS))
+
+    def judgments() -> dict:
+        rows = synthesis.judge_requests(groups, cfg.run.seed, s.max_field_chars)
+        return teacher_step(
+            cfg, "judgments", out, rows, JUDGMENTS, synthesis.parse_judgments, s.judge_max_tokens
+        )
+
+    def pairs() -> dict:
+        started = time.time()
+        table, dropped = synthesis.preference_pairs(
+            groups, read_stage(out / "judgments", JUDGMENTS), fallback=ac.without_verdict == "rule"
+        )
+        judged = sum(r.startswith("judge: ") for r in table["reason"].to_pylist())
+        extra = {
+            "rows_in": len(groups),
+            "judged": judged,
+            "rule_scored": table.num_rows - judged,
+            "dropped": dropped,
+        }
+        if table.num_rows == 0:
+            raise ConfigError(
+                f"align/pairs: no preference pair from {len(groups)} prompts (dropped: {dropped}); "
+                "raise align.num_topics, or set align.without_verdict: rule for a weak judge"
+            )
+        return write_stage(out / "pairs", [table], PREFERENCE_PAIRS, extra, started)
+
+    m["judgments"] = step(out / "judgments", "align/judgments (teacher)", judgments)
+    m["pairs"] = step(out / "pairs", "align/pairs", pairs)
+    return m
+
+
+def revision_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
+    """revisions: the teacher's critique and rewrite of one junior output per prompt (D_re)."""
+    ac, s = cfg.align, cfg.synth.sampling
+    if ac.revision_data is not None:
+        return {
+            "revisions": step(
+                out / "revisions", "align/revisions (your data)", lambda: user_step(cfg, out, "revisions")
+            )
+        }
+    if not (out / "root").is_dir():
+        raise ConfigError(
+            "align.revision_data: revisions rewrite the junior's outputs in align/root, which "
+            "align.pairs_data skips; give align.revision_data too"
+        )
+
+    def revisions() -> dict:
+        groups = synthesis.group_samples(read_stage(out / "root", GENERATIONS))
+        drafts = synthesis.pick_drafts(groups).to_pylist()  # the first valid output of each prompt
+        rows = synthesis.revise_requests(drafts, cfg.run.seed, s.max_field_chars)
+        return teacher_step(
+            cfg, "revisions", out, rows, GENERATIONS, synthesis.parse_revisions, s.revise_max_tokens
+        )
+
+    return {"revisions": step(out / "revisions", "align/revisions (teacher)", revisions)}
+
+
+# User data replacing a teacher step: file key, columns, schema of the step's folder.
+USER_DATA = {
+    "seed": ("seed_data", ("completion",), GENERATIONS),
+    "pairs": ("pairs_data", ("chosen", "rejected"), PREFERENCE_PAIRS),
+    "revisions": ("revision_data", ("completion",), GENERATIONS),
+}
+
+
+def user_step(cfg: SpeedRayConfig, out: Path, name: str) -> dict:
+    """The user's own rows for a teacher step, checked and stored in the step's schema."""
+    from speed_ray.data import read_chat_rows
+
+    started = time.time()
+    key, columns, schema = USER_DATA[name]
+    path = Path(getattr(cfg.align, key))
+    try:
+        rows = read_chat_rows(path, columns)
+    except ValueError as e:
+        raise ConfigError(f"align.{key}: {e}") from None
+    for n, r in enumerate(rows):
+        r["id"] = synthesis.stable_id("user", name, n)
+        if "completion" in r:
+            r["raw"] = r.pop("completion")
+    if name == "pairs":
+        for r in rows:
+            r["reason"] = f"user data: {path.name}"
+    return write_stage(out / name, [cast_rows(rows, schema)], schema, {"source": str(path)}, started)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+# Per trained model: its base, its training data (step folder) and the TRL trainer.
+TRAINED = {
+    "junior": ("sft", "seed"),
+    "senior": ("dpo", "pairs"),
+    "revisor": ("sft", "revisions"),
+}
+
+
+def training_rows(out: Path, name: str) -> list[dict[str, Any]]:
+    """The rows a model trains on: the valid teacher outputs, or the preference pairs."""
+    kind, data = TRAINED[name]
+    if kind == "dpo":
+        return read_stage(out / data, PREFERENCE_PAIRS).to_pylist()
+    rows = read_stage(out / data, GENERATIONS).to_pylist()
+    return [{"messages": r["messages"], "completion": r["raw"]} for r in rows if r["error"] is None]
+
+
+def train_step(cfg: SpeedRayConfig, name: str, out: Path) -> dict:
+    """Train one model of the loop under Ray Train; write its folder, model card and manifest."""
+    from speed_ray.models import resolve_model
     from speed_ray.ray_utils import train
-    from speed_ray.train.align import train_loop
+    from speed_ray.train.align import dpo_rows, long_prompts, sft_rows, train_loop
 
     ac, res = cfg.align, cfg.align.resources
+    tc: AlignTrainConfig = getattr(ac, name)
+    kind, data = TRAINED[name]
     started = time.time()
-    pairs = read_stage(cfg.run_dir / "synth" / "pairs", PREFERENCE_PAIRS)
+    # The junior is the senior's starting point and its DPO reference; the revisor starts from the base.
+    base = str(out / "junior") if name == "senior" else resolve_model(ac.model)
+    read = training_rows(out, name)
+    rows = dpo_rows(read) if kind == "dpo" else sft_rows(read)
+    too_long = set(long_prompts(base, rows, ac.max_length))
+    rows = [r for i, r in enumerate(rows) if i not in too_long]
+    dropped = {f"prompt of {ac.max_length}+ tokens": len(too_long)} if too_long else {}
+    need = res.workers * tc.batch_size
+    if len(rows) < need:
+        raise ConfigError(
+            f"align/{name}: {len(rows)} usable training rows in align/{data} ({len(read)} read, dropped: "
+            f"{dropped or 'none'}), expected at least align.resources.workers x align.{name}.batch_size "
+            f"= {need}; raise align.num_topics or align.max_length"
+        )
+    data_dir = out / f"{name}.data"
+    write_dataset(rows, data_dir)
     loop_config = {
         "kind": kind,
-        "model": model,
-        "steps": ac.sft_steps if kind == "sft" else ac.dpo_steps,
-        "learning_rate": ac.sft_learning_rate if kind == "sft" else ac.dpo_learning_rate,
-        "batch_size": ac.batch_size,
+        "model": base,
+        "data_dir": str(data_dir),
+        "steps": tc.steps,
+        "learning_rate": tc.learning_rate,
+        "batch_size": tc.batch_size,
         "max_length": ac.max_length,
         "beta": ac.beta,
+        "precompute_ref_log_probs": ac.precompute_ref_log_probs,
+        "finetune": ac.finetune,
         "lora_r": ac.lora_r,
         "lora_alpha": ac.lora_alpha,
         "lora_dropout": ac.lora_dropout,
+        "lora_target_modules": ac.lora_target_modules,
+        "gradient_checkpointing": ac.gradient_checkpointing,
+        "deepspeed_stage": ac.deepspeed_stage,
+        "save_steps": ac.save_steps,
         "use_gpu": res.use_gpu,
         "cpus_per_worker": res.cpus_per_worker,
         "seed": cfg.run.seed,
+        "generation": generation_defaults(cfg),
         "trl": ac.trl,
     }
-    metrics = train(cfg, f"align-{kind}", train_loop, loop_config, res, pairs, target)
+    target = out / name
+    metrics = train(
+        cfg, f"align-{name}", train_loop, loop_config, res, None, target, max_failures=ac.max_failures
+    )
     manifest = {
         "kind": kind,
-        "base_model": model,
-        "pairs": pairs.num_rows,
+        "base_model": base,
+        "data": f"align/{data}",
+        "rows_in": len(read),
+        "rows_used": len(rows),
+        "dropped": dropped,
         "steps": metrics["steps"],
+        "resumed_from_step": metrics["resumed_from_step"],
         "history": metrics["history"],
         "duration_s": round(time.time() - started, 2),
-        "lora": {"r": ac.lora_r, "alpha": ac.lora_alpha, "dropout": ac.lora_dropout, "merged": True},
+        "hyperparameters": {
+            "learning_rate": tc.learning_rate,
+            "batch_size_per_worker": tc.batch_size,
+            "workers": res.workers,
+            "global_batch": need,
+            "max_length": ac.max_length,
+            "finetune": ac.finetune,
+            **(
+                {"lora": {"r": ac.lora_r, "alpha": ac.lora_alpha, "dropout": ac.lora_dropout, "merged": True}}
+                if ac.finetune == "lora"
+                else {}
+            ),
+            **(
+                {"beta": ac.beta, "precompute_ref_log_probs": ac.precompute_ref_log_probs}
+                if kind == "dpo"
+                else {}
+            ),
+            "deepspeed_stage": ac.deepspeed_stage,
+        },
     }
+    (target / "README.md").write_text(model_card(cfg, name, manifest))
     write_json_atomic(target / "_manifest.json", manifest)
-    log(
-        f"align/{kind}: {manifest['steps']} steps, losses {[round(h['loss'], 4) for h in manifest['history']]}"
-    )
+    losses = [round(h["loss"], 4) for h in manifest["history"]]
+    log(f"align/{name}: {manifest['steps']} steps on {len(rows)} rows, losses {losses}")
     return manifest
+
+
+def write_dataset(rows: list[dict[str, Any]], path: Path) -> None:
+    """A ``datasets`` folder the workers load; TRL caches tokenized rows (and DPO's reference
+    log-probabilities) beside it, so a restarted worker does not redo them. Rewritten only when the
+    rows change, which would invalidate those caches."""
+    import shutil
+
+    from datasets import Dataset
+
+    digest = synthesis.stable_id(json.dumps(rows, sort_keys=True))
+    stamp = path / "_rows.sha1"
+    if stamp.is_file() and stamp.read_text() == digest:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    Dataset.from_list(rows).save_to_disk(str(tmp))
+    (tmp / "_rows.sha1").write_text(digest)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def generation_defaults(cfg: SpeedRayConfig) -> dict[str, Any]:
+    """The sampling the synth stage uses, saved as the exported model's ``generation_config.json``."""
+    s = cfg.synth.sampling
+    return {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "max_new_tokens": s.max_tokens}
+
+
+ROLES = {
+    "junior": "SPEED junior generator (π^Jr): writes embedding training examples for a task prompt, "
+    "fine-tuned on the teacher's own examples",
+    "senior": "SPEED senior generator (π^Sr): the junior aligned by DPO toward the outputs the teacher "
+    "judged best",
+    "revisor": "SPEED data revisor (π^Re): critiques an example against its prompt and rewrites it, "
+    "fine-tuned on the teacher's revisions",
+}
+
+
+def model_card(cfg: SpeedRayConfig, name: str, manifest: dict[str, Any]) -> str:
+    """README.md of an exported model: what it is, its base, data, hyperparameters and training scores."""
+    h = manifest["history"]
+    first, last = (h[0], h[-1]) if h else ({}, {})
+    scores = [
+        f"- loss: {first.get('loss', float('nan')):.4f} at step 1 -> {last.get('loss', float('nan')):.4f} "
+        f"at step {manifest['steps']}"
+    ]
+    if manifest["kind"] == "dpo" and "rewards/accuracies" in last:
+        scores.append(
+            f"- DPO reward accuracy (last step): {last['rewards/accuracies']:.3f}, "
+            f"reward margin: {last.get('rewards/margins', float('nan')):.4f}"
+        )
+    serve = {
+        "senior": "synth:\n  engine: {model: run:align/senior}",
+        "revisor": "synth:\n  reviser: {model: run:align/revisor}",
+        "junior": "align:\n  generator: {model: run:align/junior}",
+    }[name]
+    return "\n".join(
+        [
+            f"# speed-ray `{name}` ({cfg.run.name})",
+            "",
+            ROLES[name] + ".",
+            "",
+            f"- base model: `{manifest['base_model']}`",
+            f"- training data: `{manifest['data']}`, {manifest['rows_in']} rows "
+            f"(teacher: {cfg.align.teacher.kind} `{cfg.align.teacher.model}`)",
+            f"- trainer: TRL {manifest['kind'].upper()} under Ray Train, {manifest['steps']} steps",
+            f"- hyperparameters: `{json.dumps(manifest['hyperparameters'])}`",
+            "- weights: LoRA merged into the base; loads in transformers and vLLM; the tokenizer keeps its "
+            "chat template, and `generation_config.json` holds the synth stage's sampling",
+            "",
+            "## Training scores",
+            "",
+            *scores,
+            "",
+            "## Use",
+            "",
+            "In a speed-ray config:",
+            "",
+            "```yaml",
+            serve,
+            "```",
+            "",
+        ]
+    )

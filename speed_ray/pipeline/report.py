@@ -12,7 +12,8 @@ from typing import Any
 
 from speed_ray.config import SpeedRayConfig
 from speed_ray.pipeline.common import log
-from speed_ray.schemas import EXAMPLES, GENERATIONS, TASKS, read_manifest, read_stage
+from speed_ray.schemas import EXAMPLES, GENERATIONS, JUDGMENTS, TASKS, read_manifest, read_stage
+from speed_ray.synthesis import error_kind
 
 
 def run(cfg: SpeedRayConfig) -> dict:
@@ -33,12 +34,16 @@ def collect(run_dir: Path) -> dict[str, Any]:
     """Every stage's manifest (None where the stage has not run), plus synth counts."""
     names = {
         **{k: f"synth/{k}" for k in SYNTH_STEPS},
-        "junior": "align/junior",
-        "senior": "align/senior",
+        **{f"align/{k}": f"align/{k}" for k in ALIGN_STEPS},
         "embed": "embed/model",
         "eval": "eval",
     }
     m: dict[str, Any] = {k: read_manifest(run_dir / v) for k, v in names.items()}
+    m["align_drops"] = {
+        k: error_kinds(read_stage(run_dir / "align" / k, schema))
+        for k, schema in ALIGN_CALL_STEPS.items()
+        if m[f"align/{k}"] is not None and "accounting" in m[f"align/{k}"]
+    }
     if m["examples"] is not None:
         examples = read_stage(run_dir / "synth/examples", EXAMPLES)
         m["examples_by_type"] = dict(Counter(examples["task_type"].to_pylist()))
@@ -53,11 +58,25 @@ def collect(run_dir: Path) -> dict[str, Any]:
 SYNTH_STEPS = ("tasks", "generations", "judgments", "pairs", "drafts", "revisions", "examples")
 CALL_STEPS = ("tasks", "generations", "judgments", "revisions")
 PAPER_TEACHER = {"calls": 45_000, "tokens": 32_000_000}
+ALIGN_STEPS = ("tasks", "seed", "junior", "root", "judgments", "pairs", "senior", "revisions", "revisor")
+ALIGN_CALL_STEPS = {
+    "tasks": TASKS,
+    "seed": GENERATIONS,
+    "root": GENERATIONS,
+    "judgments": JUDGMENTS,
+    "revisions": GENERATIONS,
+}
+# SPEED §4.5: the teacher calls and tokens behind each trained model.
+PAPER_ALIGN = {
+    "seed": (25_000, 10_000_000),
+    "judgments": (10_000, 12_000_000),
+    "revisions": (10_000, 10_000_000),
+}
 
 
 def error_kinds(table) -> dict[str, int]:
     """Error rows by the error's first words (``invalid JSON``, ``missing or empty field``...)."""
-    return dict(Counter(e.split(":")[0].split("'")[0].strip() for e in table["error"].to_pylist() if e))
+    return dict(Counter(error_kind(e) for e in table["error"].to_pylist() if e))
 
 
 def synth_lines(cfg: SpeedRayConfig, m: dict[str, Any]) -> list[str]:
@@ -112,33 +131,98 @@ def synth_lines(cfg: SpeedRayConfig, m: dict[str, Any]) -> list[str]:
     return lines
 
 
+def align_lines(cfg: SpeedRayConfig, m: dict[str, Any]) -> list[str]:
+    """The alignment section: per step rows in and out, rows dropped and why, tokens, teacher calls
+    and time; then the teacher's use against SPEED's budget."""
+    lines = [
+        "",
+        "## Alignment (SPEED §3.2)",
+        "",
+        "| step | by | rows in | rows out | dropped (why) | tokens in | tokens out | teacher calls | seconds |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    teacher = cfg.align.teacher
+    for key in ALIGN_STEPS:
+        man = m.get(f"align/{key}")
+        if man is None:
+            continue
+        by: str = ""
+        tok_in: Any = ""
+        tok_out: Any = ""
+        calls: Any = ""
+        rows_in: Any
+        rows_out: Any
+        drops: dict[str, int] = {}
+        if "accounting" in man:  # a model-calling step
+            a = man["accounting"]
+            by = f"{man['engine']}:`{man['model']}`"
+            rows_in, rows_out = a["calls"], man["num_rows"] - a["errors"]
+            tok_in, tok_out = a["input_tokens"], a["output_tokens"]
+            calls = a["calls"] if key != "root" else 0
+            drops = m["align_drops"].get(key, {})
+        elif "source" in man:  # the user's own data
+            by, rows_in, rows_out = (
+                f"your file `{Path(man['source']).name}`",
+                man["num_rows"],
+                man["num_rows"],
+            )
+        elif key == "pairs":
+            by = f"judge ({cfg.align.without_verdict} unusable verdicts)"
+            rows_in, rows_out, drops = man["rows_in"], man["num_rows"], man["dropped"]
+        else:  # a trained model
+            by = f"TRL {man['kind'].upper()} from `{Path(man['base_model']).name}`"
+            rows_in, rows_out = man["rows_in"], f"model ({man['steps']} steps on {man['rows_used']} rows)"
+            drops = man["dropped"]
+        why = ", ".join(f"{n} {k}" for k, n in sorted(drops.items(), key=lambda kv: -kv[1])) if drops else ""
+        lines.append(
+            f"| {key} | {by} | {rows_in} | {rows_out} | {why} | {tok_in} | {tok_out} | {calls} "
+            f"| {man.get('duration_s', '')} |"
+        )
+    lines += ["", f"Teacher: {teacher.kind} `{teacher.model}`. Against SPEED's budget (§4.5):", ""]
+    for key, (calls, tokens) in PAPER_ALIGN.items():
+        man = m.get(f"align/{key}")
+        if man is None or "accounting" not in man:
+            continue
+        a = man["accounting"]
+        used = a["input_tokens"] + a["output_tokens"]
+        lines.append(
+            f"- {key}: {a['calls']} calls of the paper's {calls:,} ({a['calls'] / calls:.2%}), "
+            f"{used:,} tokens of {tokens:,} ({used / tokens:.2%})"
+        )
+    return lines
+
+
 def render(cfg: SpeedRayConfig, m: dict[str, Any], plot: str | None) -> str:
     lines = [f"# speed-ray run `{cfg.run.name}`", ""]
     lines += ["| stage | step | rows | seconds |", "|---|---|---:|---:|"]
     for stage, key in [
+        *[("align", f"align/{k}") for k in ALIGN_STEPS],
         *[("synth", k) for k in SYNTH_STEPS],
-        ("align", "junior"),
-        ("align", "senior"),
         ("embed", "embed"),
         ("eval", "eval"),
     ]:
         man = m[key]
+        name = key.removeprefix("align/")
         if man is None:
-            lines.append(f"| {stage} | {key} | not run | |")
+            lines.append(f"| {stage} | {name} | not run | |")
         else:
-            rows = man.get("num_rows", man.get("pairs", man.get("train_rows", "")))
-            lines.append(f"| {stage} | {key} | {rows} | {man.get('duration_s', '')} |")
+            rows = man.get("num_rows", man.get("rows_in", man.get("train_rows", "")))
+            lines.append(f"| {stage} | {name} | {rows} | {man.get('duration_s', '')} |")
+    if any(m[f"align/{k}"] is not None for k in ALIGN_STEPS):
+        lines += align_lines(cfg, m)
     if m["generations"] is not None:
         lines += synth_lines(cfg, m)
     for key, title in [
-        ("junior", "Junior generator (SFT)"),
-        ("senior", "Senior generator (DPO)"),
+        ("align/junior", "Junior generator (SFT)"),
+        ("align/senior", "Senior generator (DPO)"),
+        ("align/revisor", "Revisor (SFT)"),
         ("embed", "Embedding model"),
     ]:
         man = m[key]
         if man is None:
             continue
-        losses = ", ".join(f"{h['loss']:.4f}" for h in man["history"])
+        hist = man["history"] if len(man["history"]) <= 12 else man["history"][:3] + man["history"][-3:]
+        losses = ", ".join(f"{h.get('step', i + 1)}: {h['loss']:.4f}" for i, h in enumerate(hist))
         lines += [
             "",
             f"## {title}",
@@ -168,7 +252,8 @@ def render(cfg: SpeedRayConfig, m: dict[str, Any], plot: str | None) -> str:
 
 def plot_training(m: dict[str, Any], path: Path) -> str | None:
     """Loss against step for every trained model; returns the file name, or None if nothing trained."""
-    curves = {k: m[k]["history"] for k in ("junior", "senior", "embed") if m[k] is not None}
+    keys = ("align/junior", "align/senior", "align/revisor", "embed")
+    curves = {k.removeprefix("align/"): m[k]["history"] for k in keys if m[k] is not None and m[k]["history"]}
     if not curves:
         return None
     import matplotlib

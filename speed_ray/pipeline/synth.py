@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from speed_ray import synthesis
 from speed_ray.config import ConfigError, EngineConfig, SpeedRayConfig
+from speed_ray.models import resolve_model
 from speed_ray.pipeline.common import log, step
 from speed_ray.schemas import (
     EXAMPLES,
@@ -47,12 +48,17 @@ def run(cfg: SpeedRayConfig) -> dict:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     log(f"synth: {len(topics)} topics, mix {sc.mix}, generator {sc.engine.kind}:{sc.engine.model}")
+    for eng in (sc.engine, sc.brainstormer, sc.judge, sc.reviser):
+        if eng is not None and eng.model.startswith("run:"):
+            resolve_model(
+                eng.model, cfg.run_dir
+            )  # fails now, not after the first steps, if align has not run
     manifests: dict[str, Any] = {}
 
     def tasks() -> dict:
         rows = synthesis.task_requests(topics, sc.mix, seed, max_chars)
         sts = [r for r in rows if r["kind"] == "sts"]
-        params = _sampling(sampling.brainstorm_max_tokens, sampling.temperature, sampling.top_p, 1)
+        params = sampling_params(sampling.brainstorm_max_tokens, sampling.temperature, sampling.top_p, 1)
         return generate_step(
             cfg,
             sc.brainstormer or sc.engine,
@@ -68,7 +74,7 @@ def run(cfg: SpeedRayConfig) -> dict:
     def generations() -> dict:
         task_rows = read_stage(out / "tasks", TASKS).to_pylist()
         rows = synthesis.example_requests(task_rows, seed, max_chars, sc.examples_per_task)
-        params = _sampling(
+        params = sampling_params(
             sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.samples_per_prompt
         )
         return generate_step(
@@ -85,7 +91,7 @@ def run(cfg: SpeedRayConfig) -> dict:
 
         def judge_step() -> dict:
             rows = synthesis.judge_requests(groups, seed, max_chars)
-            params = _sampling(sampling.judge_max_tokens, 0.0, 1.0, 1)  # SPEED App. B: judge at T=0
+            params = sampling_params(sampling.judge_max_tokens, 0.0, 1.0, 1)  # SPEED App. B: judge at T=0
             return generate_step(
                 cfg, judge, out / "judgments", JUDGMENTS, rows, params, synthesis.parse_judgments
             )
@@ -95,9 +101,9 @@ def run(cfg: SpeedRayConfig) -> dict:
 
     def pairs() -> dict:
         started = time.time()
-        table = synthesis.preference_pairs(groups, judgments)
+        table, dropped = synthesis.preference_pairs(groups, judgments)
         judged = sum(r.startswith("judge: ") for r in table["reason"].to_pylist())
-        extra = {"judged": judged, "rule_scored": table.num_rows - judged}
+        extra = {"judged": judged, "rule_scored": table.num_rows - judged, "dropped": dropped}
         return write_stage(out / "pairs", [table], PREFERENCE_PAIRS, extra, started)
 
     def drafts() -> dict:
@@ -116,7 +122,7 @@ def run(cfg: SpeedRayConfig) -> dict:
             rows = synthesis.revise_requests(
                 read_stage(out / "drafts", GENERATIONS).to_pylist(), seed, max_chars
             )
-            params = _sampling(sampling.revise_max_tokens, sampling.temperature, sampling.top_p, 1)
+            params = sampling_params(sampling.revise_max_tokens, sampling.temperature, sampling.top_p, 1)
             return generate_step(
                 cfg, reviser, out / "revisions", GENERATIONS, rows, params, synthesis.parse_revisions
             )
@@ -130,7 +136,7 @@ def run(cfg: SpeedRayConfig) -> dict:
     return manifests
 
 
-def _sampling(max_tokens: int, temperature: float, top_p: float, n: int) -> dict[str, Any]:
+def sampling_params(max_tokens: int, temperature: float, top_p: float, n: int) -> dict[str, Any]:
     return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "n": n}
 
 
@@ -195,10 +201,8 @@ def generate_step(
     return writer.finish(extra, started, prices)
 
 
-def engine_kwargs(eng: EngineConfig, seed: int) -> dict[str, Any]:
+def engine_kwargs(eng: EngineConfig, seed: int, run_dir: Path | None = None) -> dict[str, Any]:
     """Constructor arguments of the engine class for ``eng.kind`` (no secret: only the variable name)."""
-    from speed_ray.models import resolve_model
-
     if eng.kind == "openai":
         return {
             "kind": "openai",
@@ -211,7 +215,11 @@ def engine_kwargs(eng: EngineConfig, seed: int) -> dict[str, Any]:
             "requests_per_second": eng.requests_per_second,
             "seed": seed,
         }
-    common = {"kind": eng.kind, "model": resolve_model(eng.model), "max_model_len": eng.max_model_len}
+    common = {
+        "kind": eng.kind,
+        "model": resolve_model(eng.model, run_dir),
+        "max_model_len": eng.max_model_len,
+    }
     if eng.kind == "transformers":
         return common | {"dtype": eng.dtype, "seed": seed}
     return common | {
@@ -254,7 +262,7 @@ def engine_pool(
     from speed_ray.ray_utils import init_ray, require_resources
     from speed_ray.stages import GenerateStage
 
-    kwargs = engine_kwargs(eng, cfg.run.seed)
+    kwargs = engine_kwargs(eng, cfg.run.seed, cfg.run_dir)
     if eng.kind == "openai":
         # An unreachable teacher fails here, with its URL, before any pool is built.
         from speed_ray.engines.openai_http import EngineUnreachable, OpenAIGenerator

@@ -115,8 +115,9 @@ def test_rule_scored_pairs_best_vs_worst_and_ties_dropped():
             _generated("b", 1, "retrieval", GOOD),
         ]
     )
-    pairs = synthesis.preference_pairs(synthesis.group_samples(synthesis.parse_generations(batch)))
+    pairs, dropped = synthesis.preference_pairs(synthesis.group_samples(synthesis.parse_generations(batch)))
     assert pairs.schema == PREFERENCE_PAIRS
+    assert dropped == {"rule scores tie": 1}  # b: two equal samples
     # GOOD: valid (1) + all letters and spaces (1) + positive != query (1) + negative != positive (1) = 4
     assert pairs.to_pylist() == [
         {
@@ -190,13 +191,18 @@ def test_judge_requests_pairs_and_drafts():
         "best and worst are the same output (1)",
         "http 503 after 5 attempts",
     ]
-    pairs = synthesis.preference_pairs(groups, judgments)
+    pairs, dropped = synthesis.preference_pairs(groups, judgments)
+    assert dropped == {"rule scores tie": 1}  # c: one sample
     # a: the judge (against the rule score's choice); b: no usable verdict -> rule score; c: one sample
     assert [(p["id"], p["chosen"], p["rejected"], p["reason"]) for p in pairs.to_pylist()] == [
         ("a", SOUP, GOOD, "judge: 1 is noise"),
         # SOUP: valid 1 + fluency 1/8 (only the x of "x1@@##$$") + 1 + 1
         ("b", SOUP, "garbage", "rule score 3.125 > 0.000 (invalid JSON: 'garbage')"),
     ]
+    # without the rule fallback (SPEED's own loop), prompts with no usable verdict are dropped, by reason
+    strict, dropped = synthesis.preference_pairs(groups, judgments, fallback=False)
+    assert [p["id"] for p in strict.to_pylist()] == ["a"]
+    assert dropped == {"judge: best and worst are the same output": 1, "judge: http 503 after 5 attempts": 1}
     # the judge's best wins when it parsed (a -> 1); b's judgment failed -> first valid sample (0)
     drafts = synthesis.pick_drafts(groups, judgments)
     assert [(r["id"], r["sample"]) for r in drafts.to_pylist()] == [("a", 1), ("b", 0), ("c", 0)]
