@@ -156,7 +156,7 @@ def align_lines(cfg: SpeedRayConfig, m: dict[str, Any]) -> list[str]:
         if "accounting" in man:  # a model-calling step
             a = man["accounting"]
             by = f"{man['engine']}:`{man['model']}`"
-            rows_in, rows_out = a["calls"], man["num_rows"] - a["errors"]
+            rows_in, rows_out = man.get("rows_in", a["calls"]), man["num_rows"] - a["errors"]
             tok_in, tok_out = a["input_tokens"], a["output_tokens"]
             calls = a["calls"] if key != "root" else 0
             drops = m["align_drops"].get(key, {})
@@ -167,7 +167,7 @@ def align_lines(cfg: SpeedRayConfig, m: dict[str, Any]) -> list[str]:
                 man["num_rows"],
             )
         elif key == "pairs":
-            by = f"judge ({cfg.align.without_verdict} unusable verdicts)"
+            by = f"judge: {man['judged']}, rule score: {man['rule_scored']}"
             rows_in, rows_out, drops = man["rows_in"], man["num_rows"], man["dropped"]
         else:  # a trained model
             by = f"TRL {man['kind'].upper()} from `{Path(man['base_model']).name}`"

@@ -197,7 +197,7 @@ def generate_step(
     for table in engine_pool(cfg, eng, todo, sampling, parse, writer.shard_of):
         writer.add(table)
     prices = (eng.price_per_million_input_tokens, eng.price_per_million_output_tokens)
-    extra = {"engine": eng.kind, "model": eng.model, "sampling": sampling}
+    extra = {"engine": eng.kind, "model": eng.model, "sampling": sampling, "rows_in": len(rows)}
     return writer.finish(extra, started, prices)
 
 

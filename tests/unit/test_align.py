@@ -146,6 +146,8 @@ def test_align_report_counts_drops_and_budget(tmp_path):
             "duration_s": 5.0,
         },
         "align/pairs": {
+            "judged": 10,
+            "rule_scored": 0,
             "num_rows": 10,
             "rows_in": 42,
             "dropped": {"judge: invalid JSON": 30, "fewer than 2 samples": 2},
@@ -155,7 +157,7 @@ def test_align_report_counts_drops_and_budget(tmp_path):
     text = "\n".join(align_lines(cfg, m))
     assert "| seed | vllm:`t` | 50 | 45 | 5 invalid JSON | 20000 | 5000 | 50 | 9.0 |" in text
     assert (
-        "| pairs | judge (drop unusable verdicts) | 42 | 10 | 30 judge: invalid JSON, 2 fewer than 2 samples |"
+        "| pairs | judge: 10, rule score: 0 | 42 | 10 | 30 judge: invalid JSON, 2 fewer than 2 samples |"
         in text
     )
     # 50 of the paper's 25,000 seed calls; 25,000 of its 10M tokens
