@@ -98,6 +98,7 @@ def trainer_args(config: dict[str, Any], output_dir: str) -> dict[str, Any]:
         logging_steps=1,
         save_strategy="steps" if config["save_steps"] else "no",
         save_steps=config["save_steps"] or 500,
+        save_total_limit=1,  # Ray Train keeps its own copies (num_to_keep=2) in the run's storage
         report_to="none",
         use_cpu=not config["use_gpu"],
         # bf16 where the hardware has it; fp32 on CPU keeps small-model steps exact.
@@ -168,12 +169,18 @@ def load_data(data_dir: str):
 
 def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: train (resuming from Ray's last checkpoint), then report the merged model."""
-    import ray.train
     import torch
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
-    output_dir = tempfile.mkdtemp(prefix="speed-ray-align-")
+    with tempfile.TemporaryDirectory(prefix="speed-ray-align-") as output_dir:
+        train_in(config, output_dir)
+
+
+def train_in(config: dict[str, Any], output_dir: str) -> None:
+    """``train_loop`` with TRL's local checkpoints in ``output_dir`` (removed afterwards)."""
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
     trainer = build_trainer(config, load_data(config["data_dir"]), output_dir)
     # Every checkpoint TRL saves goes to Ray's storage; after a worker dies, Ray Train restarts the
     # group and get_checkpoint() hands back the latest one.
