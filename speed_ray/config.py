@@ -247,6 +247,9 @@ class EmbedDataConfig:
     crop_max_chars: int = 250
     sentences_per_crop: int = 2
     """The crops paper's rule (arXiv 2508.03453): 2 consecutive sentences of 100-250 characters."""
+    min_crops: int = 2
+    """Documents with fewer crops give no pair (2 crops of 2 sentences = at least 3 valid sentences);
+    they are counted in the manifest and the log, by reason."""
 
 
 @dataclass
@@ -266,12 +269,41 @@ class EmbedConfig:
     train_last_blocks: int = 0
     """Train only the last N transformer blocks (0: all). The frozen blocks run without autograd."""
     temperature: float = 0.02
-    """InfoNCE temperature (E5/SPEED: 0.02)."""
+    """InfoNCE temperature (E5/SPEED: 0.02; the crops paper: 0.05)."""
+    symmetric: bool = False
+    """Also the document-to-query direction, averaged (sentence-transformers' symmetric MNRL)."""
+    hard_negatives: int = 1
+    """Hard negatives per query taken from the data (E5: 1); rows with fewer are masked, not padded
+    with duplicates. 0 uses in-batch negatives only."""
     chunk_size: int = 0
     """GradCache: texts per forward pass (0: the whole batch at once). Same loss and gradients."""
+    cache_frozen: bool = True
+    """With train_last_blocks and GradCache: compute the frozen blocks once per step, not twice."""
     max_seq_length: int = 128
     query_instruction: str = "Given a web search query, retrieve relevant passages that answer the query"
     """Default instruction saved in the exported model's ``query`` prompt."""
+    finetune: str = "auto"
+    """lora | full | auto (LoRA for decoders with lasttoken pooling, as SPEED/E5; full for encoders)."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """PEFT module names; ``all-linear`` is every linear layer but the output head (E5)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (E5: 0.1; the crops paper: 0)."""
+    lr_schedule: str = "linear"
+    """transformers' get_scheduler name: linear | cosine | constant_with_warmup | ..."""
+    max_grad_norm: float = 0.0
+    """Gradient clipping (0: off; the norm is logged either way)."""
+    precision: str = "fp32"
+    """fp32 | bf16 (autocast, or DeepSpeed's bf16) | fp16 (DeepSpeed only, with its loss scaling)."""
+    deepspeed_stage: int = 0
+    """0 (DDP) | 2 | 3: DeepSpeed ZeRO, with torch's AdamW (no C++ build)."""
+    gradient_checkpointing: bool = False
+    save_steps: int = 0
+    """Checkpoint every N steps (0: only the final model); a killed worker resumes from the last one."""
+    max_failures: int = 2
+    """Worker-group restarts Ray Train allows before the stage fails."""
 
 
 @dataclass
@@ -482,10 +514,16 @@ def _check_names(cfg: SpeedRayConfig) -> None:
         "embed.warmup_steps": cfg.embed.warmup_steps,
         "embed.train_last_blocks": cfg.embed.train_last_blocks,
         "embed.chunk_size": cfg.embed.chunk_size,
+        "embed.hard_negatives": cfg.embed.hard_negatives,
+        "embed.weight_decay": cfg.embed.weight_decay,
+        "embed.max_grad_norm": cfg.embed.max_grad_norm,
+        "embed.save_steps": cfg.embed.save_steps,
+        "embed.max_failures": cfg.embed.max_failures,
     }
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: expected 0 (off) or a positive number, got {value}")
+    _check_embed(cfg.embed)
     _check_align(cfg.align)
     if not 0.0 <= cfg.synth.sampling.top_p <= 1.0:
         raise ConfigError(f"synth.sampling.top_p: expected a value in [0, 1], got {cfg.synth.sampling.top_p}")
@@ -495,6 +533,44 @@ ENGINE_KINDS = ("vllm", "transformers", "openai")
 ALIGN_STEPS = ("junior", "senior", "revisor")
 # Models an earlier stage of the same run produces, for engines to name as ``run:<folder>``.
 RUN_MODELS = tuple(f"run:align/{n}" for n in ALIGN_STEPS)
+
+
+LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+def _check_embed(e: EmbedConfig) -> None:
+    choices = {
+        "embed.finetune": (e.finetune, ("auto", "lora", "full")),
+        "embed.precision": (e.precision, ("fp32", "bf16", "fp16")),
+        "embed.deepspeed_stage": (e.deepspeed_stage, (0, 2, 3)),
+        "embed.lr_schedule": (e.lr_schedule, LR_SCHEDULES),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
+    if e.precision == "fp16" and e.deepspeed_stage == 0:
+        raise ConfigError(
+            "embed.precision: fp16 needs DeepSpeed's loss scaling; expected embed.deepspeed_stage 2 or 3, "
+            "or precision bf16"
+        )
+    if e.data.min_crops < 2:
+        raise ConfigError(
+            f"embed.data.min_crops: a pair needs 2 different crops, expected >= 2, got {e.data.min_crops}"
+        )
+    if e.data.crop_min_chars > e.data.crop_max_chars:
+        raise ConfigError(
+            f"embed.data.crop_min_chars: expected at most crop_max_chars ({e.data.crop_max_chars}), "
+            f"got {e.data.crop_min_chars}"
+        )
+    if e.lora_r <= 0:
+        raise ConfigError(f"embed.lora_r: expected a positive number, got {e.lora_r}")
+
+
+def embed_finetune(e: EmbedConfig) -> str:
+    """``lora`` or ``full``: ``auto`` is LoRA for decoders (lasttoken pooling), full for encoders."""
+    if e.finetune != "auto":
+        return e.finetune
+    return "lora" if e.pooling == "lasttoken" else "full"
 
 
 def _check_align(a: AlignConfig) -> None:

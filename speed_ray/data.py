@@ -108,17 +108,26 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def read_pairs(path: Path) -> list[dict[str, Any]]:
-    """Pairs in the sentence-transformers convention: ``anchor``, ``positive`` and optional
-    ``negative`` / ``negative_1``... columns (the first negative is used), from parquet, JSONL or a
-    ``datasets`` folder saved with ``save_to_disk``."""
+    """Pairs in the sentence-transformers convention: ``anchor``, ``positive`` and optional hard
+    negatives in ``negative`` / ``negative_1``, ``negative_2``... columns (empty ones are skipped),
+    from parquet, JSONL or a ``datasets`` folder saved with ``save_to_disk``."""
     rows = read_rows(path)
+    negatives = sorted((k for k in rows[0] if k.startswith("negative")), key=_negative_order)
+    out = []
     for n, r in enumerate(rows, 1):
         _required(r, ("anchor", "positive"), path, n)
-    negatives = [k for k in rows[0] if k.startswith("negative")]
-    return [
-        {"anchor": r["anchor"], "positive": r["positive"], "negative": r[negatives[0]] if negatives else None}
-        for r in rows
-    ]
+        for k in ("anchor", "positive", *negatives):
+            if r.get(k) is not None and not isinstance(r[k], str):
+                raise ValueError(f"{path}:{n}: {k}: expected a string, got {type(r[k]).__name__}")
+        negs = [r[k] for k in negatives if r.get(k)]
+        out.append({"anchor": r["anchor"], "positive": r["positive"], "negatives": negs})
+    return out
+
+
+def _negative_order(column: str) -> int:
+    """negative, negative_1, negative_2, ... in that order (negative_10 after negative_9)."""
+    suffix = column.removeprefix("negative").lstrip("_")
+    return int(suffix) if suffix.isdigit() else 0
 
 
 def read_chat_rows(path: Path, text_keys: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -8,7 +8,11 @@ normalised, so a dot product is the cosine.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
+
+import torch
 
 
 def query_prefix(instruction: str) -> str:
@@ -29,8 +33,14 @@ def build_model(model_path: str, pooling: str, max_seq_length: int, device: str 
     processor_kwargs: dict[str, Any] = {}
     if pooling == "lasttoken":
         processor_kwargs = {"add_eos_token": True}
+    # Plain text in, last hidden states out: a tokenizer's chat template (SmolLM2 has one) would
+    # otherwise wrap every text in a system prompt. Saved with the model, so reloading keeps it.
     transformer = models.Transformer(
-        model_path, max_seq_length=max_seq_length, processor_kwargs=processor_kwargs
+        model_path,
+        max_seq_length=max_seq_length,
+        processor_kwargs=processor_kwargs,
+        modality_config={"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+        module_output_name="token_embeddings",
     )
     tok = transformer.tokenizer
     if tok.pad_token is None:
@@ -79,3 +89,93 @@ def set_prompts(model: Any, instruction: str, pooling: str) -> None:
         model.prompts = {"query": query_prefix(instruction), "document": ""}
     else:
         model.prompts = {"query": "", "document": ""}
+
+
+def add_lora(
+    model: Any, r: int, alpha: int, dropout: float, target_modules: Any, last_blocks: int = 0
+) -> int:
+    """Wrap the transformer in a LoRA adapter (PEFT), only in the last ``last_blocks`` blocks when set;
+    returns the trainable parameter count. ``merge_lora`` folds it back before export."""
+    from peft import LoraConfig, get_peft_model
+
+    n = len(transformer_blocks(model))
+    layers = list(range(n - last_blocks, n)) if last_blocks else None
+    modules = list(target_modules)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules="all-linear" if modules == ["all-linear"] else modules,
+        layers_to_transform=layers,
+    )
+    model[0].model = get_peft_model(model[0].auto_model, config)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def merge_lora(model: Any) -> None:
+    """Fold a LoRA adapter into the base weights, leaving a plain transformers model."""
+    from peft import PeftModel
+
+    if isinstance(model[0].auto_model, PeftModel):
+        model[0].model = model[0].auto_model.merge_and_unload()
+
+
+class FrozenBlocks:
+    """The blocks below the last ``n``: frozen (``train_last_blocks``) and run under ``no_grad``.
+
+    Inside a GradCache step they need computing only once: ``record()`` keeps the last frozen block's
+    output for each chunk of the no-grad pass (with the RNG state at that point, so the trainable
+    blocks draw the same dropout masks on replay), and ``replay(i)`` makes the frozen blocks hand back
+    chunk ``i``'s output instead of recomputing it. The replay pass then runs only the trainable top.
+    """
+
+    def __init__(self, model: Any, n: int) -> None:
+        self.trainable = train_last_blocks(model, n)
+        blocks = list(transformer_blocks(model))
+        self.frozen = blocks[: len(blocks) - n]
+        self.outputs: list[Any] = []
+        self.rng: list[torch.Tensor] = []
+        for block in self.frozen:
+            block.forward = torch.no_grad()(block.forward)
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[None]:
+        self.outputs, self.rng = [], []
+        if not self.frozen:
+            yield
+            return
+
+        def keep(module, args, output) -> None:
+            self.outputs.append(output)
+            self.rng.append(torch.get_rng_state())
+
+        handle = self.frozen[-1].register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextlib.contextmanager
+    def replay(self, i: int) -> Iterator[None]:
+        if not self.frozen:
+            yield
+            return
+        output, rng = self.outputs[i], self.rng[i]
+
+        def first(*args, **kwargs):
+            torch.set_rng_state(rng)
+            return output
+
+        def passthrough(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return (hidden,) if isinstance(output, tuple) else hidden
+
+        saved = [block.forward for block in self.frozen]
+        self.frozen[0].forward = first
+        for block in self.frozen[1:]:
+            block.forward = passthrough
+        try:
+            yield
+        finally:
+            for block, forward in zip(self.frozen, saved, strict=True):
+                block.forward = forward

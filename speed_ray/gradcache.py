@@ -8,7 +8,9 @@ the same loss and gradients as computing it at once. Pure torch; no Ray.
    cached embedding gradients into the parameters.
 
 Peak activation memory is one chunk's, not the batch's. Under DDP every chunk but the last skips
-the gradient all-reduce (``no_sync``), so workers synchronise once per step as in the plain loss.
+the gradient all-reduce (``no_sync``; under DeepSpeed, the accumulation boundary), so workers
+synchronise once per step as in the plain loss. With the lower blocks frozen, step 3 reuses their
+outputs from step 1 and runs only the trainable blocks again.
 """
 
 from __future__ import annotations
@@ -43,38 +45,47 @@ def chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+Backward = Callable[[Callable[[], torch.Tensor], torch.Tensor | None, bool], None]
+
+
+def plain_backward(forward: Callable[[], torch.Tensor], grad: torch.Tensor | None, last: bool) -> None:
+    forward().backward(gradient=grad)
+
+
 def cached_backward(
     embed: Embed,
-    items: Sequence[Any],
+    chunks: Sequence[Sequence[Any]],
     loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, Any]],
-    chunk_size: int,
-    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    backward: Backward = plain_backward,
+    frozen: Any = None,
 ) -> tuple[torch.Tensor, Any]:
-    """Accumulate d loss_fn(embed(items)) / d params into ``.grad``, ``chunk_size`` items at a time.
+    """Accumulate d loss_fn(embed(all items)) / d params into ``.grad``, one chunk at a time.
 
     Args:
         embed: maps a chunk of inputs to its [len(chunk), d] embeddings (the model's forward).
-        items: all inputs of this worker's step, in the order ``loss_fn`` expects.
-        loss_fn: maps the [len(items), d] embeddings to (loss, extra); may gather across workers.
-        chunk_size: inputs per forward pass.
-        no_sync: DDP's ``model.no_sync``; used for every chunk but the last.
+        chunks: this worker's inputs for the step, split into forward passes, in the order
+            ``loss_fn`` expects once concatenated.
+        loss_fn: maps the [N, d] embeddings to (loss, extra); may gather across workers.
+        backward: ``backward(forward, grad, last)`` runs ``forward()`` and backpropagates ``grad``
+            through it, syncing workers only when ``last`` (DDP's ``no_sync``, DeepSpeed's boundary).
+        frozen: an ``embedding.FrozenBlocks``: the frozen blocks' outputs from the first pass are
+            reused in the second, so only the trainable blocks run twice.
 
     Returns:
         (loss, extra), detached.
     """
-    chunks = chunked(items, chunk_size)
     states, reps = [], []
-    with torch.no_grad():
+    recording = frozen.record() if frozen is not None else contextlib.nullcontext()
+    with torch.no_grad(), recording:
         for chunk in chunks:
             states.append(RandState())
             reps.append(embed(chunk))
-    cached = torch.cat(reps).requires_grad_(True)  # [N, d]
+    cached = torch.cat(reps).detach().requires_grad_(True)  # [N, d]
     loss, extra = loss_fn(cached)
     loss.backward()  # gradients reach the cached embeddings only
-    grads = chunked(cached.grad, chunk_size)  # type: ignore[arg-type]
+    grads = torch.split(cached.grad, [len(r) for r in reps])  # type: ignore[arg-type]
     for i, (chunk, state, grad) in enumerate(zip(chunks, states, grads, strict=True)):
-        last = i == len(chunks) - 1
-        sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
-        with sync, state.replay():
-            embed(chunk).backward(gradient=grad)
+        reuse = frozen.replay(i) if frozen is not None else contextlib.nullcontext()
+        with state.replay(), reuse:
+            backward(lambda chunk=chunk: embed(chunk), grad, i == len(chunks) - 1)
     return loss.detach(), extra

@@ -34,15 +34,18 @@ def info_nce(
     neg: torch.Tensor | None = None,
     neg_mask: torch.Tensor | None = None,
     temperature: float = 0.02,
+    symmetric: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean InfoNCE over this rank's queries against the global positives and hard negatives.
 
     Args:
         q: [B, d] normalised query embeddings of this rank.
         pos: [B, d] normalised positives, row i belongs to q[i].
-        neg: [B, d] normalised hard negatives, or None.
-        neg_mask: [B] bool, True where row i has a real hard negative (padding rows are ignored).
+        neg: [B, K, d] (or [B, d] for K = 1) normalised hard negatives, or None.
+        neg_mask: [B, K] (or [B]) bool, True where a hard negative is real (padding is ignored).
         temperature: t in exp(cos/t).
+        symmetric: also the document-to-query direction (each positive against the global queries,
+            no hard negatives; sentence-transformers' MultipleNegativesSymmetricRankingLoss), averaged.
 
     Returns:
         (loss, accuracy): the mean loss and the share of queries whose positive scores highest.
@@ -51,13 +54,19 @@ def info_nce(
     docs = all_gather_with_grad(pos)  # [W*B, d]
     logits = q @ docs.T / temperature  # [B, W*B]
     if neg is not None:
-        negs = all_gather_with_grad(neg)  # [W*B, d]
-        neg_logits = q @ negs.T / temperature  # [B, W*B]
+        if neg.dim() == 2:
+            neg = neg[:, None]
+            neg_mask = None if neg_mask is None else neg_mask[:, None]
+        negs = all_gather_with_grad(neg.flatten(0, 1))  # [W*B*K, d]
+        neg_logits = q @ negs.T / temperature  # [B, W*B*K]
         if neg_mask is not None:
-            mask = all_gather_with_grad(neg_mask.float()).bool()  # [W*B]
+            mask = all_gather_with_grad(neg_mask.flatten().float()).bool()  # [W*B*K]
             neg_logits = neg_logits.masked_fill(~mask[None, :], float("-inf"))
-        logits = torch.cat([logits, neg_logits], dim=1)  # [B, 2*W*B]
+        logits = torch.cat([logits, neg_logits], dim=1)  # [B, W*B*(1+K)]
     labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]  # [B]
     loss = F.cross_entropy(logits, labels)
+    if symmetric:
+        backward = pos @ all_gather_with_grad(q).T / temperature  # [B, W*B]
+        loss = (loss + F.cross_entropy(backward, labels)) / 2
     accuracy = (logits.argmax(dim=1) == labels).float().mean()
     return loss, accuracy

@@ -97,16 +97,6 @@ EXAMPLES = pa.schema(
     ]
 )
 
-# What the embedding trainer consumes, whatever the source (synth rows, user pairs, corpus crops).
-TRIPLETS = pa.schema(
-    [
-        pa.field("instruction", pa.string()),
-        pa.field("query", pa.string()),
-        pa.field("positive", pa.string()),
-        pa.field("negative", pa.string()),
-    ]
-)
-
 PREFERENCE_PAIRS = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),

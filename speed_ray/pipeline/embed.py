@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
-from speed_ray.config import ConfigError, SpeedRayConfig
+from speed_ray.config import ConfigError, SpeedRayConfig, embed_finetune
 from speed_ray.models import resolve_model
 from speed_ray.pipeline.common import log, step
-from speed_ray.schemas import EXAMPLES, TRIPLETS, cast_rows, read_stage, write_json_atomic
+from speed_ray.schemas import EXAMPLES, read_stage, write_json_atomic
 
 
 def run(cfg: SpeedRayConfig) -> dict:
@@ -26,29 +25,45 @@ def run(cfg: SpeedRayConfig) -> dict:
     return step(out, "embed", lambda: _train(cfg))
 
 
-def training_rows(cfg: SpeedRayConfig) -> tuple[pa.Table, dict[str, Any]]:
-    """The TRIPLETS the trainer consumes, from ``embed.data.source``, and what was made of the input."""
+def training_data(cfg: SpeedRayConfig):
+    """(data, info): what the trainer draws its batches from (``train.embed.Rows`` or
+    ``CorpusPairs``), from ``embed.data.source``, and what was made of the input."""
     from speed_ray.data import read_corpus, read_pairs
     from speed_ray.pairs import CropRule, build_pairs
+    from speed_ray.train.embed import CorpusPairs, Rows
 
     d = cfg.embed.data
     if d.source == "synth":
-        table = read_stage(cfg.run_dir / "synth" / "examples", EXAMPLES).select(TRIPLETS.names).cast(TRIPLETS)
-        return table, {"source": "synth"}
+        table = read_stage(cfg.run_dir / "synth" / "examples", EXAMPLES)
+        rows = [
+            {
+                "instruction": r["instruction"],
+                "query": r["query"],
+                "positive": r["positive"],
+                "negatives": [r["negative"]] if r["negative"] else [],
+            }
+            for r in table.select(["instruction", "query", "positive", "negative"]).to_pylist()
+        ]
+        return Rows(rows), {"source": "synth"}
     if d.source == "pairs":
         rows = [
-            {"query": r["anchor"], "positive": r["positive"], "negative": r["negative"]}
+            {
+                "instruction": None,
+                "query": r["anchor"],
+                "positive": r["positive"],
+                "negatives": r["negatives"],
+            }
             for r in read_pairs(Path(str(d.path)))
         ]
-        return cast_rows(rows, TRIPLETS), {"source": "pairs", "path": d.path}
-    rule = CropRule(d.crop_min_chars, d.crop_max_chars, d.sentences_per_crop)
+        return Rows(rows), {"source": "pairs", "path": d.path}
+    rule = CropRule(d.crop_min_chars, d.crop_max_chars, d.sentences_per_crop, d.min_crops)
     docs = read_corpus(Path(str(d.path)))
     pairs, skipped = build_pairs(docs, d.pair_mode, rule, seed=cfg.run.seed)
     reasons = Counter(s["reason"] for s in skipped)
     log(
-        f"embed: {len(docs)} documents -> {len(pairs)} {d.pair_mode} pairs; skipped {len(skipped)}: {dict(reasons)}"
+        f"embed: {len(docs)} documents -> {len(pairs)} {d.pair_mode} pairs per epoch (drawn anew each "
+        f"epoch); {len(skipped)} documents too short for a pair: {dict(reasons)}"
     )
-    rows = [{"query": p["anchor"], "positive": p["positive"]} for p in pairs]
     info = {
         "source": "corpus",
         "path": d.path,
@@ -56,54 +71,120 @@ def training_rows(cfg: SpeedRayConfig) -> tuple[pa.Table, dict[str, Any]]:
         "documents": len(docs),
         "pairs": len(pairs),
         "skipped": dict(reasons),
+        "skipped_ids": [s["id"] for s in skipped][:100],
     }
-    return cast_rows(rows, TRIPLETS), info
+    return CorpusPairs(docs, d.pair_mode, rule, cfg.run.seed, size=len(pairs)), info
+
+
+def num_negatives(data, wanted: int) -> int:
+    """Hard negatives per query: ``embed.hard_negatives``, or fewer if no row has that many."""
+    rows = getattr(data, "rows", [])
+    return min(wanted, max((len(r["negatives"]) for r in rows), default=0))
+
+
+def loop_config(cfg: SpeedRayConfig, negatives: int) -> dict[str, Any]:
+    """What every worker needs besides the data (plain values: Ray pickles it to each worker)."""
+    ec = cfg.embed
+    settings = {k: v for k, v in asdict(ec).items() if k not in ("data", "resources", "max_failures")}
+    return settings | {
+        "model": resolve_model(ec.model),
+        "finetune": embed_finetune(ec),
+        "num_negatives": negatives,
+        "cpus_per_worker": ec.resources.cpus_per_worker,
+        "seed": cfg.run.seed,
+    }
 
 
 def _train(cfg: SpeedRayConfig) -> dict:
-    from speed_ray.ray_utils import train
+    import ray
+
+    from speed_ray.ray_utils import init_ray, train
     from speed_ray.train.embed import train_loop
 
     ec, res = cfg.embed, cfg.embed.resources
     started = time.time()
-    examples, data_info = training_rows(cfg)
+    data, data_info = training_data(cfg)
     need = res.workers * ec.batch_size
-    if examples.num_rows < need:
+    if len(data) < need:
         raise ConfigError(
-            f"embed: {examples.num_rows} training rows from {ec.data.source}, expected at least "
+            f"embed: {len(data)} training rows from {ec.data.source}, expected at least one global batch: "
             f"embed.resources.workers x embed.batch_size = {need}"
         )
-    loop_config = {
-        "model": resolve_model(ec.model),
-        "pooling": ec.pooling,
-        "max_seq_length": ec.max_seq_length,
-        "batch_size": ec.batch_size,
-        "steps": ec.steps,
-        "learning_rate": ec.learning_rate,
-        "warmup_steps": ec.warmup_steps,
-        "train_last_blocks": ec.train_last_blocks,
-        "temperature": ec.temperature,
-        "chunk_size": ec.chunk_size,
-        "query_instruction": ec.query_instruction,
-        "cpus_per_worker": res.cpus_per_worker,
-        "seed": cfg.run.seed,
-    }
+    negatives = num_negatives(data, ec.hard_negatives)
+    config = loop_config(cfg, negatives)
+    init_ray(cfg)
+    config["data"] = ray.put(data)  # the object store carries the rows to every node's workers
     out = cfg.run_dir / "embed" / "model"
-    metrics = train(cfg, "embed", train_loop, loop_config, res, examples, out)
+    metrics = train(cfg, "embed", train_loop, config, res, None, out, ec.max_failures)
     history = metrics["history"]
     (cfg.run_dir / "embed" / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     manifest = {
         "base_model": ec.model,
         "pooling": ec.pooling,
+        "finetune": config["finetune"],
+        "trainable_params": metrics["trainable_params"],
         "workers": res.workers,
         "global_batch": res.workers * ec.batch_size,
-        "train_rows": examples.num_rows,
+        "hard_negatives": negatives,
+        "train_rows": len(data),
+        "epochs": round(metrics["steps"] * need / len(data), 3),
         "data": data_info,
         "steps": metrics["steps"],
+        "resumed_from_step": metrics["resumed_from_step"],
         "history": history,
         "probe": metrics["probe"],
         "duration_s": round(time.time() - started, 2),
     }
+    (out / "README.md").write_text(model_card(cfg, manifest))
     write_json_atomic(out / "_manifest.json", manifest)
     log(f"embed: losses {[round(h['loss'], 4) for h in history]}")
     return manifest
+
+
+def model_card(cfg: SpeedRayConfig, m: dict[str, Any]) -> str:
+    """The exported folder's README: what it is, how it was trained, how to use it."""
+    ec = cfg.embed
+    first, last = m["history"][0], m["history"][-1]
+    usage_query = 'model.encode(["how do I resize images?"], prompt_name="query")'
+    return "\n".join(
+        [
+            "---",
+            "library_name: sentence-transformers",
+            "pipeline_tag: sentence-similarity",
+            "tags: [sentence-transformers, speed-ray]",
+            "---",
+            "",
+            f"# {cfg.run.name}: embedding model",
+            "",
+            f"Fine-tuned from `{m['base_model']}` by speed-ray's contrastive trainer (InfoNCE over in-batch "
+            f"and hard negatives, gathered across {m['workers']} worker(s)).",
+            "",
+            "| setting | value |",
+            "|---|---|",
+            f"| data | {m['data']['source']} ({m['train_rows']} rows{', ' + m['data']['pair_mode'] if 'pair_mode' in m['data'] else ''}) |",
+            f"| pooling | {m['pooling']}, L2-normalised |",
+            f"| fine-tuning | {m['finetune']}{f', last {ec.train_last_blocks} blocks' if ec.train_last_blocks else ''}, "
+            f"{m['trainable_params']:,} trainable parameters |",
+            f"| steps, global batch, epochs | {m['steps']}, {m['global_batch']}, {m['epochs']} |",
+            f"| hard negatives per query | {m['hard_negatives']} |",
+            f"| temperature | {ec.temperature}{' (symmetric)' if ec.symmetric else ''} |",
+            f"| learning rate | {ec.learning_rate}, {ec.lr_schedule}, {ec.warmup_steps} warm-up steps, weight decay {ec.weight_decay} |",
+            f"| max sequence length | {ec.max_seq_length} |",
+            f"| loss, first and last step | {first['loss']:.4f} -> {last['loss']:.4f} |",
+            f"| in-batch accuracy, first and last step | {first['accuracy']:.3f} -> {last['accuracy']:.3f} |",
+            "",
+            "## Use",
+            "",
+            "```python",
+            "from sentence_transformers import SentenceTransformer",
+            "",
+            "model = SentenceTransformer(PATH)",
+            f"queries = {usage_query}  # the saved query prompt",
+            'docs = model.encode(["a tool to convert and resize images"])',
+            "scores = queries @ docs.T  # cosine: embeddings are normalised",
+            "```",
+            "",
+            f"Query prompt: `{json.dumps(m['probe'].get('query_prompt', ''))[1:-1]}`; documents get none.",
+            "",
+        ]
+    )

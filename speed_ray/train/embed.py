@@ -1,129 +1,438 @@
 """Contrastive embedding training: the per-worker loop that Ray Train runs (STYLE P9).
 
-Each step embeds the worker's queries, positives and hard negatives in one forward pass, and the
-InfoNCE loss sees every worker's positives and negatives (``speed_ray.losses``), so the negatives per
-query are the global batch. DDP averages the gradients, which makes them equal to the gradients of
-the full-batch loss. Rank 0 reports the exported SentenceTransformer folder as the checkpoint.
+Each step embeds the worker's queries, positives and hard negatives, and the InfoNCE loss sees every
+worker's positives and negatives (``speed_ray.losses``), so the negatives per query are the global
+batch; DDP (or DeepSpeed) averages the gradients, which makes them equal to the full-batch gradients.
+With ``chunk_size`` the batch goes through GradCache (``speed_ray.gradcache``): same loss and
+gradients, one chunk's activations at a time.
+
+Data is deterministic by step: every worker holds the rows (or, for crops, the corpus, re-cropped
+each epoch) and takes its slice of global batch ``s`` from an order seeded by (seed, epoch), and each
+step seeds dropout from (seed, step, rank). So a run resumed from a checkpoint after a killed worker
+takes exactly the steps an uninterrupted run takes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from speed_ray.embedding import format_query
+from speed_ray.pairs import CropRule, build_pairs
 
 PROBE_TEXTS = ["a command-line tool to convert images", "library for parsing XML documents"]
 
 
-def batch_texts(batch: dict[str, Any], pooling: str) -> tuple[list[str], list[str], list[str], list[bool]]:
-    """Rows -> (queries, positives, negatives, has_negative); a missing negative becomes '' and is masked."""
-    queries = [format_query(i, q, pooling) for i, q in zip(batch["instruction"], batch["query"], strict=True)]
-    negatives = [n if n else "" for n in batch["negative"]]
-    has_negative = [bool(n) for n in batch["negative"]]
-    return queries, list(batch["positive"]), negatives, has_negative
+# ----------------------------------------------------------------------------------------------
+# Data: which rows make global batch s
+
+
+@dataclass
+class Rows:
+    """Fixed training rows ``{instruction, query, positive, negatives}`` (synth examples, user pairs)."""
+
+    rows: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def epoch(self, epoch: int) -> list[dict[str, Any]]:
+        return self.rows
+
+
+@dataclass
+class CorpusPairs:
+    """Self-supervised pairs from an unlabelled corpus, drawn anew each epoch (the crops paper)."""
+
+    docs: list[dict[str, Any]]
+    mode: str
+    rule: CropRule
+    seed: int
+    size: int = 0
+    _cache: dict[int, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.size:
+            self.size = len(build_pairs(self.docs, self.mode, self.rule, self.seed, 0)[0])
+
+    def __len__(self) -> int:
+        return self.size
+
+    def epoch(self, epoch: int) -> list[dict[str, Any]]:
+        if epoch not in self._cache:
+            pairs, _ = build_pairs(self.docs, self.mode, self.rule, self.seed, epoch)
+            self._cache = {
+                epoch: [
+                    {"instruction": None, "query": p["anchor"], "positive": p["positive"], "negatives": []}
+                    for p in pairs
+                ]
+            }
+        return self._cache[epoch]
+
+
+def global_batch(data: Rows | CorpusPairs, step: int, size: int, seed: int) -> tuple[int, list[dict]]:
+    """(epoch, rows) of global batch ``step`` (1-based): epochs of ``len(data) // size`` batches, each
+    epoch in an order seeded by (seed, epoch); the last partial batch of an epoch is dropped."""
+    per_epoch = len(data) // size
+    if per_epoch == 0:
+        raise ValueError(f"{len(data)} training rows, fewer than one global batch of {size}")
+    epoch, b = divmod(step - 1, per_epoch)
+    order = list(range(len(data)))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    rows = data.epoch(epoch)
+    return epoch, [rows[i] for i in order[b * size : (b + 1) * size]]
+
+
+def batch_texts(
+    rows: list[dict[str, Any]], pooling: str, num_negatives: int
+) -> tuple[list[str], list[str], list[str], torch.Tensor]:
+    """Rows -> (queries, positives, negatives [B*K], mask [B, K]): each row's hard negatives padded to
+    K = ``num_negatives`` with '' (masked out of the loss), so every worker gathers the same shapes."""
+    queries = [format_query(r.get("instruction"), r["query"], pooling) for r in rows]
+    negatives, mask = [], []
+    for r in rows:
+        negs = list(r.get("negatives") or [])[:num_negatives]
+        mask.append([True] * len(negs) + [False] * (num_negatives - len(negs)))
+        negatives += negs + [""] * (num_negatives - len(negs))
+    return queries, [r["positive"] for r in rows], negatives, torch.tensor(mask, dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# One step
 
 
 def unwrap(model):
-    """The SentenceTransformer inside a DDP wrapper (Ray's prepare_model wraps when world size > 1)."""
-    import torch
+    """The SentenceTransformer inside a DDP or DeepSpeed wrapper."""
+    return model.module if hasattr(model, "module") else model
 
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+def is_deepspeed(model) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
+def backward_for(model) -> Callable[[Callable[[], torch.Tensor], torch.Tensor | None, bool], None]:
+    """``run(forward, grad, last)``: forward, then backward with ``grad`` (None: the output is the loss),
+    syncing gradients across workers only when ``last`` (DDP's no_sync, DeepSpeed's boundary)."""
+    if is_deepspeed(model):
+
+        def run(forward, grad, last):
+            model.set_gradient_accumulation_boundary(last)
+            out = forward()
+            model.backward(out if grad is None else (out.float() * grad).sum())
+
+        return run
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+    def run(forward, grad, last):
+        with contextlib.nullcontext() if last or not ddp else model.no_sync():
+            forward().backward(gradient=grad)
+
+    return run
 
 
 def train_step(
-    model, optimizer, batch: dict[str, Any], pooling: str, temperature: float, chunk_size: int = 0
+    model,
+    optimizer,
+    rows: list[dict[str, Any]],
+    config: dict[str, Any],
+    frozen=None,
+    scheduler=None,
 ) -> dict[str, float]:
-    """One optimizer step; ``chunk_size`` > 0 embeds through GradCache, same loss and gradients."""
-    import torch
+    """One optimizer step on this worker's ``rows``; ``config["chunk_size"]`` > 0 goes through GradCache.
 
-    from speed_ray.gradcache import cached_backward
+    ``config`` keys: pooling, temperature, symmetric, num_negatives, chunk_size, max_grad_norm,
+    precision. ``frozen`` (``embedding.FrozenBlocks``) lets GradCache compute the frozen blocks once.
+    """
+    from speed_ray.gradcache import cached_backward, chunked
     from speed_ray.losses import info_nce
 
-    queries, positives, negatives, has_neg = batch_texts(batch, pooling)
+    k = config["num_negatives"]
+    queries, positives, negatives, mask = batch_texts(rows, config["pooling"], k)
     n = len(queries)
-    mask = torch.tensor(has_neg)
+    st = unwrap(model)
+    device = next(st.parameters()).device
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if config["precision"] == "bf16" and not is_deepspeed(model)
+        else contextlib.nullcontext()
+    )
 
     def embed(texts) -> torch.Tensor:
-        return model(dict(unwrap(model).preprocess(list(texts))))[
-            "sentence_embedding"
-        ]  # [len, d], normalised
+        features = {
+            key: v.to(device) if isinstance(v, torch.Tensor) else v
+            for key, v in st.preprocess(list(texts)).items()
+        }
+        with autocast:
+            return model(features)["sentence_embedding"]  # [len, d], normalised
 
     def loss_fn(emb: torch.Tensor):
-        return info_nce(emb[:n], emb[n : 2 * n], emb[2 * n :], mask, temperature)
+        emb = emb.float()
+        neg = emb[2 * n :].view(n, k, -1) if k else None
+        return info_nce(
+            emb[:n], emb[n : 2 * n], neg, mask.to(device), config["temperature"], config["symmetric"]
+        )
 
-    texts = queries + positives + negatives
-    optimizer.zero_grad()
-    if chunk_size > 0:
-        no_sync = model.no_sync if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
-        loss, acc = cached_backward(embed, texts, loss_fn, chunk_size, no_sync)
+    run = backward_for(model)
+    if not is_deepspeed(model):
+        optimizer.zero_grad(set_to_none=True)
+    size = config["chunk_size"]
+    if size > 0:
+        chunks = chunked(queries, size) + chunked(positives, size) + chunked(negatives, size)
+        loss, acc = cached_backward(embed, chunks, loss_fn, run, frozen)
     else:
-        loss, acc = loss_fn(embed(texts))
-        loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=float("inf"))
-    optimizer.step()
-    return {"loss": loss.item(), "accuracy": acc.item(), "grad_norm": grad_norm.item()}
+        out = {}
+
+        def forward():
+            out["loss"], out["acc"] = loss_fn(
+                torch.cat([embed(t) for t in (queries, positives, negatives) if t])
+            )
+            return out["loss"]
+
+        run(forward, None, True)
+        loss, acc = out["loss"].detach(), out["acc"]
+    if is_deepspeed(model):
+        model.step()  # clips (gradient_clipping), steps the optimizer and the scheduler
+        norm = model.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else float("nan")
+    else:
+        params = [p for p in st.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config["max_grad_norm"] or float("inf")).item()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    return {"loss": loss.item(), "accuracy": acc.item(), "grad_norm": grad_norm}
 
 
-def batches(shard, batch_size: int) -> Iterator[dict[str, Any]]:
-    """Endless epochs over the worker's shard; every worker sees the same number of batches."""
-    while True:
-        empty = True
-        for batch in shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy"):
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError(f"a worker's data shard has fewer rows than embed.batch_size={batch_size}")
+# ----------------------------------------------------------------------------------------------
+# Model set-up, checkpoints and export
+
+
+def setup_model(config: dict[str, Any]):
+    """The SentenceTransformer with LoRA / frozen blocks / gradient checkpointing as configured;
+    returns (model, frozen or None)."""
+    from speed_ray.embedding import FrozenBlocks, add_lora, build_model, set_prompts
+
+    model = build_model(config["model"], config["pooling"], config["max_seq_length"])
+    model.train()  # dropout on, as in E5/SPEED and the crops paper
+    set_prompts(model, config["query_instruction"], config["pooling"])
+    if config["gradient_checkpointing"]:
+        model[0].auto_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    last = config["train_last_blocks"]
+    frozen = FrozenBlocks(model, last) if last else None
+    if config["finetune"] == "lora":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        add_lora(
+            model,
+            config["lora_r"],
+            config["lora_alpha"],
+            config["lora_dropout"],
+            config["lora_target_modules"],
+            last,
+        )
+    return model, frozen
+
+
+def deepspeed_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": config["batch_size"],
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": config["deepspeed_stage"]},
+        "gradient_clipping": config["max_grad_norm"],
+        "bf16": {"enabled": config["precision"] == "bf16"},
+        "fp16": {"enabled": config["precision"] == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def wrap(model, config: dict[str, Any]):
+    """(model, optimizer, scheduler): DDP via Ray's prepare_model, or a DeepSpeed engine (ZeRO)."""
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config["learning_rate"], weight_decay=config["weight_decay"])
+
+    def schedule(opt):
+        return get_scheduler(config["lr_schedule"], opt, config["warmup_steps"], config["steps"])
+
+    if config["deepspeed_stage"]:
+        import deepspeed
+        from ray.train.torch import get_device
+
+        device = get_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config)
+        )
+        return engine, optimizer, scheduler
+    from ray.train.torch import prepare_model
+
+    # BERT-style checkpoints carry a pooler head that sentence-transformers never uses.
+    model = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    return model, optimizer, schedule(optimizer)
+
+
+STATE = "state.pt"
+
+
+def save_state(model, optimizer, scheduler, state: dict[str, Any], folder: str, rank: int) -> bool:
+    """Write this rank's part of a checkpoint; True if it wrote anything (to report)."""
+    if is_deepspeed(model):
+        model.save_checkpoint(folder, tag="state", client_state=state)
+        return True
+    if rank != 0:
+        return False
+    trainable = {k: v for k, v in unwrap(model).named_parameters() if v.requires_grad}
+    torch.save(
+        {
+            "model": {k: v.detach().cpu() for k, v in trainable.items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            **state,
+        },
+        os.path.join(folder, STATE),
+    )
+    return True
+
+
+def load_state(model, optimizer, scheduler, folder: str) -> dict[str, Any]:
+    """Restore what ``save_state`` wrote; returns its ``state`` (step, history)."""
+    if is_deepspeed(model):
+        _, client = model.load_checkpoint(folder, tag="state")
+        return client
+    saved = torch.load(os.path.join(folder, STATE), weights_only=False, map_location="cpu")
+    missing = unwrap(model).load_state_dict(saved.pop("model"), strict=False)
+    assert not missing.unexpected_keys, missing.unexpected_keys
+    optimizer.load_state_dict(saved.pop("optimizer"))
+    scheduler.load_state_dict(saved.pop("scheduler"))
+    return saved
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """Every weight on CPU; under ZeRO-3 gathered from all ranks (all ranks must call this)."""
+    st = unwrap(model)
+    ctx = contextlib.nullcontext()
+    if is_deepspeed(model) and model.zero_optimization_stage() == 3:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(list(st.parameters()))
+    with ctx:
+        return {k: v.detach().float().cpu().clone() for k, v in st.state_dict().items()}
+
+
+def export(state: dict[str, torch.Tensor], config: dict[str, Any], folder: str) -> None:
+    """A fresh copy of the model with the trained weights, LoRA merged, saved for sentence-transformers
+    with pooling, normalisation and the query/document prompts."""
+    from speed_ray.embedding import add_lora, build_model, merge_lora, set_prompts
+
+    model = build_model(config["model"], config["pooling"], config["max_seq_length"])
+    if config["finetune"] == "lora":
+        add_lora(
+            model,
+            config["lora_r"],
+            config["lora_alpha"],
+            config["lora_dropout"],
+            config["lora_target_modules"],
+            config["train_last_blocks"],
+        )
+    model.load_state_dict(state)
+    merge_lora(model)
+    set_prompts(model, config["query_instruction"], config["pooling"])
+    model.save(folder)
+
+
+def probe(model) -> dict[str, Any]:
+    """The trained model's own embeddings of fixed texts (as documents and as queries); the exported
+    folder must reproduce them. Every rank calls this (ZeRO-3 gathers weights in forward)."""
+    st = unwrap(model)
+    st.eval()
+    with torch.no_grad():
+        docs = st.encode(PROBE_TEXTS, convert_to_tensor=True).float().cpu().tolist()
+        queries = st.encode(PROBE_TEXTS, prompt_name="query", convert_to_tensor=True).float().cpu().tolist()
+    st.train()
+    return {
+        "texts": PROBE_TEXTS,
+        "query_prompt": st.prompts.get("query", ""),
+        "embeddings": docs,
+        "query_embeddings": queries,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
 
 
 def train_loop(config: dict[str, Any]) -> None:
+    import ray
     import ray.train
-    import torch
     from ray.train import Checkpoint
-    from ray.train.torch import prepare_model
-    from transformers import get_linear_schedule_with_warmup
 
-    from speed_ray.embedding import build_model, set_prompts, train_last_blocks
-
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"])
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
-    model = build_model(config["model"], config["pooling"], config["max_seq_length"])
-    model.train()  # dropout on, as in E5/SPEED and the crops paper
-    if config["train_last_blocks"]:
-        train_last_blocks(model, config["train_last_blocks"])
-    # BERT-style checkpoints carry a pooler head that sentence-transformers never uses.
-    model = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config["learning_rate"]
-    )
-    scheduler = get_linear_schedule_with_warmup(optimizer, config["warmup_steps"], config["steps"])
-    world = ray.train.get_context().get_world_size()
-    data = batches(ray.train.get_dataset_shard("train"), config["batch_size"])
-    history = []
-    for step in range(1, config["steps"] + 1):
+    data = ray.get(config["data"])
+    model, frozen = setup_model(config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = frozen if config["cache_frozen"] else None
+    model, optimizer, scheduler = wrap(model, config)
+    step, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_state(model, optimizer, scheduler, d)
+        step, history = state["step"], state["history"]
+        if rank == 0:
+            print(f"embed: resumed from the checkpoint of step {step}")
+    resumed_from = step
+    per_worker, steps = config["batch_size"], config["steps"]
+    while step < steps:
+        step += 1
         t0 = time.time()
+        epoch, rows = global_batch(data, step, per_worker * world, config["seed"])
+        torch.manual_seed(config["seed"] * 1_000_003 + step * 1_009 + rank)
+        lr = scheduler.get_last_lr()[0]
         metrics = train_step(
-            model, optimizer, next(data), config["pooling"], config["temperature"], config["chunk_size"]
+            model, optimizer, rows[rank * per_worker : (rank + 1) * per_worker], config, frozen, scheduler
         )
-        metrics |= {"lr": scheduler.get_last_lr()[0]}
-        scheduler.step()
-        metrics |= {"step": step, "examples_per_s": world * config["batch_size"] / (time.time() - t0)}
+        seconds = time.time() - t0
+        metrics |= {
+            "step": step,
+            "epoch": epoch,
+            "lr": lr,
+            "seconds": seconds,
+            "examples_per_s": per_worker * world / seconds,
+        }
         history.append(metrics)
-        if ray.train.get_context().get_world_rank() == 0:
-            print(
-                f"embed step {step}/{config['steps']}: "
-                + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            )
+        if rank == 0:
+            print(f"embed step {step}/{steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if config["save_steps"] and step % config["save_steps"] == 0 and step < steps:
+            with tempfile.TemporaryDirectory() as d:
+                wrote = save_state(model, optimizer, scheduler, {"step": step, "history": history}, d, rank)
+                ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(d) if wrote else None)
+    weights = full_state_dict(model)
+    report = {
+        "history": history,
+        "steps": step,
+        "resumed_from_step": resumed_from,
+        "trainable_params": trainable,
+        "probe": probe(model),
+    }
     with tempfile.TemporaryDirectory() as d:
-        checkpoint, report = None, {"history": history, "steps": config["steps"]}
-        if ray.train.get_context().get_world_rank() == 0:
-            module = unwrap(model)
-            set_prompts(module, config["query_instruction"], config["pooling"])
-            module.save(d)
+        checkpoint = None
+        if rank == 0:
+            export(weights, config, d)
             checkpoint = Checkpoint.from_directory(d)
-            # The trained model's own embeddings of fixed texts: the exported folder must reproduce them.
-            module.eval()
-            report["probe"] = {"texts": PROBE_TEXTS, "embeddings": module.encode(PROBE_TEXTS).tolist()}
         ray.train.report(report, checkpoint=checkpoint)

@@ -43,12 +43,12 @@ def test_train_last_blocks_range(tiny_bert):
 
 def test_read_pairs_from_each_format(tmp_path):
     rows = [
-        {"anchor": "a", "positive": "p", "negative_1": "n"},
-        {"anchor": "b", "positive": "q", "negative_1": None},
+        {"anchor": "a", "positive": "p", "negative_2": "m", "negative_10": "o", "negative_1": "n"},
+        {"anchor": "b", "positive": "q", "negative_2": None, "negative_10": "", "negative_1": None},
     ]
     want = [
-        {"anchor": "a", "positive": "p", "negative": "n"},
-        {"anchor": "b", "positive": "q", "negative": None},
+        {"anchor": "a", "positive": "p", "negatives": ["n", "m", "o"]},
+        {"anchor": "b", "positive": "q", "negatives": []},
     ]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
@@ -60,6 +60,9 @@ def test_read_pairs_from_each_format(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"anchor": "a"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: missing keys \['positive'\]"):
         read_pairs(tmp_path / "bad.jsonl")
+    (tmp_path / "bad2.jsonl").write_text('{"anchor": "a", "positive": "p"}\n{"anchor": "a", "positive": 3}\n')
+    with pytest.raises(ValueError, match=r"bad2.jsonl:2: positive: expected a string, got int"):
+        read_pairs(tmp_path / "bad2.jsonl")
 
 
 def test_grad_flows_only_where_trainable(tiny_bert):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from speed_ray.gradcache import cached_backward
+from speed_ray.gradcache import cached_backward, chunked
 from speed_ray.losses import info_nce
 from tests.distributed import run_gloo
 from tests.unit.test_losses import _data, _embed
@@ -62,7 +62,7 @@ def test_cached_equals_uncached_without_dropout(model):
     loss.backward()
     want = grads(model)
     model.zero_grad()
-    got_loss, _ = cached_backward(embed_with(model), texts(), loss_fn, chunk_size=4)
+    got_loss, _ = cached_backward(embed_with(model), chunked(texts(), 4), loss_fn)
     assert got_loss.item() == pytest.approx(loss.item(), rel=1e-5)
     got = grads(model)
     assert got.keys() == want.keys() and len(got) > 10
@@ -81,9 +81,34 @@ def test_cached_replays_dropout(model):
     want = grads(model)
     model.zero_grad()
     torch.manual_seed(7)
-    got_loss, _ = cached_backward(embed, texts(), loss_fn, chunk_size=4)
+    got_loss, _ = cached_backward(embed, chunked(texts(), 4), loss_fn)
     assert got_loss.item() == pytest.approx(loss.item(), rel=1e-6)
     for name, g in grads(model).items():
+        torch.testing.assert_close(g, want[name], rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_blocks_run_once_and_give_the_same_gradients(model):
+    from speed_ray.embedding import FrozenBlocks
+
+    model.train()  # dropout on in every block, frozen or not
+    frozen = FrozenBlocks(model, 1)
+    calls = []
+    next(frozen.frozen[0].children()).register_forward_pre_hook(lambda m, a: calls.append(1))
+    embed = embed_with(model)
+    torch.manual_seed(7)
+    emb = torch.cat([embed(texts()[i : i + 4]) for i in range(0, 3 * N, 4)])
+    loss, _ = loss_fn(emb)
+    loss.backward()
+    want = grads(model)
+    model.zero_grad()
+    calls.clear()
+    torch.manual_seed(7)
+    got_loss, _ = cached_backward(embed, chunked(texts(), 4), loss_fn, frozen=frozen)
+    assert len(calls) == 4  # the frozen block ran in the first pass only (4 chunks), not again
+    assert got_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    got = grads(model)
+    assert got.keys() == want.keys() and all(".layer.1." in n or "norm" in n.lower() for n in got)
+    for name, g in got.items():
         torch.testing.assert_close(g, want[name], rtol=1e-5, atol=1e-7)
 
 
@@ -99,7 +124,7 @@ def _worker(rank, world, per_rank, path):
             emb[:per_rank], emb[per_rank : 2 * per_rank], emb[2 * per_rank :], mask, temperature=0.05
         )
 
-    cached_backward(lambda chunk: _embed(w, chunk), items, loss_fn, chunk_size=2)
+    cached_backward(lambda chunk: _embed(w, chunk), chunked(items, 2), loss_fn)
     grad = w.grad.clone()
     dist.all_reduce(grad)
     if rank == 0:
