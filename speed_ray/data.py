@@ -112,7 +112,8 @@ def read_pairs(path: Path) -> list[dict[str, Any]]:
     negatives in ``negative`` / ``negative_1``, ``negative_2``... columns (empty ones are skipped),
     from parquet, JSONL or a ``datasets`` folder saved with ``save_to_disk``."""
     rows = read_rows(path)
-    negatives = sorted((k for k in rows[0] if k.startswith("negative")), key=_negative_order)
+    columns = {k for r in rows for k in r if k.startswith("negative")}  # JSONL rows may omit some
+    negatives = sorted(columns, key=_negative_order)
     out = []
     for n, r in enumerate(rows, 1):
         _required(r, ("anchor", "positive"), path, n)

@@ -98,17 +98,23 @@ def add_lora(
     returns the trainable parameter count. ``merge_lora`` folds it back before export."""
     from peft import LoraConfig, get_peft_model
 
-    n = len(transformer_blocks(model))
-    layers = list(range(n - last_blocks, n)) if last_blocks else None
-    modules = list(target_modules)
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules="all-linear" if modules == ["all-linear"] else modules,
-        layers_to_transform=layers,
-    )
-    model[0].model = get_peft_model(model[0].auto_model, config)
+    hf = model[0].auto_model
+    modules: Any = list(target_modules)
+    if last_blocks:
+        # Exact module names: PEFT's layers_to_transform misses a bare backbone's "layers.N." names.
+        blocks = transformer_blocks(model)
+        prefix = next(n for n, m in hf.named_modules() if m is blocks)
+        wanted = set(modules)
+        modules = [
+            f"{prefix}.{i}.{n}"
+            for i in range(len(blocks) - last_blocks, len(blocks))
+            for n, m in blocks[i].named_modules()
+            if isinstance(m, torch.nn.Linear) and ("all-linear" in wanted or n.split(".")[-1] in wanted)
+        ]
+    elif modules == ["all-linear"]:
+        modules = "all-linear"
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules)
+    model[0].model = get_peft_model(hf, config)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -109,13 +109,14 @@ def batch_texts(
 # One step
 
 
-def unwrap(model):
-    """The SentenceTransformer inside a DDP or DeepSpeed wrapper."""
-    return model.module if hasattr(model, "module") else model
-
-
 def is_deepspeed(model) -> bool:
     return type(model).__name__ == "DeepSpeedEngine"
+
+
+def unwrap(model):
+    """The SentenceTransformer inside a DDP or DeepSpeed wrapper."""
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    return model.module if ddp or is_deepspeed(model) else model
 
 
 def backward_for(model) -> Callable[[Callable[[], torch.Tensor], torch.Tensor | None, bool], None]:

@@ -15,6 +15,7 @@ import pytest
 from speed_ray.config import TrainResources, load_config
 from speed_ray.pipeline.align import write_dataset
 from speed_ray.train.align import build_trainer, dpo_rows, load_data, sft_rows, train_loop
+from tests.distributed import registered_checkpoint, train_worker_pids
 
 PROMPTS = ["Name a fruit.", "Name a colour.", "Name a tool.", "Name an animal."]
 CHOSEN = ["An apple.", "Deep blue.", "A hammer.", "A red fox."]
@@ -90,27 +91,6 @@ def test_dpo_two_workers_take_the_same_steps_as_one_process(tmp_path, tiny_llama
     assert gen["do_sample"] is True and gen["temperature"] == 1.0
     assert not (tmp_path / "ddp-model" / "adapter_config.json").exists()
     assert not (cfg.run_dir / "ray" / "dpo-ddp").exists()  # Ray's checkpoint copies are removed
-
-
-def train_worker_pids() -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if proc.name.isdigit() and "RayTrainWorker" in cmd:
-            pids.append(int(proc.name))
-    return pids
-
-
-def registered_checkpoint(storage: Path) -> bool:
-    """Ray Train has recorded a checkpoint (its snapshot names one), not just received the files."""
-    try:
-        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return snapshot.get("latest_checkpoint_result") is not None
 
 
 def test_a_killed_training_worker_resumes_from_its_last_checkpoint(tmp_path, tiny_llama, ray_session):

@@ -105,3 +105,158 @@ def test_embed_on_corpus_crops_last_block_only(tmp_path, tiny_bert, beir_tiny, r
     last = [k for k in base if ".encoder.layer.1." in k]
     assert all(torch.equal(base[k], trained[k]) for k in first)  # frozen
     assert all(not torch.equal(base[k], trained[k]) for k in last)
+
+
+def pairs_file(path, n):
+    """A user's pairs in the sentence-transformers convention, with up to 2 hard negatives per row."""
+    import json
+
+    rows = []
+    for i in range(n):
+        row = {
+            "anchor": f"tool number {i} for files",
+            "positive": f"A program that handles files, version {i}.",
+        }
+        if i % 3:
+            row["negative_1"] = f"An unrelated game, level {i}."
+        if i % 3 == 2:
+            row["negative_2"] = f"A font of style {i}."
+        rows.append(json.dumps(row))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def embed_cfg(tmp_path, name, model, data, *extra):
+    return load_config(
+        None,
+        [
+            f"run.output_dir={tmp_path}",
+            f"run.name={name}",
+            f"embed.model={model}",
+            "embed.data.source=pairs",
+            f"embed.data.path={data}",
+            "embed.hard_negatives=2",
+            "embed.learning_rate=1e-3",
+            "embed.temperature=0.05",
+            "embed.resources.cpus_per_worker=1",
+            *extra,
+        ],
+    )
+
+
+def weights(folder):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(folder), device="cpu").state_dict()
+
+
+def test_a_killed_worker_resumes_and_matches_the_uninterrupted_run(
+    tmp_path, tiny_bert, beir_tiny, ray_session
+):
+    import os
+    import signal
+    import threading
+
+    from speed_ray.pipeline import embed
+    from tests.distributed import registered_checkpoint, train_worker_pids
+
+    data = pairs_file(tmp_path / "pairs.jsonl", 40)
+    common = ["embed.steps=150", "embed.save_steps=25", "embed.batch_size=4", "embed.warmup_steps=10"]
+    common += [f"eval.retrieval_dir={beir_tiny}"]
+    whole = embed.run(embed_cfg(tmp_path, "whole", tiny_bert, data, *common))
+    cfg = embed_cfg(tmp_path, "killed", tiny_bert, data, *common)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["manifest"] = embed.run(cfg)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 300
+    while not registered_checkpoint(cfg.run_dir / "ray" / "embed"):
+        assert thread.is_alive(), f"training ended before its first checkpoint: {result}"
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    pids = train_worker_pids()
+    assert len(pids) == 2, pids
+    os.kill(pids[1], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "error" not in result, result.get("error")
+    resumed = result["manifest"]
+    assert resumed["resumed_from_step"] >= 25 and resumed["resumed_from_step"] % 25 == 0
+    assert [h["step"] for h in resumed["history"]] == list(range(1, 151))
+    # the same batches, dropout masks, optimizer and schedule: the same run
+    for a, b in zip(whole["history"], resumed["history"], strict=True):
+        assert (a["lr"], a["epoch"]) == (b["lr"], b["epoch"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), a["step"]
+    w0, w1 = weights(cfg.run_dir.parent / "whole/embed/model"), weights(cfg.run_dir / "embed/model")
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_deepspeed_zero2_with_the_gather_and_gradcache_matches_ddp(
+    tmp_path, tiny_bert, beir_tiny, ray_session
+):
+    from speed_ray.pipeline import embed
+
+    data = pairs_file(tmp_path / "pairs.jsonl", 16)
+    common = ["embed.steps=3", "embed.batch_size=4", "embed.chunk_size=3", f"eval.retrieval_dir={beir_tiny}"]
+    ddp = embed.run(embed_cfg(tmp_path, "ddp", tiny_bert, data, *common))
+    zero = embed.run(embed_cfg(tmp_path, "zero2", tiny_bert, data, *common, "embed.deepspeed_stage=2"))
+    assert zero["global_batch"] == 8 and zero["hard_negatives"] == 2
+    for a, b in zip(ddp["history"], zero["history"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+    w0, w1 = weights(tmp_path / "ddp/embed/model"), weights(tmp_path / "zero2/embed/model")
+    base = weights(tiny_bert)
+    assert all(not torch.equal(base[k], w1[k]) for k in base if ".encoder.layer." in k)
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_decoder_lora_last_block_exports_merged_with_its_query_prompt(
+    tmp_path, tiny_llama, beir_tiny, ray_session
+):
+    import json
+
+    from sentence_transformers import SentenceTransformer
+
+    from speed_ray.pipeline import embed
+
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={tmp_path}",
+            "run.name=dec",
+            f"embed.model={tiny_llama}",
+            "embed.pooling=lasttoken",
+            "embed.batch_size=4",
+            "embed.steps=2",
+            "embed.learning_rate=1e-2",
+            "embed.chunk_size=3",
+            "embed.train_last_blocks=1",
+            "embed.query_instruction=Find the package",
+            f"eval.retrieval_dir={beir_tiny}",
+        ],
+    )
+    write_stage(
+        cfg.run_dir / "synth/examples", [cast_rows(examples(12), EXAMPLES)], EXAMPLES, {}, time.time()
+    )
+    manifest = embed.run(cfg)
+    out = cfg.run_dir / "embed/model"
+    assert manifest["finetune"] == "lora"
+    model = SentenceTransformer(str(out), device="cpu")
+    assert model.prompts["query"] == "Instruct: Find the package\nQuery: "
+    assert not any("lora" in k for k in model.state_dict())  # merged into the weights
+    assert json.loads((out / "1_Pooling/config.json").read_text())["pooling_mode"] == "lasttoken"
+    trained, base = model.state_dict(), SentenceTransformer(tiny_llama, device="cpu").state_dict()
+    changed = {k.split(".layers.")[1].split(".")[0] for k in base if not torch.equal(base[k], trained[k])}
+    assert changed == {"1"}  # LoRA sat in the last block only
+    probe = manifest["probe"]
+    for kw, key in (({}, "embeddings"), ({"prompt_name": "query"}, "query_embeddings")):
+        again = model.encode(probe["texts"], **kw)
+        torch.testing.assert_close(torch.tensor(again), torch.tensor(probe[key]), rtol=0, atol=1e-5)
+    assert 'prompt_name="query"' in (out / "README.md").read_text()

@@ -60,6 +60,10 @@ def test_read_pairs_from_each_format(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"anchor": "a"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: missing keys \['positive'\]"):
         read_pairs(tmp_path / "bad.jsonl")
+    (tmp_path / "ragged.jsonl").write_text(
+        '{"anchor": "a", "positive": "p"}\n{"anchor": "b", "positive": "q", "negative_1": "n"}\n'
+    )
+    assert [r["negatives"] for r in read_pairs(tmp_path / "ragged.jsonl")] == [[], ["n"]]
     (tmp_path / "bad2.jsonl").write_text('{"anchor": "a", "positive": "p"}\n{"anchor": "a", "positive": 3}\n')
     with pytest.raises(ValueError, match=r"bad2.jsonl:2: positive: expected a string, got int"):
         read_pairs(tmp_path / "bad2.jsonl")

@@ -1,0 +1,124 @@
+"""The trainer's own step (``train.embed.train_step``) on a real tiny BERT: 2 gloo ranks under DDP
+give the loss and every parameter's gradient of one process on the whole batch, plain and through
+GradCache, with K hard negatives (some masked) and the symmetric loss; and the batch order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speed_ray.pairs import CropRule, build_pairs
+from speed_ray.train.embed import CorpusPairs, Rows, batch_texts, global_batch, train_step
+from tests.distributed import run_gloo
+
+WORDS = [
+    "apt",
+    "package",
+    "manager",
+    "kernel",
+    "module",
+    "driver",
+    "sound",
+    "video",
+    "game",
+    "editor",
+    "font",
+    "theme",
+    "python",
+    "perl",
+]
+
+
+def rows(n: int) -> list[dict]:
+    return [
+        {
+            "instruction": "Find the package" if i % 2 else None,
+            "query": " ".join(WORDS[i % 7 : i % 7 + 2]),
+            "positive": " ".join(WORDS[i % 5 : i % 5 + 4 + i % 3]),
+            "negatives": [" ".join(WORDS[(i + j) % 9 : (i + j) % 9 + 3]) for j in range(i % 3)],
+        }
+        for i in range(n)
+    ]
+
+
+STEP = {
+    "pooling": "mean",
+    "temperature": 0.05,
+    "symmetric": True,
+    "num_negatives": 2,
+    "max_grad_norm": 0.0,
+    "precision": "fp32",
+}
+
+
+def step_grads(model, batch, chunk_size):
+    """Loss and gradients of one step; SGD with lr 0 leaves the weights and keeps the gradients."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    metrics = train_step(model, opt, batch, STEP | {"chunk_size": chunk_size})
+    inner = model.module if hasattr(model, "no_sync") else model
+    return metrics, {n: p.grad.clone() for n, p in inner.named_parameters() if p.grad is not None}
+
+
+def tiny_model(path):
+    from speed_ray.embedding import build_model
+
+    torch.manual_seed(0)
+    model = build_model(path, "mean", 32)
+    model.eval()  # no dropout: ranks draw other masks than one process would
+    return model
+
+
+def _rank(rank, world, path, chunk_size, out):
+    model = torch.nn.parallel.DistributedDataParallel(tiny_model(path), find_unused_parameters=True)
+    batch = rows(8)[rank * 4 : (rank + 1) * 4]
+    metrics, grads = step_grads(model, batch, chunk_size)
+    losses = [torch.zeros(()) for _ in range(world)]
+    torch.distributed.all_gather(losses, torch.tensor(metrics["loss"]))
+    if rank == 0:
+        torch.save({"loss": torch.stack(losses).mean(), "grads": grads}, out)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 3])
+def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path, tiny_bert, chunk_size):
+    out = tmp_path / "rank0.pt"
+    run_gloo(_rank, 2, tiny_bert, chunk_size, str(out))
+    got = torch.load(out)
+    want_metrics, want = step_grads(tiny_model(tiny_bert), rows(8), 0)
+    assert got["loss"].item() == pytest.approx(want_metrics["loss"], rel=1e-5)
+    assert got["grads"].keys() == want.keys() and len(want) > 20
+    for name, g in want.items():
+        torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_masked_negatives_and_query_format():
+    q, p, n, mask = batch_texts(rows(3), "lasttoken", 2)
+    assert q[0] == "apt package" and q[1] == "Instruct: Find the package\nQuery: package manager"
+    assert n == ["", "", "package manager kernel", "", "manager kernel module", "kernel module driver"]
+    assert mask.tolist() == [[False, False], [True, False], [True, True]]
+    assert batch_texts(rows(3), "mean", 2)[0][1] == "package manager"  # encoders: no instruction
+
+
+def test_global_batches_walk_seeded_epochs():
+    data = Rows([{"id": i} for i in range(10)])
+    seen = [global_batch(data, s, 4, seed=3) for s in range(1, 7)]
+    assert [e for e, _ in seen] == [0, 0, 1, 1, 2, 2]  # 2 batches of 4 per epoch, the rest dropped
+    first_epoch = [r["id"] for _, b in seen[:2] for r in b]
+    assert len(set(first_epoch)) == 8  # no row twice within an epoch
+    assert [r["id"] for r in seen[2][1]] != [r["id"] for r in seen[0][1]]  # reshuffled
+    assert global_batch(data, 3, 4, seed=3) == seen[2]  # a function of the step alone
+    with pytest.raises(ValueError, match="10 training rows, fewer than one global batch of 16"):
+        global_batch(data, 1, 16, seed=0)
+
+
+def test_corpus_pairs_are_cropped_anew_each_epoch():
+    from speed_ray.data import read_labelled
+    from tests.conftest import DEBIAN
+
+    docs = read_labelled(DEBIAN / "labelled.jsonl")[:200]
+    data = CorpusPairs(docs, "crops", CropRule(), seed=0)
+    pairs, skipped = build_pairs(docs, "crops", CropRule(), seed=0)
+    assert len(data) == len(pairs) and len(pairs) + len(skipped) == 200 and skipped
+    e0, e1 = data.epoch(0), data.epoch(1)
+    assert [r["query"] for r in e0] == [p["anchor"] for p in pairs]
+    assert [r["positive"] for r in e0] == [p["positive"] for p in pairs]
+    assert sum(a["query"] != b["query"] for a, b in zip(e0, e1, strict=True)) > len(e0) // 3
