@@ -16,6 +16,7 @@ outputs from step 1 and runs only the trainable blocks again.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -87,5 +88,5 @@ def cached_backward(
     for i, (chunk, state, grad) in enumerate(zip(chunks, states, grads, strict=True)):
         reuse = frozen.replay(i) if frozen is not None else contextlib.nullcontext()
         with state.replay(), reuse:
-            backward(lambda chunk=chunk: embed(chunk), grad, i == len(chunks) - 1)
+            backward(functools.partial(embed, chunk), grad, i == len(chunks) - 1)
     return loss.detach(), extra

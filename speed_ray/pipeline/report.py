@@ -21,7 +21,12 @@ def run(cfg: SpeedRayConfig) -> dict:
     m = collect(run_dir)
     plot = plot_training(m, run_dir / "training.png")
     synth_plot = plot_synth(m, run_dir / "synth.png")
+    embed_plot = plot_embed(m, run_dir / "embed.png")
     text = render(cfg, m, plot)
+    if embed_plot:
+        text = text.replace(
+            "\n## Embedding model\n", f"\n## Embedding model\n\n![embedding training]({embed_plot})\n", 1
+        )
     if synth_plot:
         text = text.replace("\n## Synthesis\n", f"\n## Synthesis\n\n![synthesis steps]({synth_plot})\n", 1)
     path = run_dir / "report.md"
@@ -229,6 +234,8 @@ def render(cfg: SpeedRayConfig, m: dict[str, Any], plot: str | None) -> str:
             "",
             f"- base: `{man['base_model']}`, {man['steps']} steps, loss per step: {losses}",
         ]
+        if key == "embed":
+            lines += embed_lines(man)
     if m["eval"] is not None:
         ev = m["eval"]
         lines += [
@@ -248,6 +255,58 @@ def render(cfg: SpeedRayConfig, m: dict[str, Any], plot: str | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def embed_lines(man: dict[str, Any]) -> list[str]:
+    """The embedding trainer's set-up and throughput, and what the data builder skipped."""
+    hist = man["history"]
+    rate = sorted(h["examples_per_s"] for h in hist)[len(hist) // 2]
+    lines = [
+        f"- {man['finetune']} fine-tuning, {man['trainable_params']:,} trainable parameters, {man['workers']} "
+        f"worker(s), global batch {man['global_batch']} ({man['hard_negatives']} hard negative(s) per query), "
+        f"{man['epochs']} epochs of {man['train_rows']} rows",
+        f"- in-batch accuracy {hist[0]['accuracy']:.3f} -> {hist[-1]['accuracy']:.3f}, grad norm "
+        f"{hist[0]['grad_norm']:.3g} -> {hist[-1]['grad_norm']:.3g}, median {rate:.1f} examples/s",
+    ]
+    data = man["data"]
+    if data["source"] == "corpus":
+        lines.append(
+            f"- {data['documents']} documents -> {data['pairs']} {data['pair_mode']} pairs per epoch; "
+            f"{sum(data['skipped'].values())} documents too short for a pair: {data['skipped']}"
+        )
+    if man.get("resumed_from_step"):
+        lines.append(f"- resumed from the checkpoint of step {man['resumed_from_step']}")
+    return lines
+
+
+def plot_embed(m: dict[str, Any], path: Path) -> str | None:
+    """The embedding trainer per step: loss, in-batch accuracy and examples per second."""
+    man = m["embed"]
+    if man is None or not man["history"]:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = man["history"]
+    steps = [h["step"] for h in hist]
+    panels = [
+        ("loss", "InfoNCE loss", "loss"),
+        ("accuracy", "in-batch accuracy", "share of queries"),
+        ("examples_per_s", f"throughput ({man['workers']} worker(s))", "examples / s"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, (key, title, unit) in zip(axes, panels, strict=True):
+        ax.plot(steps, [h[key] for h in hist], marker="o" if len(hist) <= 40 else None)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(unit)
+    fig.suptitle(f"embedding model: {man['base_model']}, global batch {man['global_batch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
 
 
 def plot_training(m: dict[str, Any], path: Path) -> str | None:

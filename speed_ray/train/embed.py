@@ -122,21 +122,18 @@ def unwrap(model):
 def backward_for(model) -> Callable[[Callable[[], torch.Tensor], torch.Tensor | None, bool], None]:
     """``run(forward, grad, last)``: forward, then backward with ``grad`` (None: the output is the loss),
     syncing gradients across workers only when ``last`` (DDP's no_sync, DeepSpeed's boundary)."""
-    if is_deepspeed(model):
-
-        def run(forward, grad, last):
-            model.set_gradient_accumulation_boundary(last)
-            out = forward()
-            model.backward(out if grad is None else (out.float() * grad).sum())
-
-        return run
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+    def deepspeed_run(forward, grad, last):
+        model.set_gradient_accumulation_boundary(last)
+        out = forward()
+        model.backward(out if grad is None else (out.float() * grad).sum())
 
     def run(forward, grad, last):
         with contextlib.nullcontext() if last or not ddp else model.no_sync():
             forward().backward(gradient=grad)
 
-    return run
+    return deepspeed_run if is_deepspeed(model) else run
 
 
 def train_step(

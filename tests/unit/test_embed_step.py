@@ -122,3 +122,40 @@ def test_corpus_pairs_are_cropped_anew_each_epoch():
     assert [r["query"] for r in e0] == [p["anchor"] for p in pairs]
     assert [r["positive"] for r in e0] == [p["positive"] for p in pairs]
     assert sum(a["query"] != b["query"] for a, b in zip(e0, e1, strict=True)) > len(e0) // 3
+
+
+def test_report_lines_and_plot_for_the_embedding_model(tmp_path):
+    from speed_ray.pipeline.report import embed_lines, plot_embed
+
+    hist = [
+        {"step": s, "loss": 2.0 / s, "accuracy": 0.25 * s, "grad_norm": 1.5, "examples_per_s": e}
+        for s, e in [(1, 10.0), (2, 30.0), (3, 20.0)]
+    ]
+    man = {
+        "base_model": "tiny",
+        "finetune": "full",
+        "trainable_params": 12345,
+        "workers": 2,
+        "global_batch": 64,
+        "hard_negatives": 0,
+        "epochs": 1.5,
+        "train_rows": 128,
+        "history": hist,
+        "data": {
+            "source": "corpus",
+            "documents": 200,
+            "pairs": 128,
+            "pair_mode": "crops",
+            "skipped": {"0 crops, need 2": 72},
+        },
+        "resumed_from_step": 2,
+    }
+    assert embed_lines(man) == [
+        "- full fine-tuning, 12,345 trainable parameters, 2 worker(s), global batch 64 (0 hard negative(s) "
+        "per query), 1.5 epochs of 128 rows",
+        "- in-batch accuracy 0.250 -> 0.750, grad norm 1.5 -> 1.5, median 20.0 examples/s",
+        "- 200 documents -> 128 crops pairs per epoch; 72 documents too short for a pair: {'0 crops, need 2': 72}",
+        "- resumed from the checkpoint of step 2",
+    ]
+    assert plot_embed({"embed": man}, tmp_path / "embed.png") == "embed.png"
+    assert (tmp_path / "embed.png").stat().st_size > 10_000
