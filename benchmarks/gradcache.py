@@ -7,6 +7,12 @@ top of the loaded model, and a failure cannot disturb the other runs. Data: crop
 corpus; model: all-MiniLM-L6-v2 (mean pooling), one process, CPU (or GPU where present).
 
     python benchmarks/gradcache.py [--budget-gib 6] [--batches 128 512 2048 4096] [--chunk 128]
+                                   [--last-blocks 2] [--repeats 2]
+
+Each run is one optimizer step of the trainer's own ``train_step``. The first batch size is timed
+``--repeats`` times per mode, interleaved, and compared by median; with ``--last-blocks N`` it also
+times training only the last N blocks: plain, cached with the frozen blocks computed once, and
+cached recomputing them (``embed.cache_frozen: false``).
 
 Writes benchmarks/results/gradcache.json.
 """
@@ -28,13 +34,13 @@ sys.path.insert(0, str(REPO))
 SEQ_LEN = 64
 
 
-def _texts(batch: int) -> tuple[list[str], list[str]]:
+def _rows(batch: int) -> list[dict]:
     from speed_ray.data import read_labelled
     from speed_ray.pairs import build_pairs
 
     pairs, _ = build_pairs(read_labelled(REPO.parent / "shared/data/debian/labelled.jsonl"), "crops")
     pairs = (pairs * (batch // len(pairs) + 1))[:batch]
-    return [p["anchor"] for p in pairs], [p["positive"] for p in pairs]
+    return [{"query": p["anchor"], "positive": p["positive"], "negatives": []} for p in pairs]
 
 
 def _rss_gib() -> float:
@@ -46,43 +52,52 @@ def _vms_bytes() -> int:
         return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _run(mode: str, batch: int, chunk: int, budget_gib: float, out: mp.Queue) -> None:
+def _run(mode: str, batch: int, chunk: int, budget_gib: float, last: int, out: mp.Queue) -> None:
+    """One training step of the trainer's own ``train_step`` (AdamW), plain or cached (``mode``),
+    all blocks or the last ``last``; ``cached-nocache`` recomputes the frozen blocks on replay."""
     import torch
 
-    from speed_ray.embedding import build_model
-    from speed_ray.gradcache import cached_backward
-    from speed_ray.losses import info_nce
+    from speed_ray.embedding import FrozenBlocks, build_model
     from speed_ray.models import resolve_model
+    from speed_ray.train.embed import train_step
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = build_model(resolve_model("all-minilm-l6-v2"), "mean", SEQ_LEN)
     model.train()
-    anchors, positives = _texts(batch)
-    texts = anchors + positives
-
-    def embed(chunk_texts):
-        return model(dict(model.preprocess(list(chunk_texts))))["sentence_embedding"]
-
-    def loss_fn(emb):
-        return info_nce(emb[:batch], emb[batch:], temperature=0.05)
-
-    embed(texts[:8])  # warm-up: lazy allocations happen before the cap
+    frozen = FrozenBlocks(model, last) if last else None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
+    rows = _rows(batch)
+    config = {
+        "pooling": "mean",
+        "temperature": 0.05,
+        "symmetric": False,
+        "num_negatives": 0,
+        "max_grad_norm": 0.0,
+        "precision": "fp32",
+        "chunk_size": 0 if mode == "plain" else chunk,
+    }
+    train_step(model, optimizer, rows[:8], config | {"chunk_size": 0})  # warm-up before the cap
     base = _rss_gib()
     resource.setrlimit(resource.RLIMIT_AS, (_vms_bytes() + int(budget_gib * 2**30), resource.RLIM_INFINITY))
     t0 = time.perf_counter()
     try:
-        if mode == "cached":
-            cached_backward(embed, texts, loss_fn, chunk)
-        else:
-            loss, _ = loss_fn(embed(texts))
-            loss.backward()
+        train_step(model, optimizer, rows, config, frozen if mode == "cached" else None)
     except (RuntimeError, MemoryError) as e:
-        out.put({"mode": mode, "batch": batch, "ok": False, "error": str(e).splitlines()[0][:120]})
+        out.put(
+            {
+                "mode": mode,
+                "batch": batch,
+                "last_blocks": last,
+                "ok": False,
+                "error": str(e).splitlines()[0][:120],
+            }
+        )
         return
     out.put(
         {
             "mode": mode,
             "batch": batch,
+            "last_blocks": last,
             "ok": True,
             "step_s": round(time.perf_counter() - t0, 3),
             "peak_extra_gib": round(_rss_gib() - base, 3),
@@ -90,16 +105,16 @@ def _run(mode: str, batch: int, chunk: int, budget_gib: float, out: mp.Queue) ->
     )
 
 
-def measure(mode: str, batch: int, chunk: int, budget_gib: float) -> dict:
+def measure(mode: str, batch: int, chunk: int, budget_gib: float, last: int = 0) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_run, args=(mode, batch, chunk, budget_gib, q))
+    p = ctx.Process(target=_run, args=(mode, batch, chunk, budget_gib, last, q))
     p.start()
     p.join()
     result = (
         q.get()
         if not q.empty()
-        else {"mode": mode, "batch": batch, "ok": False, "error": f"exit {p.exitcode}"}
+        else {"mode": mode, "batch": batch, "last_blocks": last, "ok": False, "error": f"exit {p.exitcode}"}
     )
     print(json.dumps(result), flush=True)
     return result
@@ -110,16 +125,44 @@ def main() -> None:
     ap.add_argument("--budget-gib", type=float, default=6.0)
     ap.add_argument("--batches", type=int, nargs="+", default=[128, 512, 2048, 4096])
     ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument(
+        "--last-blocks", type=int, default=2, help="also train the last N blocks only, at the first batch"
+    )
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each mode at the first batch (timing)")
     args = ap.parse_args()
+    first = args.batches[0]
     runs = []
-    for batch in args.batches:
+    for _ in range(args.repeats):  # interleaved, so drifting load hits both modes alike
+        for mode in ("plain", "cached"):
+            runs.append(measure(mode, first, args.chunk, args.budget_gib))
+    for batch in args.batches[1:]:
         for mode in ("plain", "cached"):
             runs.append(measure(mode, batch, args.chunk, args.budget_gib))
-    ok = {m: [r["batch"] for r in runs if r["mode"] == m and r["ok"]] for m in ("plain", "cached")}
-    both = [b for b in args.batches if b in ok["plain"] and b in ok["cached"]]
-    step = {(r["mode"], r["batch"]): r.get("step_s") for r in runs}
+    if args.last_blocks:
+        for _ in range(args.repeats):
+            for mode in ("plain", "cached", "cached-nocache"):
+                runs.append(measure(mode, first, args.chunk, args.budget_gib, args.last_blocks))
+
+    def median_step(mode: str, batch: int, last: int = 0) -> float | None:
+        times = sorted(
+            r["step_s"]
+            for r in runs
+            if r["ok"] and (r["mode"], r["batch"], r["last_blocks"]) == (mode, batch, last)
+        )
+        return times[len(times) // 2] if times else None
+
+    ok = {
+        m: [r["batch"] for r in runs if r["mode"] == m and r["ok"] and not r["last_blocks"]]
+        for m in ("plain", "cached")
+    }
+    ratios = {}
+    for b in args.batches:
+        plain, cached = median_step("plain", b), median_step("cached", b)
+        if plain and cached:
+            ratios[str(b)] = round(cached / plain, 3)
     result = {
         "benchmark": "gradcache",
+        "what": "one optimizer step of speed_ray.train.embed.train_step (AdamW), crop pairs, no hard negatives",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "model": "all-MiniLM-L6-v2, mean pooling",
         "seq_len": SEQ_LEN,
@@ -127,16 +170,21 @@ def main() -> None:
         "memory_budget_gib": args.budget_gib,
         "runs": runs,
         "largest_batch_in_budget": {m: max(v, default=0) for m, v in ok.items()},
-        "cached_over_plain_step_time": {b: round(step[("cached", b)] / step[("plain", b)], 3) for b in both},
+        "cached_over_plain_step_time": ratios,
     }
+    if args.last_blocks:
+        last = {m: median_step(m, first, args.last_blocks) for m in ("plain", "cached", "cached-nocache")}
+        if all(last.values()):
+            result[f"last_{args.last_blocks}_blocks_at_{first}"] = {
+                "step_s": last,
+                "cached_over_plain": round(last["cached"] / last["plain"], 3),  # type: ignore[operator]
+                "without_frozen_cache_over_plain": round(last["cached-nocache"] / last["plain"], 3),  # type: ignore[operator]
+            }
     out = REPO / "benchmarks/results/gradcache.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        json.dumps(
-            {k: result[k] for k in ("largest_batch_in_budget", "cached_over_plain_step_time")}, indent=2
-        )
-    )
+    summary = {k: v for k, v in result.items() if k not in ("runs", "benchmark", "what")}
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

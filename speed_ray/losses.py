@@ -20,12 +20,15 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    from torch.distributed import _functional_collectives as fc
+
+    # all_gather_single_autograd is the newer name (torch 2.13 deprecates the other)
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
 
     # The backward of an all-gather is a reduce-scatter: each rank gets the summed gradient of its rows.
     world = dist.group.WORLD
     assert world is not None  # a process group is initialised (checked above)
-    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=world)
+    return gather(x.contiguous(), gather_dim=0, group=world)
 
 
 def info_nce(

@@ -81,6 +81,14 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
             ["embed.train_last_blocks=-1"],
             "embed.train_last_blocks: expected 0 (off) or a positive number",
         ),
+        ("", ["embed.precision=fp8"], "embed.precision: expected one of fp32, bf16, fp16, got 'fp8'"),
+        ("", ["embed.precision=fp16"], "embed.precision: fp16 needs DeepSpeed's loss scaling"),
+        ("", ["embed.deepspeed_stage=1"], "embed.deepspeed_stage: expected one of 0, 2, 3, got 1"),
+        ("", ["embed.finetune=qlora"], "embed.finetune: expected one of auto, lora, full"),
+        ("", ["embed.lr_schedule=step"], "embed.lr_schedule: expected one of linear, cosine"),
+        ("", ["embed.data.min_crops=1"], "embed.data.min_crops: a pair needs 2 different crops"),
+        ("", ["embed.hard_negatives=-1"], "embed.hard_negatives: expected 0 (off) or a positive number"),
+        ("", ["embed.save_steps=-5"], "embed.save_steps: expected 0 (off) or a positive number"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, monkeypatch, text, overrides, message):
@@ -88,6 +96,16 @@ def test_bad_configs_name_the_key(tmp_path, monkeypatch, text, overrides, messag
     with pytest.raises(ConfigError, match=None) as err:
         load_config(write(tmp_path, text), overrides)
     assert message in str(err.value)
+
+
+def test_embed_finetune_auto_is_lora_for_decoders_only():
+    from speed_ray.config import embed_finetune
+
+    assert embed_finetune(load_config(None, ["embed.pooling=lasttoken"]).embed) == "lora"
+    assert embed_finetune(load_config(None, ["embed.pooling=mean"]).embed) == "full"
+    assert (
+        embed_finetune(load_config(None, ["embed.pooling=lasttoken", "embed.finetune=full"]).embed) == "full"
+    )
 
 
 def test_missing_config_file():
