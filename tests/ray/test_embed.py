@@ -260,3 +260,27 @@ def test_decoder_lora_last_block_exports_merged_with_its_query_prompt(
         again = model.encode(probe["texts"], **kw)
         torch.testing.assert_close(torch.tensor(again), torch.tensor(probe[key]), rtol=0, atol=1e-5)
     assert 'prompt_name="query"' in (out / "README.md").read_text()
+
+
+@pytest.mark.slow  # two more DeepSpeed worker groups: minutes on a 2-core box
+@pytest.mark.parametrize(("stage", "precision"), [(3, "fp32"), (2, "bf16"), (0, "bf16")])
+def test_zero3_and_bf16_train_and_export(tmp_path, tiny_bert, beir_tiny, ray_session, stage, precision):
+    from sentence_transformers import SentenceTransformer
+
+    from speed_ray.pipeline import embed
+
+    data = pairs_file(tmp_path / "pairs.jsonl", 16)
+    extra = [f"embed.deepspeed_stage={stage}", f"embed.precision={precision}", "embed.chunk_size=3"]
+    cfg = embed_cfg(tmp_path, "zero", tiny_bert, data, "embed.steps=2", "embed.batch_size=4", *extra)
+    cfg.eval.retrieval_dir = str(beir_tiny)
+    manifest = embed.run(cfg)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in manifest["history"])
+    trained, base = weights(cfg.run_dir / "embed/model"), weights(tiny_bert)
+    assert any(not torch.equal(base[k], trained[k]) for k in base if ".encoder.layer." in k)
+    again = SentenceTransformer(str(cfg.run_dir / "embed/model"), device="cpu").encode(
+        manifest["probe"]["texts"]
+    )
+    tol = 1e-5 if precision == "fp32" else 2e-2  # bf16 weights in training, fp32 after export
+    torch.testing.assert_close(
+        torch.tensor(again), torch.tensor(manifest["probe"]["embeddings"]), rtol=0, atol=tol
+    )
