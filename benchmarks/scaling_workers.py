@@ -36,7 +36,29 @@ sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared/data/debian/labelled.jsonl"
 RETRIEVAL = REPO.parent / "shared/data/debian/retrieval"
 WARMUP = 2
-ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "RAY_AUTH_MODE": "disabled",
+}
+
+
+def code_state() -> dict[str, Any]:
+    """The commit measured, and any uncommitted change to speed_ray/ (hashed: the working tree moves)."""
+    import hashlib
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout
+
+    diff = git("diff", "HEAD", "--", "speed_ray")
+    return {
+        "commit": git("rev-parse", "HEAD").strip(),
+        "speed_ray_uncommitted": [
+            line[3:] for line in git("status", "--porcelain", "--", "speed_ray").splitlines()
+        ],
+        "speed_ray_diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None,
+    }
 
 
 def setting(args: argparse.Namespace, workers: int) -> dict[str, Any]:
@@ -84,13 +106,17 @@ def train_once(args: argparse.Namespace, workers: int) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, overrides(args, setting(args, workers), tmp))
+        code = code_state()
         t0 = time.perf_counter()
         run(cfg)
         wall = time.perf_counter() - t0
-        history = [json.loads(line) for line in (cfg.run_dir / "embed/metrics.jsonl").read_text().splitlines()]
+        history = [
+            json.loads(line) for line in (cfg.run_dir / "embed/metrics.jsonl").read_text().splitlines()
+        ]
     return {
         "seconds": [round(h["seconds"], 4) for h in history],
         "wall_s_with_ray_start_and_export": round(wall, 2),
+        "code": code,  # at the run's start: the working tree may move under a benchmark
     }
 
 
@@ -104,15 +130,21 @@ def measure(args: argparse.Namespace, workers: int, tmp: str, log: Path) -> dict
             stderr=subprocess.STDOUT,
         )
     if p.returncode:
-        sys.exit(f"{workers} workers: the run failed (exit {p.returncode}); its log:\n" + log.read_text()[-4000:])
+        sys.exit(
+            f"{workers} workers: the run failed (exit {p.returncode}); its log:\n" + log.read_text()[-4000:]
+        )
     got = json.loads(out.read_text())
     steady = got["seconds"][WARMUP:]
     mean = statistics.fmean(steady)
-    return setting(args, workers) | got | {
-        "median_s": round(statistics.median(steady), 4),
-        "mean_s": round(mean, 4),
-        "examples_per_s": round(args.global_batch / mean, 2),
-    }
+    return (
+        setting(args, workers)
+        | got
+        | {
+            "median_s": round(statistics.median(steady), 4),
+            "mean_s": round(mean, 4),
+            "examples_per_s": round(args.global_batch / mean, 2),
+        }
+    )
 
 
 def main() -> None:
@@ -180,6 +212,12 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "versions": {pkg: version(pkg) for pkg in ("torch", "sentence-transformers", "transformers", "ray")},
+        "code": code_state(),
+        "code_changed_during_runs": len(
+            {json.dumps(c, sort_keys=True) for c in [r["code"] for r in runs]}
+            | {json.dumps(code_state(), sort_keys=True)}
+        )
+        > 1,
         "runs": runs,
         "per_setting": list(per_setting.values()),
         "speedup": {str(w): s[f"speedup_vs_{base_workers}_worker"] for w, s in per_setting.items()},
@@ -192,8 +230,14 @@ def main() -> None:
         result["machine"]["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"examples_per_s": {str(w): s["examples_per_s"] for w, s in per_setting.items()},
-                      "speedup": result["speedup"]}))
+    print(
+        json.dumps(
+            {
+                "examples_per_s": {str(w): s["examples_per_s"] for w, s in per_setting.items()},
+                "speedup": result["speedup"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

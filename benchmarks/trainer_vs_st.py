@@ -4,8 +4,10 @@ Both sides train all-MiniLM-L6-v2 (mean pooling, the same ``speed_ray.embedding.
 on the same crop pairs from the Debian corpus, with the same texts in every step: the ST side gets, in
 order, the global batches ``speed_ray.train.embed.global_batch`` hands our trainer, through a
 sequential batch sampler. Same per-step batch, max_seq_length, learning rate (linear decay, no
-warm-up, no weight decay, no clipping: both still compute the gradient norm), in-batch negatives only,
-scale 1/temperature = 20, one worker, CPU, the same torch thread count and TOKENIZERS_PARALLELISM=false.
+warm-up, no weight decay, no clipping: both still compute the gradient norm), AdamW (ST: transformers'
+default, fused with torch >= 2.8; ours: what ``speed_ray.train.embed.wrap`` builds), in-batch
+negatives only, scale 1/temperature = 20, one worker, CPU, the same torch thread count and
+TOKENIZERS_PARALLELISM=false.
 
   (a) ours: ``speed_ray.pipeline.embed.run`` under Ray Train, one worker; a step's seconds are the
       ``seconds`` of ``metrics.jsonl`` (measured in the worker: batch selection, tokenisation,
@@ -55,6 +57,23 @@ ENV = {
 }
 
 
+def code_state() -> dict[str, Any]:
+    """The commit measured, and any uncommitted change to speed_ray/ (hashed: the working tree moves)."""
+    import hashlib
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout
+
+    diff = git("diff", "HEAD", "--", "speed_ray")
+    return {
+        "commit": git("rev-parse", "HEAD").strip(),
+        "speed_ray_uncommitted": [
+            line[3:] for line in git("status", "--porcelain", "--", "speed_ray").splitlines()
+        ],
+        "speed_ray_diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None,
+    }
+
+
 def overrides(args: argparse.Namespace, output_dir: str) -> list[str]:
     return [
         f"run.output_dir={output_dir}",
@@ -97,14 +116,18 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, overrides(args, tmp))
+        code = code_state()
         t0 = time.perf_counter()
         run(cfg)
         wall = time.perf_counter() - t0
-        history = [json.loads(line) for line in (cfg.run_dir / "embed/metrics.jsonl").read_text().splitlines()]
+        history = [
+            json.loads(line) for line in (cfg.run_dir / "embed/metrics.jsonl").read_text().splitlines()
+        ]
     return {
         "seconds": [round(h["seconds"], 4) for h in history],
         "loss": [round(h["loss"], 4) for h in history],
         "wall_s_with_ray_start_and_export": round(wall, 2),
+        "code": code,  # at the run's start: the working tree may move under a benchmark
     }
 
 
@@ -119,7 +142,9 @@ def st_dataset(args: argparse.Namespace):
     cfg = load_config(None, overrides(args, tempfile.gettempdir()))
     data, _ = training_data(cfg)
     rows = [r for s in range(1, args.steps + 1) for r in global_batch(data, s, args.batch, cfg.run.seed)[1]]
-    return Dataset.from_dict({"anchor": [r["query"] for r in rows], "positive": [r["positive"] for r in rows]})
+    return Dataset.from_dict(
+        {"anchor": [r["query"] for r in rows], "positive": [r["positive"] for r in rows]}
+    )
 
 
 def run_st(args: argparse.Namespace) -> dict[str, Any]:
@@ -163,7 +188,6 @@ def run_st(args: argparse.Namespace) -> dict[str, Any]:
             lr_scheduler_type="linear",
             weight_decay=0.0,
             max_grad_norm=0.0,  # ours: embed.max_grad_norm 0 = no clipping (both still compute the norm)
-            optim="adamw_torch",
             dataloader_drop_last=True,
             dataloader_num_workers=0,
             batch_sampler=sequential,
@@ -183,11 +207,15 @@ def run_st(args: argparse.Namespace) -> dict[str, Any]:
         wall = time.perf_counter() - t0
     steps = [e - b for b, e in zip(clock.begin, clock.end, strict=True)]
     # end -> end: step k's compute plus the fetch + tokenisation of its batch; step 1 has no start mark
-    intervals = [clock.end[0] - clock.begin[0]] + [b - a for a, b in zip(clock.end, clock.end[1:])]
+    intervals = [clock.end[0] - clock.begin[0]] + [
+        b - a for a, b in zip(clock.end, clock.end[1:], strict=False)
+    ]
     return {
         "seconds": [round(s, 4) for s in intervals],
         "seconds_compute_only": [round(s, 4) for s in steps],
         "wall_s_train_call": round(wall, 2),
+        "optimizer": f"{targs.optim} ({type(trainer.optimizer).__name__}, "
+        f"fused={trainer.optimizer.defaults.get('fused')})",
     }
 
 
@@ -257,7 +285,9 @@ def main() -> None:
             )
     pooled = {k: [s for r in runs for s in r[k]["seconds"][WARMUP:]] for k in ("ours", "st")}
     pooled_c = [s for r in runs for s in r["st"]["seconds_compute_only"][WARMUP:]]
-    overall = ratios([0.0] * WARMUP + pooled["ours"], [0.0] * WARMUP + pooled["st"], [0.0] * WARMUP + pooled_c)
+    overall = ratios(
+        [0.0] * WARMUP + pooled["ours"], [0.0] * WARMUP + pooled["st"], [0.0] * WARMUP + pooled_c
+    )
     result = {
         "benchmark": "trainer_vs_st",
         "what": "seconds per optimizer step, steady state (first 2 steps of each run left out): speed-ray's "
@@ -287,6 +317,12 @@ def main() -> None:
         "versions": {
             pkg: version(pkg) for pkg in ("torch", "sentence-transformers", "transformers", "ray", "datasets")
         },
+        "code": code_state(),
+        "code_changed_during_runs": len(
+            {json.dumps(c, sort_keys=True) for c in [r["ours"]["code"] for r in runs]}
+            | {json.dumps(code_state(), sort_keys=True)}
+        )
+        > 1,
         "runs": runs,
         "overall": {
             "ours_mean_s": round(statistics.fmean(pooled["ours"]), 4),
