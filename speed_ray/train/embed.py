@@ -227,7 +227,7 @@ def train_step(
 def setup_model(config: dict[str, Any]):
     """The SentenceTransformer with LoRA / frozen blocks / gradient checkpointing as configured;
     returns (model, frozen or None)."""
-    from speed_ray.embedding import FrozenBlocks, add_lora, build_model, set_prompts
+    from speed_ray.embedding import FrozenBlocks, build_model, set_prompts
 
     model = build_model(config["model"], config["pooling"], config["max_seq_length"])
     model.train()  # dropout on, as in E5/SPEED and the crops paper
@@ -241,15 +241,23 @@ def setup_model(config: dict[str, Any]):
     if config["finetune"] == "lora":
         for p in model.parameters():
             p.requires_grad_(False)
-        add_lora(
-            model,
-            config["lora_r"],
-            config["lora_alpha"],
-            config["lora_dropout"],
-            config["lora_target_modules"],
-            last,
-        )
+        configured_lora(model, config)
     return model, frozen
+
+
+def configured_lora(model, config: dict[str, Any]) -> None:
+    """The LoRA adapter of ``config`` (in the last ``train_last_blocks`` blocks when set): the same for
+    training and for the fresh copy the export loads the trained weights into."""
+    from speed_ray.embedding import add_lora
+
+    add_lora(
+        model,
+        config["lora_r"],
+        config["lora_alpha"],
+        config["lora_dropout"],
+        config["lora_target_modules"],
+        config["train_last_blocks"],
+    )
 
 
 def deepspeed_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -350,18 +358,11 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
 def export(state: dict[str, torch.Tensor], config: dict[str, Any], folder: str) -> None:
     """A fresh copy of the model with the trained weights, LoRA merged, saved for sentence-transformers
     with pooling, normalisation and the query/document prompts."""
-    from speed_ray.embedding import add_lora, build_model, merge_lora, set_prompts
+    from speed_ray.embedding import build_model, merge_lora, set_prompts
 
     model = build_model(config["model"], config["pooling"], config["max_seq_length"])
     if config["finetune"] == "lora":
-        add_lora(
-            model,
-            config["lora_r"],
-            config["lora_alpha"],
-            config["lora_dropout"],
-            config["lora_target_modules"],
-            config["train_last_blocks"],
-        )
+        configured_lora(model, config)
     model.load_state_dict(state)
     merge_lora(model)
     set_prompts(model, config["query_instruction"], config["pooling"])
