@@ -57,6 +57,7 @@ def _run(mode: str, batch: int, chunk: int, budget_gib: float, last: int, out: m
     all blocks or the last ``last``; ``cached-nocache`` recomputes the frozen blocks on replay."""
     import torch
 
+    from speed_ray.config import EmbedConfig
     from speed_ray.embedding import FrozenBlocks, build_model
     from speed_ray.models import resolve_model
     from speed_ray.train.embed import train_step
@@ -75,6 +76,7 @@ def _run(mode: str, batch: int, chunk: int, budget_gib: float, last: int, out: m
         "max_grad_norm": 0.0,
         "precision": "fp32",
         "chunk_size": 0 if mode == "plain" else chunk,
+        "pass_tokens": EmbedConfig.pass_tokens,  # the trainer's default, on both sides
     }
     train_step(model, optimizer, rows[:8], config | {"chunk_size": 0})  # warm-up before the cap
     base = _rss_gib()

@@ -277,6 +277,10 @@ class EmbedConfig:
     with duplicates. 0 uses in-batch negatives only."""
     chunk_size: int = 0
     """GradCache: texts per forward pass (0: the whole batch at once). Same loss and gradients."""
+    pass_tokens: int = 2048
+    """Padded tokens per forward pass: a step's texts are sorted by length and cut into passes of at
+    most this many (0: one pass per step, padded to its longest text). Less padding and smaller
+    attention tensors; same loss and gradients up to float rounding."""
     cache_frozen: bool = True
     """With train_last_blocks and GradCache: compute the frozen blocks once per step, not twice."""
     max_seq_length: int = 128
@@ -514,6 +518,7 @@ def _check_names(cfg: SpeedRayConfig) -> None:
         "embed.warmup_steps": cfg.embed.warmup_steps,
         "embed.train_last_blocks": cfg.embed.train_last_blocks,
         "embed.chunk_size": cfg.embed.chunk_size,
+        "embed.pass_tokens": cfg.embed.pass_tokens,
         "embed.hard_negatives": cfg.embed.hard_negatives,
         "embed.weight_decay": cfg.embed.weight_decay,
         "embed.max_grad_norm": cfg.embed.max_grad_norm,

@@ -42,10 +42,6 @@ class RandState:
             yield
 
 
-def chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
 Backward = Callable[[Callable[[], torch.Tensor], torch.Tensor | None, bool], None]
 
 

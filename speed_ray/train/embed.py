@@ -144,6 +144,48 @@ def backward_for(model) -> Callable[[Callable[[], torch.Tensor], torch.Tensor | 
     return deepspeed_run if is_deepspeed(model) else run
 
 
+def length_passes(lengths: list[int], max_texts: int, max_tokens: int) -> list[list[int]]:
+    """Indices of texts sorted by length, cut into forward passes of at most ``max_texts`` texts and
+    ``max_tokens`` padded tokens (0: no limit; a text longer than ``max_tokens`` goes alone)."""
+    passes: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        full = passes and (
+            (max_texts and len(passes[-1]) >= max_texts)
+            or (max_tokens and (len(passes[-1]) + 1) * lengths[i] > max_tokens)
+        )
+        if not passes or full:
+            passes.append([])
+        passes[-1].append(i)
+    return passes
+
+
+def even_passes(passes: list[list[int]], lengths: list[int], count: int) -> list[list[int]]:
+    """``passes`` split, the one with the most padded tokens in halves first, until there are
+    ``count``: every rank must run as many forward passes (DDP broadcasts buffers and ZeRO-3 gathers
+    weights in each one)."""
+    passes = [list(p) for p in passes]
+    if count > len(lengths):
+        raise ValueError(f"cannot split {len(lengths)} texts into {count} forward passes")
+    while len(passes) < count:
+        i = max(
+            range(len(passes)), key=lambda j: (len(passes[j]) > 1, len(passes[j]) * lengths[passes[j][-1]])
+        )
+        p = passes[i]
+        passes[i : i + 1] = [p[: (len(p) + 1) // 2], p[(len(p) + 1) // 2 :]]
+    return passes
+
+
+def most_passes(count: int, device: torch.device) -> int:
+    """The largest pass count of any rank (``count`` itself without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return count
+    t = torch.tensor([count], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def train_step(
     model,
     optimizer,
@@ -154,14 +196,18 @@ def train_step(
 ) -> dict[str, float]:
     """One optimizer step on this worker's ``rows``; ``config["chunk_size"]`` > 0 goes through GradCache.
 
-    ``config`` keys: pooling, temperature, symmetric, num_negatives, chunk_size, max_grad_norm,
-    precision. ``frozen`` (``embedding.FrozenBlocks``) lets GradCache compute the frozen blocks once.
+    The step's texts (queries, positives, negatives) are sorted by token length and embedded in passes
+    of at most ``pass_tokens`` padded tokens (and ``chunk_size`` texts); the loss sees them back in
+    row order. ``config`` keys: pooling, temperature, symmetric, num_negatives, chunk_size,
+    pass_tokens, max_grad_norm, precision. ``frozen`` (``embedding.FrozenBlocks``) lets GradCache
+    compute the frozen blocks once.
     """
-    from speed_ray.gradcache import cached_backward, chunked
+    from speed_ray.gradcache import cached_backward
     from speed_ray.losses import info_nce
 
     k = config["num_negatives"]
     queries, positives, negatives, mask = batch_texts(rows, config["pooling"], k)
+    texts = queries + positives + negatives
     n = len(queries)
     st = unwrap(model)
     device = next(st.parameters()).device
@@ -170,17 +216,23 @@ def train_step(
         if config["precision"] == "bf16" and not is_deepspeed(model)
         else contextlib.nullcontext()
     )
+    lengths = st.preprocess(texts)["attention_mask"].sum(dim=1).tolist()
+    passes = length_passes(lengths, config["chunk_size"], config["pass_tokens"])
+    passes = even_passes(passes, lengths, most_passes(len(passes), device))
+    order = torch.tensor([i for p in passes for i in p])
+    chunks = [[texts[i] for i in p] for p in passes]
 
-    def embed(texts) -> torch.Tensor:
+    def embed(chunk) -> torch.Tensor:
         features = {
-            key: v.to(device) if isinstance(v, torch.Tensor) else v
-            for key, v in st.preprocess(list(texts)).items()
+            key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in st.preprocess(chunk).items()
         }
         with autocast:
             return model(features)["sentence_embedding"]  # [len, d], normalised
 
-    def loss_fn(emb: torch.Tensor):
-        emb = emb.float()
+    def loss_fn(sorted_emb: torch.Tensor):
+        emb = torch.empty_like(sorted_emb, dtype=torch.float32).index_copy(
+            0, order.to(device), sorted_emb.float()
+        )  # back in row order: queries, positives, negatives
         neg = emb[2 * n :].view(n, k, -1) if k else None
         return info_nce(
             emb[:n], emb[n : 2 * n], neg, mask.to(device), config["temperature"], config["symmetric"]
@@ -189,20 +241,13 @@ def train_step(
     run = backward_for(model)
     if not is_deepspeed(model):
         optimizer.zero_grad(set_to_none=True)
-    size = config["chunk_size"]
-    if size > 0:
-        chunks = chunked(queries, size) + chunked(positives, size) + chunked(negatives, size)
+    if config["chunk_size"] > 0:
         loss, acc = cached_backward(embed, chunks, loss_fn, run, frozen)
     else:
         out = {}
 
         def forward():
-            # one forward pass per role, each padded to its own longest text: one pass over all of
-            # them measured 0.83x sentence-transformers' speed against 0.92-0.99x for this
-            # (benchmarks/trainer_vs_st.py, 2-core CPU)
-            out["loss"], out["acc"] = loss_fn(
-                torch.cat([embed(t) for t in (queries, positives, negatives) if t])
-            )
+            out["loss"], out["acc"] = loss_fn(torch.cat([embed(c) for c in chunks]))
             return out["loss"]
 
         run(forward, None, True)

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from speed_ray.pairs import CropRule, build_pairs
-from speed_ray.train.embed import CorpusPairs, Rows, batch_texts, global_batch, train_step
+from speed_ray.train.embed import (
+    CorpusPairs,
+    Rows,
+    batch_texts,
+    even_passes,
+    global_batch,
+    length_passes,
+    train_step,
+)
 from tests.distributed import run_gloo
 
 WORDS = [
@@ -48,13 +56,14 @@ STEP = {
     "num_negatives": 2,
     "max_grad_norm": 0.0,
     "precision": "fp32",
+    "pass_tokens": 0,
 }
 
 
-def step_grads(model, batch, chunk_size):
+def step_grads(model, batch, chunk_size, pass_tokens=0):
     """Loss and gradients of one step; SGD with lr 0 leaves the weights and keeps the gradients."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    metrics = train_step(model, opt, batch, STEP | {"chunk_size": chunk_size})
+    metrics = train_step(model, opt, batch, STEP | {"chunk_size": chunk_size, "pass_tokens": pass_tokens})
     inner = model.module if hasattr(model, "no_sync") else model
     return metrics, {n: p.grad.clone() for n, p in inner.named_parameters() if p.grad is not None}
 
@@ -68,26 +77,42 @@ def tiny_model(path):
     return model
 
 
-def _rank(rank, world, path, chunk_size, out):
+def _rank(rank, world, path, chunk_size, pass_tokens, out):
     model = torch.nn.parallel.DistributedDataParallel(tiny_model(path), find_unused_parameters=True)
     batch = rows(8)[rank * 4 : (rank + 1) * 4]
-    metrics, grads = step_grads(model, batch, chunk_size)
+    metrics, grads = step_grads(model, batch, chunk_size, pass_tokens)
     losses = [torch.zeros(()) for _ in range(world)]
     torch.distributed.all_gather(losses, torch.tensor(metrics["loss"]))
     if rank == 0:
         torch.save({"loss": torch.stack(losses).mean(), "grads": grads}, out)
 
 
-@pytest.mark.parametrize("chunk_size", [0, 3])
-def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path, tiny_bert, chunk_size):
+# (GradCache chunk, pass_tokens): one pass per step; length-sorted passes of <= 24 padded tokens
+# (1-4 texts here); GradCache chunks of 3 texts.
+@pytest.mark.parametrize(("chunk_size", "pass_tokens"), [(0, 0), (0, 24), (3, 0)])
+def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path, tiny_bert, chunk_size, pass_tokens):
     out = tmp_path / "rank0.pt"
-    run_gloo(_rank, 2, tiny_bert, chunk_size, str(out))
+    run_gloo(_rank, 2, tiny_bert, chunk_size, pass_tokens, str(out))
     got = torch.load(out)
     want_metrics, want = step_grads(tiny_model(tiny_bert), rows(8), 0)
     assert got["loss"].item() == pytest.approx(want_metrics["loss"], rel=1e-5)
     assert got["grads"].keys() == want.keys() and len(want) > 20
     for name, g in want.items():
         torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_length_passes_sort_and_cut_by_texts_and_padded_tokens():
+    lengths = [9, 3, 5, 3, 40, 6]
+    assert length_passes(lengths, 0, 0) == [[1, 3, 2, 5, 0, 4]]  # stable sort, one pass
+    # <= 12 padded tokens: 3+3 -> +5 would pad 3 texts to 5 (15); 5+6 -> 9 alone; 40 over the cap alone
+    assert length_passes(lengths, 0, 12) == [[1, 3], [2, 5], [0], [4]]
+    assert length_passes(lengths, 4, 0) == [[1, 3, 2, 5], [0, 4]]
+    assert length_passes([], 3, 12) == []
+    # another rank ran 5 passes: the pass with the most padded tokens is halved first
+    assert even_passes([[1, 3, 2, 5], [0, 4]], lengths, 3) == [[1, 3, 2, 5], [0], [4]]
+    assert even_passes([[1, 3, 2, 5], [0], [4]], lengths, 5) == [[1, 3], [2], [5], [0], [4]]
+    with pytest.raises(ValueError, match="cannot split 6 texts into 7"):
+        even_passes([[0]], lengths, 7)
 
 
 def test_masked_negatives_and_query_format():

@@ -7,12 +7,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from speed_ray.gradcache import cached_backward, chunked
+from speed_ray.gradcache import cached_backward
 from speed_ray.losses import info_nce
 from tests.distributed import run_gloo
 from tests.unit.test_losses import _data, _embed
 
 N = 5  # rows: 5 queries, 5 positives, 5 negatives = 15 texts
+
+
+def chunked(items, size):
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def texts():
