@@ -461,14 +461,14 @@ def train_loop(config: dict[str, Any]) -> None:
     per_worker, steps = config["batch_size"], config["steps"]
     while step < steps:
         step += 1
-        t0 = time.time()
+        t0 = time.perf_counter()
         epoch, rows = global_batch(data, step, per_worker * world, config["seed"])
         torch.manual_seed(config["seed"] * 1_000_003 + step * 1_009 + rank)
         lr = scheduler.get_last_lr()[0]
         metrics = train_step(
             model, optimizer, rows[rank * per_worker : (rank + 1) * per_worker], config, frozen, scheduler
         )
-        seconds = time.time() - t0
+        seconds = time.perf_counter() - t0
         metrics |= {
             "step": step,
             "epoch": epoch,
