@@ -197,6 +197,7 @@ def test_a_killed_worker_resumes_and_matches_the_uninterrupted_run(
         torch.testing.assert_close(w1[k], w0[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow  # two worker groups, ~2.5 min; the default suite trains ZeRO-2 + gather once below
 def test_deepspeed_zero2_with_the_gather_and_gradcache_matches_ddp(
     tmp_path, tiny_bert, beir_tiny, ray_session
 ):
@@ -262,9 +263,19 @@ def test_decoder_lora_last_block_exports_merged_with_its_query_prompt(
     assert 'prompt_name="query"' in (out / "README.md").read_text()
 
 
-@pytest.mark.slow  # two more DeepSpeed worker groups: minutes on a 2-core box
-@pytest.mark.parametrize(("stage", "precision"), [(3, "fp32"), (2, "bf16"), (0, "bf16")])
-def test_zero3_and_bf16_train_and_export(tmp_path, tiny_bert, beir_tiny, ray_session, stage, precision):
+SLOW = pytest.mark.slow  # more DeepSpeed worker groups: minutes on a 2-core box
+
+
+@pytest.mark.parametrize(
+    ("stage", "precision"),
+    [
+        (2, "fp32"),  # ZeRO-2 with the cross-worker gather and GradCache: in the default suite
+        pytest.param(3, "fp32", marks=SLOW),
+        pytest.param(2, "bf16", marks=SLOW),
+        pytest.param(0, "bf16", marks=SLOW),
+    ],
+)
+def test_zero_stages_and_bf16_train_and_export(tmp_path, tiny_bert, beir_tiny, ray_session, stage, precision):
     from sentence_transformers import SentenceTransformer
 
     from speed_ray.pipeline import embed
