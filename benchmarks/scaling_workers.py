@@ -95,7 +95,7 @@ def overrides(args: argparse.Namespace, s: dict[str, Any], output_dir: str) -> l
         f"embed.resources.workers={s['workers']}",
         f"embed.resources.cpus_per_worker={s['cpus_per_worker']}",
         f"embed.resources.use_gpu={'true' if args.gpu else 'false'}",
-        f"eval.retrieval_dir={RETRIEVAL}",
+        f"eval.retrieval.path={RETRIEVAL}",
     ]
 
 

@@ -92,7 +92,7 @@ def overrides(args: argparse.Namespace, output_dir: str) -> list[str]:
         "embed.hard_negatives=0",
         "embed.resources.workers=1",
         f"embed.resources.cpus_per_worker={args.cpus}",
-        f"eval.retrieval_dir={RETRIEVAL}",
+        f"eval.retrieval.path={RETRIEVAL}",
     ]
 
 

@@ -311,13 +311,56 @@ class EmbedConfig:
 
 
 @dataclass
-class EvalConfig:
-    retrieval_dir: str = "../shared/data/debian/retrieval"
-    """A BEIR-layout folder: corpus.jsonl, queries.jsonl, qrels/test.tsv."""
-    task_name: str = "DebianPackageRetrieval"
+class RetrievalTaskConfig:
+    path: str | None = "../shared/data/debian/retrieval"
+    """A BEIR-layout folder: corpus.jsonl, queries.jsonl, qrels/test.tsv (null: no retrieval task)."""
+    name: str = "DebianPackageRetrieval"
     query_instruction: str = "Given a short description of a Debian package, retrieve its full description"
+    """The query prompt of models that saved none (decoders with lasttoken pooling use it)."""
+    max_queries: int = 0
+    """0: every query; N: a seeded sample of N queries, scored against the whole corpus."""
+
+
+@dataclass
+class LabelledTaskConfig:
+    path: str | None = None
+    """A JSONL file with a text and a label per row (null: no such task)."""
+    name: str = ""
+    """The mteb task name (results/<model>/<revision>/<name>.json); default: from the file name."""
+    text_field: str = "text"
+    label_field: str = "label"
+    max_docs: int = 0
+    """0: every row; N: a seeded sample of N rows (big models on small machines)."""
+    split: str = "cv"
+    """kNN only: cv (5-fold cross-validation) | holdout (a fixed test_fraction of the rows, seeded)."""
+    test_fraction: float = 0.1
+    k: int = 10
+    """kNN only: neighbours, by cosine similarity (the crops paper: k=10)."""
+
+
+@dataclass
+class EvalConfig:
+    models: list[str] = field(default_factory=lambda: ["base", "trained"])
+    """base (embed.model, untouched, with embed.pooling) | trained (this run's embed/model) | tfidf |
+    bm25 (retrieval only) | a built-in name, a model folder or a hub name (a SentenceTransformer, or a
+    plain transformer given embed.pooling)."""
+    retrieval: RetrievalTaskConfig = field(default_factory=RetrievalTaskConfig)
+    knn: LabelledTaskConfig = field(default_factory=LabelledTaskConfig)
+    """kNN classification (k nearest by cosine): accuracy and macro-F1."""
+    clustering: LabelledTaskConfig = field(default_factory=LabelledTaskConfig)
+    """k-means with one cluster per label: V-measure."""
+    mteb_tasks: list[str] = field(default_factory=list)
+    """Standard mteb tasks or benchmarks by name (e.g. NanoArguAnaRetrieval, "MTEB(eng, v2)"): they
+    need network or the datasets in the local Hugging Face cache."""
+    layers: bool = False
+    """Also score every layer's mean-pooled hidden states on the kNN task (the crops paper's Fig. 4)."""
+    seed: int = 42
+    """Samples, splits and k-means."""
     batch_size: int = 64
     max_seq_length: int = 128
+    cache: bool = True
+    """Keep embeddings, keyed on the model's weights, prompts and length, and the text, so scoring a
+    model again embeds nothing it has embedded before."""
 
 
 @dataclass
@@ -684,14 +727,35 @@ def _check_files(cfg: SpeedRayConfig) -> None:
     tax = cfg.synth.taxonomy
     if tax.path is not None and not tax.topics and not Path(tax.path).is_file():
         raise ConfigError(f"synth.taxonomy.path: file {tax.path} not found")
-    rdir = Path(cfg.eval.retrieval_dir)
-    for rel in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
-        if not (rdir / rel).is_file():
-            raise ConfigError(f"eval.retrieval_dir: expected {rdir / rel} (BEIR layout), not found")
+    _check_eval(cfg.eval)
     models = {f"{k}.model": e.model for k, e in _engines(cfg).items() if e.kind != "openai"}
     for key, spec in {**models, "align.model": cfg.align.model, "embed.model": cfg.embed.model}.items():
         if _looks_like_path(spec) and not Path(spec).is_dir():
             raise ConfigError(f"{key}: model folder {spec} not found")
+
+
+def _check_eval(ev: EvalConfig) -> None:
+    if ev.retrieval.path is not None:
+        rdir = Path(ev.retrieval.path)
+        for rel in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+            if not (rdir / rel).is_file():
+                raise ConfigError(f"eval.retrieval.path: expected {rdir / rel} (BEIR layout), not found")
+    for key, task in (("eval.knn", ev.knn), ("eval.clustering", ev.clustering)):
+        if task.path is not None and not Path(task.path).is_file():
+            raise ConfigError(f"{key}.path: file {task.path} not found")
+    if ev.knn.split not in ("cv", "holdout"):
+        raise ConfigError(f"eval.knn.split: expected cv or holdout, got {ev.knn.split!r}")
+    if not 0 < ev.knn.test_fraction < 1:
+        raise ConfigError(
+            f"eval.knn.test_fraction: expected a number between 0 and 1, got {ev.knn.test_fraction}"
+        )
+    if ev.knn.k < 1:
+        raise ConfigError(f"eval.knn.k: expected at least 1, got {ev.knn.k}")
+    if ev.layers and ev.knn.path is None:
+        raise ConfigError("eval.layers: the layer analysis scores the kNN task; set eval.knn.path")
+    for i, spec in enumerate(ev.models):
+        if _looks_like_path(spec) and not Path(spec).is_dir():
+            raise ConfigError(f"eval.models[{i}]: model folder {spec} not found")
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -104,5 +104,15 @@ def doctor(cfg: SpeedRayConfig | None) -> str:
                 f"  {name:7s} Ray Train, {res.workers} workers x {res.cpus_per_worker} CPU"
                 f"{' + 1 GPU' if res.use_gpu else ''}, model {model}"
             )
-        lines.append(f"  eval    mteb retrieval on {cfg.eval.retrieval_dir}")
+        ev = cfg.eval
+        tasks = [
+            f"{kind} {path}"
+            for kind, path in (
+                ("retrieval", ev.retrieval.path),
+                ("kNN", ev.knn.path),
+                ("clustering", ev.clustering.path),
+            )
+            if path is not None
+        ] + [f"mteb {name}" for name in ev.mteb_tasks]
+        lines.append(f"  eval    mteb: {', '.join(ev.models)} on {'; '.join(tasks) or 'no task'}")
     return "\n".join(lines)

@@ -1,35 +1,45 @@
-"""Offline mteb evaluation: a retrieval task read from a BEIR-layout folder (corpus.jsonl,
-queries.jsonl, qrels/test.tsv), defined in code so mteb never reaches a hub.
+"""Evaluation through mteb, offline: tasks defined in code from local files, so mteb never reaches a
+hub, and scored by mteb's own evaluators, so its tooling reads the results.
 
-The Debian retrieval set (../shared/data/debian/retrieval) is read as it is: 5,000 long package
-descriptions as the corpus, 1,000 short descriptions as queries, one relevant document each.
+- retrieval: a BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/test.tsv); nDCG@10.
+- kNN classification: a labelled JSONL; the k nearest training rows by cosine similarity vote (the
+  crops paper's in-domain protocol), 5-fold cross-validation or a fixed held-out fraction; accuracy
+  and macro-F1.
+- clustering: a labelled JSONL; k-means with one cluster per label; V-measure.
+
+Baselines: ``TfidfEncoder`` (fit on the task's own documents) and mteb's BM25 (retrieval only).
+Embeddings are cached per model (``model_key``: weights, pooling, prompts, length), per task and per
+text, with mteb's ``CachedEmbeddingWrapper``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import random
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from speed_ray.data import read_beir
+import numpy as np
+
+from speed_ray.data import read_beir, read_jsonl
+
+KNN_SEED = 42
 
 
-def retrieval_task(name: str, folder: Path) -> Any:
-    """An mteb retrieval task (main score nDCG@10) over the BEIR folder, loaded on first use."""
-    from datasets import Dataset
+def _metadata(name: str, type_: str, main_score: str, description: str, splits: list[str]) -> Any:
     from mteb import TaskMetadata
-    from mteb.abstasks.retrieval import AbsTaskRetrieval
-    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 
-    metadata = TaskMetadata(
+    return TaskMetadata(
         name=name,
-        description=f"Retrieval over the BEIR-layout folder {folder.name}, defined offline by speed-ray.",
+        description=description,
         reference=None,
         dataset={"path": "local/" + name, "revision": "local"},
-        type="Retrieval",
-        category="t2t",
-        eval_splits=["test"],
+        type=cast(Any, type_),
+        category="t2t" if type_ == "Retrieval" else "t2c",
+        eval_splits=splits,
         eval_langs=["eng-Latn"],
-        main_score="ndcg_at_10",
+        main_score=main_score,
         date=("2026-01-01", "2026-01-01"),
         dialect=[],
         domains=[],
@@ -41,9 +51,69 @@ def retrieval_task(name: str, folder: Path) -> Any:
         bibtex_citation="",
     )
 
+
+# ----------------------------------------------------------------------------------------------
+# Data: pure functions
+
+
+def read_labelled(path: Path, text_field: str = "text", label_field: str = "label") -> list[dict]:
+    """[{id, text, label}] from a JSONL file; a row without a non-empty text or a label is an error
+    naming the file, the line and the field."""
+    rows = []
+    for n, r in enumerate(read_jsonl(path), 1):
+        for key in (text_field, label_field):
+            value = r.get(key)
+            if value is None or (key == text_field and not (isinstance(value, str) and value.strip())):
+                raise ValueError(f"{path}:{n}: expected a non-empty {key!r} field, got {value!r}")
+        rows.append({"id": str(r.get("id", n)), "text": r[text_field], "label": str(r[label_field])})
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def sample_rows(rows: list[dict], max_rows: int, seed: int) -> list[dict]:
+    """A seeded sample of ``max_rows`` rows in file order (all when 0 or more than there are)."""
+    if not max_rows or max_rows >= len(rows):
+        return rows
+    keep = sorted(random.Random(seed).sample(range(len(rows)), max_rows))
+    return [rows[i] for i in keep]
+
+
+def holdout_ids(ids: list[str], fraction: float, seed: int) -> set[str]:
+    """The held-out ``fraction`` of ``ids``, by a seeded shuffle of the whole list: the same file and
+    seed give the same split for training (``embed.data.holdout``) and for the kNN task."""
+    order = sorted(set(ids))
+    random.Random(seed).shuffle(order)
+    return set(order[: round(fraction * len(order))])
+
+
+def sample_queries(
+    queries: list[dict], qrels: dict[str, dict[str, int]], max_queries: int, seed: int
+) -> tuple[list[dict], dict[str, dict[str, int]]]:
+    """A seeded sample of queries with judgements, in file order, and their qrels."""
+    judged = [q for q in queries if q["id"] in qrels]
+    kept = sample_rows(judged, max_queries, seed)
+    return kept, {q["id"]: qrels[q["id"]] for q in kept}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks
+
+
+def retrieval_task(name: str, folder: Path, max_queries: int = 0, seed: int = KNN_SEED) -> Any:
+    """An mteb retrieval task (main score nDCG@10) over a BEIR folder, loaded on first use."""
+    from datasets import Dataset
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+
     class LocalRetrieval(AbsTaskRetrieval):
+        metadata = _metadata(
+            name, "Retrieval", "ndcg_at_10", f"Retrieval over the BEIR folder {folder}.", ["test"]
+        )
+
         def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
             corpus, queries, qrels = read_beir(folder)
+            queries, qrels = sample_queries(queries, qrels, max_queries, seed)
             split = RetrievalSplitData(
                 corpus=Dataset.from_list(corpus),
                 queries=Dataset.from_list(queries),
@@ -53,17 +123,193 @@ def retrieval_task(name: str, folder: Path) -> Any:
             self.dataset = {"default": {"test": split}}
             self.data_loaded = True
 
-    LocalRetrieval.metadata = metadata
     return LocalRetrieval()
 
 
-def evaluate(model: Any, label: str, task: Any, results_dir: Path, batch_size: int) -> dict[str, float]:
-    """Run mteb on ``task``; results go to ``results_dir/results/speed-ray__<label>/...`` (mteb's own
-    layout); returns the test scores."""
+def knn_task(
+    name: str, rows: list[dict], k: int = 10, test_ids: set[str] | None = None, seed: int = KNN_SEED
+) -> Any:
+    """An mteb classification task scored by a k-nearest-neighbour vote (cosine) over every training
+    row: 5-fold cross-validation over ``rows``, or train on the rows outside ``test_ids`` and score
+    the rows inside (main score accuracy; ``f1`` is macro-F1)."""
+    from datasets import Dataset, DatasetDict
+    from mteb.abstasks.classification import AbsTaskClassification
+    from sklearn.neighbors import KNeighborsClassifier
+
+    labels = sorted({r["label"] for r in rows})
+    index = {label: i for i, label in enumerate(labels)}
+
+    def table(part: list[dict]) -> Dataset:
+        return Dataset.from_dict(
+            {"text": [r["text"] for r in part], "label": [index[r["label"]] for r in part]}
+        )
+
+    if test_ids is None:
+        splits, data = ["train"], DatasetDict({"train": table(rows)})
+    else:
+        train = [r for r in rows if r["id"] not in test_ids]
+        test = [r for r in rows if r["id"] in test_ids]
+        if not train or not test:
+            raise ValueError(
+                f"{name}: the held-out split leaves {len(train)} training and {len(test)} test rows"
+            )
+        splits, data = ["test"], DatasetDict({"train": table(train), "test": table(test)})
+    protocol = "5-fold cross-validation" if test_ids is None else "a held-out split"
+    description = f"kNN (k={k}, cosine) over {len(rows)} labelled rows ({len(labels)} labels), {protocol}."
+
+    class LocalKNN(AbsTaskClassification):
+        metadata = _metadata(name, "Classification", "accuracy", description, splits)
+        evaluator_model = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute")
+        samples_per_label = len(rows)  # every training row, not mteb's default 8 per label
+        n_experiments = 1
+        is_cross_validation = test_ids is None
+
+        def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+            self.dataset = {"default": data}
+            self.data_loaded = True
+
+    task = LocalKNN()
+    task.seed = seed
+    return task
+
+
+def clustering_task(name: str, rows: list[dict], seed: int = KNN_SEED) -> Any:
+    """An mteb clustering task over every row (mteb embeds 4% by default): mini-batch k-means with one
+    cluster per label, 10 bootstrap draws of len(rows) rows; main score V-measure."""
+    from datasets import Dataset
+    from mteb.abstasks.clustering import AbsTaskClustering
+
+    n_labels = len({r["label"] for r in rows})
+    data = Dataset.from_dict({"sentences": [r["text"] for r in rows], "labels": [r["label"] for r in rows]})
+
+    class LocalClustering(AbsTaskClustering):
+        metadata = _metadata(
+            name, "Clustering", "v_measure", f"k-means over {len(rows)} rows, {n_labels} labels.", ["test"]
+        )
+        max_fraction_of_documents_to_embed = None
+        max_documents_per_cluster = len(rows)
+
+        def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+            self.dataset = {"default": {"test": data}}
+            self.data_loaded = True
+
+    task = LocalClustering()
+    task.seed = seed
+    return task
+
+
+def named_tasks(names: list[str]) -> list[Any]:
+    """Standard mteb tasks or benchmarks by name; the datasets come from the network or the local
+    Hugging Face cache (HF_DATASETS_OFFLINE=1 reads the cache only)."""
+    import mteb
+
+    benchmarks = {b.name for b in mteb.get_benchmarks()}
+    tasks: list[Any] = []
+    for name in names:
+        if name in benchmarks:
+            tasks.extend(mteb.get_benchmark(name).tasks)
+        else:
+            try:
+                tasks.append(mteb.get_task(name))
+            except KeyError as e:
+                raise ValueError(f"eval.mteb_tasks: {name!r} is neither an mteb task nor a benchmark") from e
+    return tasks
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def model_key(model: Any) -> str:
+    """A hash of everything that decides a SentenceTransformer's embeddings: its weights, module
+    configs, prompts and maximum length. Equal keys embed equally; a retrained model gets a new key."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=_u8()).numpy().tobytes())
+    settings = {
+        "modules": [type(m).__name__ for m in model],
+        "pooling": [m.get_config_dict() for m in model if hasattr(m, "get_config_dict")],
+        "prompts": model.prompts,
+        "max_seq_length": model.max_seq_length,
+    }
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _u8() -> Any:
+    import torch
+
+    return torch.uint8
+
+
+def encoder_meta(name: str, revision: str) -> Any:
+    """mteb model metadata for an encoder of our own: its results go to results/<name>/<revision>/.
+    No similarity function is named, so mteb scores by cosine."""
+    from mteb.models.model_meta import ModelMeta
+
+    return ModelMeta.create_empty({"name": name, "revision": revision})
+
+
+def tfidf_encoder(fit_texts: list[str], max_features: int = 16384) -> Any:
+    """TF-IDF vectors (sublinear tf, L2-normalised, the ``max_features`` most frequent terms) fit on
+    ``fit_texts``, as an mteb encoder: the classical baseline of the crops paper."""
+    from mteb.models.abs_encoder import AbsEncoder
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectorizer = TfidfVectorizer(sublinear_tf=True, max_features=max_features, dtype=np.float32)
+    vectorizer.fit(fit_texts)
+    fit_hash = hashlib.sha256("\n".join(fit_texts).encode()).hexdigest()[:12]
+
+    class TfidfEncoder(AbsEncoder):
+        mteb_model_meta = encoder_meta("speed-ray/tfidf", fit_hash)
+
+        def __init__(self) -> None:
+            self.vectorizer = vectorizer
+
+        def encode(
+            self,
+            inputs: Any,
+            *,
+            task_metadata: Any,
+            hf_split: str,
+            hf_subset: str,
+            prompt_type: Any = None,
+            **kwargs: Any,
+        ) -> np.ndarray:
+            texts = [t for batch in inputs for t in batch["text"]]
+            return self.vectorizer.transform(texts).toarray()
+
+    return TfidfEncoder()
+
+
+def bm25_model() -> Any:
+    """mteb's BM25 baseline (bm25s, English stop words and stemming); retrieval tasks only."""
+    import mteb
+
+    return mteb.get_model("mteb/baseline-bm25s")
+
+
+def as_mteb_model(model: Any, label: str, cache_root: Path | None) -> Any:
+    """A SentenceTransformer as an mteb encoder named ``speed-ray/<label>`` with its ``model_key`` as
+    revision, its embeddings cached under ``cache_root/<key>`` when a root is given."""
+    from mteb.models.cache_wrappers import CachedEmbeddingWrapper
+    from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
+
+    key = model_key(model)
+    model.model_card_data.model_name = f"speed-ray/{label}"
+    model.model_card_data.base_model_revision = key[:12]
+    wrapped = SentenceTransformerEncoderWrapper(model)
+    if cache_root is None:
+        return wrapped
+    return CachedEmbeddingWrapper(wrapped, cache_root / key)
+
+
+def evaluate(model: Any, task: Any, results_dir: Path, batch_size: int) -> dict[str, float]:
+    """Run mteb on ``task``; results go to ``results_dir/results/<model>/<revision>/<Task>.json``
+    (mteb's layout); returns the numeric scores of the task's first split."""
     import mteb
     from mteb.cache import ResultCache
-
-    model.model_card_data.model_name = f"speed-ray/{label}"
 
     result = mteb.evaluate(
         model,
@@ -73,5 +319,6 @@ def evaluate(model: Any, label: str, task: Any, results_dir: Path, batch_size: i
         encode_kwargs={"batch_size": batch_size},
         show_progress_bar=True,
     )
-    scores = result.task_results[0].scores["test"][0]
+    split = task.metadata.eval_splits[0]
+    scores = result.task_results[0].scores[split][0]
     return {k: float(v) for k, v in scores.items() if isinstance(v, int | float)}

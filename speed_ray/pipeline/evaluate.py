@@ -1,18 +1,28 @@
-"""eval: nDCG@10 (and the rest of mteb's retrieval scores) on the configured BEIR folder, for the
-untouched base model and the trained one, through mteb with a task defined offline.
+"""eval: every model of ``eval.models`` on every configured task, through mteb, offline.
 
-Consumes ``<run>/embed/model``; produces ``<run>/eval/results/`` (mteb's layout) and
-``<run>/eval/_manifest.json`` with the scores per model.
+Tasks: retrieval on a BEIR folder (nDCG@10), kNN classification and clustering on a labelled JSONL,
+and standard mteb tasks by name. Models: the untouched base, this run's trained model, any other
+model (``label=spec`` names it), and the TF-IDF and BM25 baselines. With ``eval.layers`` every
+layer of each model is also scored on the kNN task.
+
+Produces ``<run>/eval/results/`` (mteb's layout: ``results/speed-ray__<label>/<revision>/<Task>.json``,
+the revision being the model's content hash), ``<run>/eval/_manifest.json`` with the scores per model
+and task, and ``<run>/eval/layers.png`` with the layer analysis.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from speed_ray.config import SpeedRayConfig
 from speed_ray.pipeline.common import log, step
 from speed_ray.schemas import write_json_atomic
+
+BASELINES = ("tfidf", "bm25")
 
 
 def run(cfg: SpeedRayConfig) -> dict:
@@ -20,47 +30,181 @@ def run(cfg: SpeedRayConfig) -> dict:
     return step(out, "eval", lambda: _evaluate(cfg, out))
 
 
-def _evaluate(cfg: SpeedRayConfig, out: Path) -> dict:
+@dataclass
+class TaskSpec:
+    """A task to build afresh for every model (mteb tasks keep random state between runs)."""
+
+    name: str
+    kind: str  # retrieval | knn | clustering | mteb
+    build: Callable[[], Any]
+    texts: Callable[[], list[str]] | None  # what TF-IDF is fit on (None: no TF-IDF)
+
+
+def task_specs(cfg: SpeedRayConfig) -> list[TaskSpec]:
+    """The configured tasks, data read and checked now (before any model loads)."""
+    from speed_ray.data import read_beir, verify_checksums
+    from speed_ray.evaluation import (
+        clustering_task,
+        holdout_ids,
+        knn_task,
+        named_tasks,
+        read_labelled,
+        retrieval_task,
+        sample_rows,
+    )
+
+    ev = cfg.eval
+    specs: list[TaskSpec] = []
+    if ev.retrieval.path is not None:
+        folder = Path(ev.retrieval.path)
+        _checked(folder, verify_checksums)
+        corpus = read_beir(folder)[0]
+        r = ev.retrieval
+        specs.append(
+            TaskSpec(
+                r.name,
+                "retrieval",
+                lambda: retrieval_task(r.name, folder, r.max_queries, ev.seed),
+                lambda: [(d["title"] + " " + d["text"]).strip() for d in corpus],
+            )
+        )
+    for kind, tc in (("knn", ev.knn), ("clustering", ev.clustering)):
+        if tc.path is None:
+            continue
+        path = Path(tc.path)
+        _checked(path.parent, verify_checksums)
+        all_rows = read_labelled(path, tc.text_field, tc.label_field)
+        rows = sample_rows(all_rows, tc.max_docs, ev.seed)
+        name = tc.name or path.stem.title().replace("_", "").replace("-", "") + (
+            "KNN" if kind == "knn" else "Clustering"
+        )
+        if kind == "knn":
+            test = (
+                holdout_ids([r["id"] for r in all_rows], tc.test_fraction, ev.seed)
+                if tc.split == "holdout"
+                else None
+            )
+            build = _bind(knn_task, name, rows, tc.k, test, ev.seed)
+        else:
+            build = _bind(clustering_task, name, rows, ev.seed)
+        specs.append(TaskSpec(name, kind, build, _bind(lambda rs: [r["text"] for r in rs], rows)))
+    for task in named_tasks(ev.mteb_tasks):
+        specs.append(TaskSpec(task.metadata.name, "mteb", _bind(lambda t: t, task), None))
+    return specs
+
+
+def _bind(fn: Callable, *args: Any) -> Callable[[], Any]:
+    return lambda: fn(*args)
+
+
+def _checked(folder: Path, verify: Callable[[Path], list[str]]) -> None:
+    checked = verify(folder)
+    if checked:
+        log(f"eval: {folder}: {len(checked)} files match SHA256SUMS")
+
+
+def parse_model(entry: str) -> tuple[str, str]:
+    """``label=spec`` or ``spec`` -> (label, spec); a spec's label is its last path part."""
+    label, sep, spec = entry.partition("=")
+    if not sep:
+        spec, label = entry, Path(entry.rstrip("/")).name
+    return label, spec
+
+
+def load_model(spec: str, cfg: SpeedRayConfig) -> Any:
+    """A SentenceTransformer for ``spec`` with the configured maximum length, and the query/document
+    prompts it saved (a model that saved none gets ``eval.retrieval.query_instruction``)."""
     from sentence_transformers import SentenceTransformer
 
-    from speed_ray.data import verify_checksums
     from speed_ray.embedding import build_model, set_prompts
-    from speed_ray.evaluation import evaluate, retrieval_task
     from speed_ray.models import resolve_model
 
     ec, ev = cfg.embed, cfg.eval
-    trained_dir = cfg.run_dir / "embed" / "model"
-    if not (trained_dir / "_manifest.json").is_file():
-        raise FileNotFoundError(f"{trained_dir}: no trained model; run `speed-ray embed` first")
+    pooling = ec.pooling
+    if spec == "base":
+        model = build_model(resolve_model(ec.model), pooling, ev.max_seq_length)
+    else:
+        if spec == "trained":
+            path = cfg.run_dir / "embed" / "model"
+            if not (path / "_manifest.json").is_file():
+                raise FileNotFoundError(f"{path}: no trained model; run `speed-ray embed` first")
+            folder = str(path)
+        else:
+            folder = resolve_model(spec, cfg.run_dir)
+        if Path(folder).is_dir() and not (Path(folder) / "modules.json").is_file():
+            model = build_model(folder, pooling, ev.max_seq_length)  # a plain transformer
+        else:
+            model = SentenceTransformer(folder, device="cpu")
+            pooling = pooling_mode(model) or pooling
+    model.max_seq_length = ev.max_seq_length
+    if "query" not in (model.prompts or {}):
+        set_prompts(model, ev.retrieval.query_instruction, pooling)
+    return model
+
+
+def pooling_mode(model: Any) -> str | None:
+    """The pooling mode of a SentenceTransformer (mean, cls, lasttoken, ...), if it has a Pooling module."""
+    for module in model:
+        mode = module.get_config_dict().get("pooling_mode") if hasattr(module, "get_config_dict") else None
+        if mode:
+            return str(mode)
+    return None
+
+
+def _evaluate(cfg: SpeedRayConfig, out: Path) -> dict:
+    from speed_ray.evaluation import as_mteb_model, bm25_model, evaluate, tfidf_encoder
+    from speed_ray.models import cache_dir
+
+    ev = cfg.eval
     started = time.time()
-    checked = verify_checksums(Path(ev.retrieval_dir))
-    log(
-        f"eval: {ev.retrieval_dir}: "
-        + (f"{len(checked)} files match SHA256SUMS" if checked else "no SHA256SUMS")
-    )
-    task = retrieval_task(ev.task_name, Path(ev.retrieval_dir))
-    models = {
-        "base": lambda: build_model(resolve_model(ec.model), ec.pooling, ev.max_seq_length),
-        "trained": lambda: SentenceTransformer(str(trained_dir), device="cpu"),
-    }
-    scores = {}
-    for label, load in models.items():
+    specs = task_specs(cfg)
+    models = [parse_model(m) for m in ev.models]
+    log(f"eval: {len(models)} models x {len(specs)} tasks: {', '.join(s.name for s in specs)}")
+    cache_root = cache_dir() / "embeddings" if ev.cache else None
+    scores: dict[str, dict[str, Any]] = {}
+    layers: dict[str, dict[str, float]] = {}
+    for label, spec in models:
         t0 = time.time()
-        model = load()
-        model.max_seq_length = ev.max_seq_length
-        set_prompts(model, ev.query_instruction, ec.pooling)
-        s = evaluate(model, label, task, out, ev.batch_size)
-        scores[label] = {
-            "ndcg_at_10": s["ndcg_at_10"],
-            "recall_at_10": s["recall_at_10"],
-            "seconds": round(time.time() - t0, 1),
-        }
-        log(f"eval: {label} nDCG@10 = {s['ndcg_at_10']:.4f} ({time.time() - t0:.0f}s)")
+        scores[label] = {}
+        st = None if spec in BASELINES else load_model(spec, cfg)
+        encoder = None if st is None else as_mteb_model(st, label, cache_root)
+        for ts in specs:
+            if spec == "bm25" and ts.kind != "retrieval" or spec == "tfidf" and ts.texts is None:
+                log(f"eval: {label}: {ts.name}: skipped ({spec} scores no {ts.kind} task)")
+                continue
+            t1 = time.time()
+            if spec == "bm25":
+                model = bm25_model()
+            elif spec == "tfidf":
+                assert ts.texts is not None
+                model = tfidf_encoder(ts.texts())
+            else:
+                model = encoder
+            task = ts.build()
+            s = evaluate(model, task, out, ev.batch_size)
+            s["seconds"] = round(time.time() - t1, 1)
+            scores[label][ts.name] = s
+            log(
+                f"eval: {label}: {ts.name}: {task.metadata.main_score} {s['main_score']:.4f} ({s['seconds']:.0f}s)"
+            )
+        if ev.layers and st is not None:
+            from speed_ray.layers import layer_scores
+
+            knn = next(ts for ts in specs if ts.kind == "knn")
+            assert knn.texts is not None
+            layers[label] = layer_scores(st, knn.build, knn.texts(), out, ev.batch_size)
+            log(f"eval: {label}: layers: " + ", ".join(f"{k} {v:.3f}" for k, v in layers[label].items()))
+        log(f"eval: {label} done in {time.time() - t0:.0f}s")
     manifest = {
-        "task": ev.task_name,
-        "retrieval_dir": ev.retrieval_dir,
+        "tasks": {s.name: s.kind for s in specs},
+        "models": dict(models),
         "scores": scores,
+        "layers": layers,
         "duration_s": round(time.time() - started, 2),
     }
+    if layers:
+        from speed_ray.layers import plot_layers
+
+        plot_layers(layers, next(s.name for s in specs if s.kind == "knn"), out / "layers.png")
     write_json_atomic(out / "_manifest.json", manifest)
     return manifest

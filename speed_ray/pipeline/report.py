@@ -237,16 +237,7 @@ def render(cfg: SpeedRayConfig, m: dict[str, Any], plot: str | None) -> str:
         if key == "embed":
             lines += embed_lines(man)
     if m["eval"] is not None:
-        ev = m["eval"]
-        lines += [
-            "",
-            f"## Evaluation: {ev['task']} (mteb)",
-            "",
-            "| model | nDCG@10 | recall@10 | seconds |",
-            "|---|---:|---:|---:|",
-        ]
-        for label, s in ev["scores"].items():
-            lines.append(f"| {label} | {s['ndcg_at_10']:.4f} | {s['recall_at_10']:.4f} | {s['seconds']} |")
+        lines += eval_lines(m["eval"])
     if plot:
         lines += ["", f"![training losses]({plot})"]
     lines += [
@@ -255,6 +246,48 @@ def render(cfg: SpeedRayConfig, m: dict[str, Any], plot: str | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+SCORE_COLUMNS = {
+    "retrieval": [("ndcg_at_10", "nDCG@10"), ("recall_at_10", "recall@10")],
+    "knn": [("accuracy", "kNN accuracy"), ("f1", "macro-F1")],
+    "clustering": [("v_measure", "V-measure")],
+    "mteb": [("main_score", "main score")],
+}
+
+
+def eval_lines(ev: dict[str, Any]) -> list[str]:
+    """One table per task (models as rows, the task's scores as columns), then the layer analysis."""
+    lines: list[str] = []
+    for task, kind in ev["tasks"].items():
+        cols = SCORE_COLUMNS[kind]
+        rows = [(label, s[task]) for label, s in ev["scores"].items() if task in s]
+        lines += [
+            "",
+            f"## Evaluation: {task} ({kind}, mteb)",
+            "",
+            "| model | " + " | ".join(name for _, name in cols) + " | seconds |",
+            "|---|" + "---:|" * (len(cols) + 1),
+        ]
+        for label, s in rows:
+            lines.append(
+                f"| {label} | " + " | ".join(f"{s[key]:.4f}" for key, _ in cols) + f" | {s['seconds']} |"
+            )
+    if ev.get("layers"):
+        labels = list(ev["layers"])
+        depth = max(len(v) for v in ev["layers"].values())
+        lines += [
+            "",
+            "## Layer analysis: kNN accuracy of each layer's pooled hidden states",
+            "",
+            "| layer | " + " | ".join(labels) + " |",
+            "|---:|" + "---:|" * len(labels),
+        ]
+        for layer in range(depth):
+            cells = [ev["layers"][lb].get(str(layer)) for lb in labels]
+            lines.append(f"| {layer} | " + " | ".join("" if c is None else f"{c:.4f}" for c in cells) + " |")
+        lines += ["", "![layer analysis](eval/layers.png)"]
+    return lines
 
 
 def embed_lines(man: dict[str, Any]) -> list[str]:

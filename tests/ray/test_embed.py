@@ -41,7 +41,7 @@ def test_embed_trains_every_layer_through_gradcache(tmp_path, tiny_bert, beir_ti
             "embed.steps=2",
             "embed.learning_rate=1e-2",
             "embed.chunk_size=3",  # the plain step runs end to end in the tests below
-            f"eval.retrieval_dir={beir_tiny}",
+            f"eval.retrieval.path={beir_tiny}",
         ],
     )
     write_stage(
@@ -89,7 +89,7 @@ def test_embed_on_corpus_crops_last_block_only(tmp_path, tiny_bert, beir_tiny, r
             "embed.warmup_steps=1",
             "embed.learning_rate=1e-2",
             "embed.train_last_blocks=1",
-            f"eval.retrieval_dir={beir_tiny}",
+            f"eval.retrieval.path={beir_tiny}",
         ],
     )
     embed.run(cfg)
@@ -162,7 +162,7 @@ def test_a_killed_worker_resumes_and_matches_the_uninterrupted_run(
 
     data = pairs_file(tmp_path / "pairs.jsonl", 40)
     common = ["embed.steps=150", "embed.save_steps=25", "embed.batch_size=4", "embed.warmup_steps=10"]
-    common += [f"eval.retrieval_dir={beir_tiny}"]
+    common += [f"eval.retrieval.path={beir_tiny}"]
     whole = embed.run(embed_cfg(tmp_path, "whole", tiny_bert, data, *common))
     cfg = embed_cfg(tmp_path, "killed", tiny_bert, data, *common)
     result: dict = {}
@@ -204,7 +204,7 @@ def test_deepspeed_zero2_with_the_gather_and_gradcache_matches_ddp(
     from speed_ray.pipeline import embed
 
     data = pairs_file(tmp_path / "pairs.jsonl", 16)
-    common = ["embed.steps=3", "embed.batch_size=4", "embed.chunk_size=3", f"eval.retrieval_dir={beir_tiny}"]
+    common = ["embed.steps=3", "embed.batch_size=4", "embed.chunk_size=3", f"eval.retrieval.path={beir_tiny}"]
     ddp = embed.run(embed_cfg(tmp_path, "ddp", tiny_bert, data, *common))
     zero = embed.run(embed_cfg(tmp_path, "zero2", tiny_bert, data, *common, "embed.deepspeed_stage=2"))
     assert zero["global_batch"] == 8 and zero["hard_negatives"] == 2
@@ -240,7 +240,7 @@ def test_decoder_lora_last_block_exports_merged_with_its_query_prompt(
             "embed.chunk_size=3",
             "embed.train_last_blocks=1",
             "embed.query_instruction=Find the package",
-            f"eval.retrieval_dir={beir_tiny}",
+            f"eval.retrieval.path={beir_tiny}",
         ],
     )
     write_stage(
@@ -283,7 +283,7 @@ def test_zero_stages_and_bf16_train_and_export(tmp_path, tiny_bert, beir_tiny, r
     data = pairs_file(tmp_path / "pairs.jsonl", 16)
     extra = [f"embed.deepspeed_stage={stage}", f"embed.precision={precision}", "embed.chunk_size=3"]
     cfg = embed_cfg(tmp_path, "zero", tiny_bert, data, "embed.steps=2", "embed.batch_size=4", *extra)
-    cfg.eval.retrieval_dir = str(beir_tiny)
+    cfg.eval.retrieval.path = str(beir_tiny)
     manifest = embed.run(cfg)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in manifest["history"])
     trained, base = weights(cfg.run_dir / "embed/model"), weights(tiny_bert)

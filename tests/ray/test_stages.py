@@ -73,7 +73,7 @@ def test_a_gpu_pool_on_a_cluster_without_gpus_fails_at_once(ray_session, model_c
     from tests.conftest import DEBIAN
 
     overrides = ["run.ray_address=auto", "synth.engine.model=tiny-llama", "synth.engine.num_gpus=1"]
-    cfg = load_config(None, [*overrides, f"eval.retrieval_dir={DEBIAN / 'retrieval'}"])
+    cfg = load_config(None, [*overrides, f"eval.retrieval.path={DEBIAN / 'retrieval'}"])
     started = time.time()
     with pytest.raises(
         ConfigError, match=r"vllm engine tiny-llama: needs 1.0 GPU\(s\) but the Ray cluster has 0"

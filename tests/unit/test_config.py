@@ -62,7 +62,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
             ["synth.taxonomy.path=/nonexistent/topics.txt"],
             "synth.taxonomy.path: file /nonexistent/topics.txt not found",
         ),
-        ("", ["eval.retrieval_dir=/nonexistent"], "eval.retrieval_dir: expected /nonexistent/corpus.jsonl"),
+        ("", ["eval.retrieval.path=/nonexistent"], "eval.retrieval.path: expected /nonexistent/corpus.jsonl"),
         ("", ["embed.model=./no/such/model"], "embed.model: model folder ./no/such/model not found"),
         ("", ["embed.resources.workers=64"], "embed.resources: 64 workers x 1.0 CPUs = 64.0 CPUs"),
         ("", ["synth.engine.num_gpus=1"], "synth.engine.num_gpus: 1 actors x 1.0 GPUs asked for"),

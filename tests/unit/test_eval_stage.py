@@ -1,0 +1,126 @@
+"""The eval stage end to end on real (tiny and small) models: every model on every task, mteb's
+results layout, the baselines, the layer analysis and the embeddings cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from speed_ray.config import load_config
+from tests.conftest import DEBIAN
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    """60 Debian package descriptions, 20 from each of three sections."""
+    want = {"games": 20, "science": 20, "libs": 20}
+    rows = []
+    for line in (DEBIAN / "labelled.jsonl").open():
+        r = json.loads(line)
+        if want.get(r["label"], 0) > 0:
+            want[r["label"]] -= 1
+            rows.append(r)
+    path = tmp_path_factory.mktemp("labelled") / "sections.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _tfidf_knn_by_hand(path: Path, seed: int) -> float:
+    """The kNN protocol computed with scikit-learn directly: 5 shuffled folds, k=10, cosine."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.model_selection import KFold
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rows = [json.loads(line) for line in path.open()]
+    x = (
+        TfidfVectorizer(sublinear_tf=True, max_features=16384)
+        .fit_transform([r["text"] for r in rows])
+        .toarray()
+    )
+    y = np.array([r["label"] for r in rows])
+    accs = []
+    for train, test in KFold(5, shuffle=True, random_state=seed).split(x):
+        knn = KNeighborsClassifier(n_neighbors=10, metric="cosine", algorithm="brute").fit(x[train], y[train])
+        accs.append(float((knn.predict(x[test]) == y[test]).mean()))
+    return float(np.mean(accs))
+
+
+def test_eval_stage_scores_every_model_on_every_task(tmp_path, tiny_bert, beir_tiny, labelled):
+    from speed_ray.pipeline import evaluate
+    from speed_ray.schemas import read_manifest
+
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={tmp_path}",
+            "run.name=ev",
+            f"embed.model={tiny_bert}",
+            "eval.models=[base, tfidf, bm25, minilm=all-minilm-l6-v2]",
+            f"eval.retrieval.path={beir_tiny}",
+            f"eval.knn.path={labelled}",
+            f"eval.clustering.path={labelled}",
+            "eval.layers=true",
+            "eval.batch_size=16",
+        ],
+    )
+    evaluate.run(cfg)
+    out = cfg.run_dir / "eval"
+    m = read_manifest(out)
+    tasks = {"DebianPackageRetrieval", "SectionsKNN", "SectionsClustering"}
+    assert m["tasks"] == {
+        "DebianPackageRetrieval": "retrieval",
+        "SectionsKNN": "knn",
+        "SectionsClustering": "clustering",
+    }
+    for label in ("base", "tfidf", "minilm"):
+        assert set(m["scores"][label]) == tasks
+    assert set(m["scores"]["bm25"]) == {"DebianPackageRetrieval"}  # BM25 only retrieves
+
+    # mteb's own layout; a SentenceTransformer's revision is its content hash
+    minilm = [p.name for p in (out / "results/speed-ray__minilm").iterdir() if p.is_dir()]
+    assert len(minilm) == 1 and len(minilm[0]) == 12
+    for task in tasks:
+        saved = json.loads((out / f"results/speed-ray__minilm/{minilm[0]}/{task}.json").read_text())
+        assert saved["task_name"] == task
+    assert (out / "results/mteb__baseline-bm25s").is_dir()
+
+    # TF-IDF kNN follows the protocol exactly: scikit-learn alone gives the same accuracy
+    assert m["scores"]["tfidf"]["SectionsKNN"]["accuracy"] == pytest.approx(_tfidf_knn_by_hand(labelled, 42))
+    # a sentence model beats random on both retrieval and sections (3 sections: chance 1/3)
+    assert m["scores"]["minilm"]["DebianPackageRetrieval"]["ndcg_at_10"] > 0.5
+    assert m["scores"]["minilm"]["SectionsKNN"]["accuracy"] > 0.5
+
+    # layers: token embeddings + 2 blocks for the tiny BERT; the last layer is the model itself
+    base_layers = m["layers"]["base"]
+    assert list(base_layers) == ["0", "1", "2"]
+    assert base_layers["2"] == pytest.approx(m["scores"]["base"]["SectionsKNN"]["accuracy"], abs=0.02)
+    assert len(m["layers"]["minilm"]) == 7
+    assert (out / "layers.png").stat().st_size > 10_000
+
+
+def test_the_embeddings_cache_answers_a_second_run_without_the_model(tmp_path, tiny_bert, beir_tiny):
+    from speed_ray.embedding import build_model
+    from speed_ray.evaluation import as_mteb_model, evaluate, model_key, retrieval_task
+
+    model = build_model(tiny_bert, "mean", 64)
+    first = evaluate(
+        as_mteb_model(model, "tiny", tmp_path / "cache"), retrieval_task("T", beir_tiny), tmp_path, 8
+    )
+    key = model_key(model)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model ran although every text was cached")
+
+    model[0].forward = refuse
+    again = evaluate(
+        as_mteb_model(model, "tiny", tmp_path / "cache"), retrieval_task("T", beir_tiny), tmp_path, 8
+    )
+    assert again["ndcg_at_10"] == first["ndcg_at_10"]
+    assert model_key(model) == key
+
+    # other weights, another key: nothing is reused
+    other = build_model(tiny_bert, "cls", 64)
+    assert model_key(other) != key
