@@ -2,6 +2,7 @@
 
     speed-ray run CONFIG [key.sub=value ...]      every stage in order
     speed-ray STAGE CONFIG [key.sub=value ...]    one stage: align, synth, embed, eval, report
+    speed-ray experiment CONFIG [key.sub=value ...]   train the config's variants, score them, write the section
     speed-ray doctor [CONFIG]                     what this machine offers, and what a run would use
 
 Exit codes: 0 done, 2 a user error (bad config, missing input), 1 anything else.
@@ -32,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    e = sub.add_parser("experiment", help="train an experiment's variants, score them side by side")
+    e.add_argument("config", help="YAML config with an experiment section")
+    e.add_argument("overrides", nargs="*", help="key.sub=value overrides (applied to every variant)")
     d = sub.add_parser("doctor", help="what this machine offers and what a run would use")
     d.add_argument("config", nargs="?", help="optional YAML config to resolve")
     d.add_argument("overrides", nargs="*")
@@ -71,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
             print(doctor(cfg))
             return 0
         cfg = load_config(args.config, args.overrides)
+        if args.command == "experiment":
+            from speed_ray.pipeline.experiment import run as run_experiment
+
+            run_experiment(cfg, args.config, args.overrides)
+            print(f"report: {cfg.run_dir / 'report.md'}")
+            return 0
         run_stages(cfg, STAGES if args.command == "run" else (args.command,))
     except (ConfigError, FileNotFoundError) as e:
         print(f"speed-ray: error: {e}", file=sys.stderr)

@@ -250,6 +250,10 @@ class EmbedDataConfig:
     min_crops: int = 2
     """Documents with fewer crops give no pair (2 crops of 2 sentences = at least 3 valid sentences);
     they are counted in the manifest and the log, by reason."""
+    holdout_fraction: float = 0.0
+    """corpus only: leave out this seeded fraction of the documents (the crops paper's "(train)"
+    variant); eval.knn with split: holdout and the same fraction and seed scores exactly them."""
+    holdout_seed: int = 42
 
 
 @dataclass
@@ -306,6 +310,8 @@ class EmbedConfig:
     gradient_checkpointing: bool = False
     save_steps: int = 0
     """Checkpoint every N steps (0: only the final model); a killed worker resumes from the last one."""
+    snapshot_steps: int = 0
+    """Also export the model every N steps to embed/snapshots/step_N/ (training curves)."""
     max_failures: int = 2
     """Worker-group restarts Ray Train allows before the stage fails."""
 
@@ -318,7 +324,10 @@ class RetrievalTaskConfig:
     query_instruction: str = "Given a short description of a Debian package, retrieve its full description"
     """The query prompt of models that saved none (decoders with lasttoken pooling use it)."""
     max_queries: int = 0
-    """0: every query; N: a seeded sample of N queries, scored against the whole corpus."""
+    """0: every query; N: a seeded sample of N queries."""
+    max_docs: int = 0
+    """0: the whole corpus; N: the sampled queries' judged documents plus a seeded sample of the
+    others, N in all (big models on small machines: fewer documents make retrieval easier)."""
 
 
 @dataclass
@@ -364,12 +373,32 @@ class EvalConfig:
 
 
 @dataclass
+class ExperimentConfig:
+    """``speed-ray experiment``: variants of this config trained and scored side by side."""
+
+    title: str = ""
+    variants: dict[str, Any] = field(default_factory=dict)
+    """name -> {dotted.key: value} overrides; each variant is one run named <run.name>-<name>
+    unless it sets run.name."""
+    evals: dict[str, Any] = field(default_factory=lambda: {"main": {}})
+    """name -> overrides of one eval run; in eval.models a variant's name stands for its model."""
+    reference: str = ""
+    """A model (a variant or an eval.models label) whose gain over the base counts as 100% in the
+    share-of-gain columns."""
+    curves: list[str] = field(default_factory=list)
+    """Variants whose snapshots (embed.snapshot_steps) are scored against training step."""
+    paper: str = ""
+    """The papers' figures, in markdown, shown beside ours."""
+
+
+@dataclass
 class SpeedRayConfig:
     run: RunSection = field(default_factory=RunSection)
     synth: SynthConfig = field(default_factory=SynthConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -612,6 +641,14 @@ def _check_embed(e: EmbedConfig) -> None:
         )
     if e.lora_r <= 0:
         raise ConfigError(f"embed.lora_r: expected a positive number, got {e.lora_r}")
+    if not 0 <= e.data.holdout_fraction < 1:
+        raise ConfigError(
+            f"embed.data.holdout_fraction: expected 0 <= fraction < 1, got {e.data.holdout_fraction}"
+        )
+    if e.data.holdout_fraction and e.data.source != "corpus":
+        raise ConfigError(
+            "embed.data.holdout_fraction: only a corpus (embed.data.source: corpus) is held out from"
+        )
 
 
 def embed_finetune(e: EmbedConfig) -> str:

@@ -75,7 +75,7 @@ def sample_rows(rows: list[dict], max_rows: int, seed: int) -> list[dict]:
     """A seeded sample of ``max_rows`` rows in file order (all when 0 or more than there are)."""
     if not max_rows or max_rows >= len(rows):
         return rows
-    keep = sorted(random.Random(seed).sample(range(len(rows)), max_rows))
+    keep = sorted(random.Random(f"sample-{seed}").sample(range(len(rows)), max_rows))
     return [rows[i] for i in keep]
 
 
@@ -83,7 +83,7 @@ def holdout_ids(ids: list[str], fraction: float, seed: int) -> set[str]:
     """The held-out ``fraction`` of ``ids``, by a seeded shuffle of the whole list: the same file and
     seed give the same split for training (``embed.data.holdout``) and for the kNN task."""
     order = sorted(set(ids))
-    random.Random(seed).shuffle(order)
+    random.Random(f"holdout-{seed}").shuffle(order)  # its own stream: independent of sample_rows
     return set(order[: round(fraction * len(order))])
 
 
@@ -100,8 +100,25 @@ def sample_queries(
 # Tasks
 
 
-def retrieval_task(name: str, folder: Path, max_queries: int = 0, seed: int = KNN_SEED) -> Any:
-    """An mteb retrieval task (main score nDCG@10) over a BEIR folder, loaded on first use."""
+def sample_corpus(
+    corpus: list[dict], qrels: dict[str, dict[str, int]], max_docs: int, seed: int
+) -> list[dict]:
+    """Every judged document of ``qrels`` plus a seeded sample of the others, ``max_docs`` in all
+    (all when 0), in file order."""
+    if not max_docs or max_docs >= len(corpus):
+        return corpus
+    judged = {d for rel in qrels.values() for d in rel}
+    others = [i for i, d in enumerate(corpus) if d["id"] not in judged]
+    room = max(0, max_docs - (len(corpus) - len(others)))
+    keep = set(random.Random(f"corpus-{seed}").sample(others, min(room, len(others))))
+    return [d for i, d in enumerate(corpus) if d["id"] in judged or i in keep]
+
+
+def retrieval_task(
+    name: str, folder: Path, max_queries: int = 0, seed: int = KNN_SEED, max_docs: int = 0
+) -> Any:
+    """An mteb retrieval task (main score nDCG@10) over a BEIR folder, loaded on first use; optionally
+    a seeded sample of the queries and a smaller corpus that keeps every judged document."""
     from datasets import Dataset
     from mteb.abstasks.retrieval import AbsTaskRetrieval
     from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
@@ -114,6 +131,7 @@ def retrieval_task(name: str, folder: Path, max_queries: int = 0, seed: int = KN
         def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
             corpus, queries, qrels = read_beir(folder)
             queries, qrels = sample_queries(queries, qrels, max_queries, seed)
+            corpus = sample_corpus(corpus, qrels, max_docs, seed)
             split = RetrievalSplitData(
                 corpus=Dataset.from_list(corpus),
                 queries=Dataset.from_list(queries),

@@ -58,6 +58,14 @@ def training_data(cfg: SpeedRayConfig):
         return Rows(rows), {"source": "pairs", "path": d.path}
     rule = CropRule(d.crop_min_chars, d.crop_max_chars, d.sentences_per_crop, d.min_crops)
     docs = read_corpus(Path(str(d.path)))
+    held_out = 0
+    if d.holdout_fraction:
+        from speed_ray.evaluation import holdout_ids
+
+        test = holdout_ids([doc["id"] for doc in docs], d.holdout_fraction, d.holdout_seed)
+        docs = [doc for doc in docs if doc["id"] not in test]
+        held_out = len(test)
+        log(f"embed: {held_out} documents held out ({d.holdout_fraction:.0%}, seed {d.holdout_seed})")
     pairs, skipped = build_pairs(docs, d.pair_mode, rule, seed=cfg.run.seed)
     reasons = Counter(s["reason"] for s in skipped)
     log(
@@ -72,6 +80,7 @@ def training_data(cfg: SpeedRayConfig):
         "pairs": len(pairs),
         "skipped": dict(reasons),
         "skipped_ids": [s["id"] for s in skipped][:100],
+        "held_out": held_out,
     }
     return CorpusPairs(docs, d.pair_mode, rule, cfg.run.seed, size=len(pairs)), info
 
@@ -92,6 +101,7 @@ def loop_config(cfg: SpeedRayConfig, negatives: int) -> dict[str, Any]:
         "num_negatives": negatives,
         "cpus_per_worker": ec.resources.cpus_per_worker,
         "seed": cfg.run.seed,
+        "snapshot_dir": str(cfg.run_dir / "embed" / "snapshots"),
     }
 
 
@@ -121,6 +131,7 @@ def _train(cfg: SpeedRayConfig) -> dict:
     manifest = {
         "base_model": ec.model,
         "pooling": ec.pooling,
+        "train_last_blocks": ec.train_last_blocks,
         "finetune": config["finetune"],
         "trainable_params": metrics["trainable_params"],
         "workers": res.workers,

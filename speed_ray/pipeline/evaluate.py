@@ -64,7 +64,7 @@ def task_specs(cfg: SpeedRayConfig) -> list[TaskSpec]:
             TaskSpec(
                 r.name,
                 "retrieval",
-                lambda: retrieval_task(r.name, folder, r.max_queries, ev.seed),
+                lambda: retrieval_task(r.name, folder, r.max_queries, ev.seed, r.max_docs),
                 lambda: [(d["title"] + " " + d["text"]).strip() for d in corpus],
             )
         )

@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -414,6 +415,21 @@ def export(state: dict[str, torch.Tensor], config: dict[str, Any], folder: str) 
     model.save(folder)
 
 
+def snapshot(model, config: dict[str, Any], step: int, rank: int) -> None:
+    """Export the model as it is at ``step`` to ``<snapshot_dir>/step_<step>`` (written under a
+    temporary name and renamed, so a folder there is whole; a resumed run keeps it)."""
+    import shutil
+
+    weights = full_state_dict(model)  # every rank: ZeRO-3 gathers
+    target = Path(config["snapshot_dir"]) / f"step_{step:05d}"
+    if rank != 0 or target.exists():
+        return
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export(weights, config, str(tmp))
+    tmp.rename(target)
+
+
 def probe(model) -> dict[str, Any]:
     """The trained model's own embeddings of fixed texts (as documents and as queries); the exported
     folder must reproduce them. Every rank calls this (ZeRO-3 gathers weights in forward)."""
@@ -483,6 +499,8 @@ def train_loop(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as d:
                 wrote = save_state(model, optimizer, scheduler, {"step": step, "history": history}, d, rank)
                 ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(d) if wrote else None)
+        if config["snapshot_steps"] and step % config["snapshot_steps"] == 0 and step < steps:
+            snapshot(model, config, step, rank)
     weights = full_state_dict(model)
     report = {
         "history": history,

@@ -20,6 +20,7 @@ from speed_ray.evaluation import (
     knn_task,
     read_labelled,
     retrieval_task,
+    sample_corpus,
     sample_queries,
     sample_rows,
     tfidf_encoder,
@@ -138,9 +139,18 @@ def test_samples_and_splits_are_seeded(tmp_path):
     assert a == b and len(a) == 10 and [r["id"] for r in a] == sorted((r["id"] for r in a), key=int)
     test = holdout_ids([r["id"] for r in rows], 0.1, 42)
     assert len(test) == 10 and test == holdout_ids([r["id"] for r in reversed(rows)], 0.1, 42)
+    # the held-out split and a sample are drawn independently (one seed, separate streams)
+    many = [str(i) for i in range(2000)]
+    sampled = {r["id"] for r in sample_rows([{"id": i} for i in many], 500, 42)}
+    assert 25 <= len(sampled & holdout_ids(many, 0.1, 42)) <= 75
     queries = [{"id": f"q{i}"} for i in range(5)]
     kept, qrels = sample_queries(queries, {"q1": {"d": 1}, "q3": {"d": 1}, "q4": {"d": 1}}, 2, 0)
     assert len(kept) == 2 and set(qrels) == {q["id"] for q in kept} <= {"q1", "q3", "q4"}
+    corpus = [{"id": f"d{i}"} for i in range(50)]
+    small = sample_corpus(corpus, {"q1": {"d7": 1}, "q2": {"d40": 1}}, 10, 0)
+    ids = [d["id"] for d in small]
+    assert len(small) == 10 and {"d7", "d40"} <= set(ids) and ids == sorted(ids, key=lambda d: int(d[1:]))
+    assert sample_corpus(corpus, {}, 0, 0) is corpus
 
 
 def test_labelled_file_errors_name_the_row(tmp_path):

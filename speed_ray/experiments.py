@@ -1,0 +1,159 @@
+"""Experiments: several training runs of one config (variants), scored side by side by the eval stage,
+written up as a markdown section with plots. Pure functions; ``pipeline/experiment.py`` drives them.
+
+An experiment config is a run config plus an ``experiment`` section:
+
+    experiment:
+      title: "A. Crops vs dropout"
+      variants:                       # one embed run each: overrides of this config
+        crops: {embed.data.pair_mode: crops}
+        dropout: {embed.data.pair_mode: dropout}
+      evals:                          # one eval run each: overrides; a model named like a variant
+        main: {eval.models: [base, crops, dropout, tfidf]}    # is that variant's trained model
+      reference: crops                # share of gain = (variant - base) / (reference - base)
+      curves: [crops, dropout]        # score the snapshots (embed.snapshot_steps) against steps
+      paper: "..."                    # the papers' figures, shown beside ours
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+MAIN_SCORES = {"retrieval": "ndcg_at_10", "knn": "accuracy", "clustering": "v_measure", "mteb": "main_score"}
+SCORE_NAMES = {
+    "ndcg_at_10": "nDCG@10",
+    "accuracy": "kNN accuracy",
+    "v_measure": "V-measure",
+    "main_score": "main score",
+}
+
+
+def override_args(overrides: dict[str, Any]) -> list[str]:
+    """``{"embed.steps": 30}`` -> ``["embed.steps=30"]`` (values as JSON, which the YAML reader reads)."""
+    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+
+
+def variant_models(models: list[str], variant_dirs: dict[str, Path]) -> list[str]:
+    """Eval model entries with each variant name replaced by ``name=<its run>/embed/model``."""
+    return [f"{m}={variant_dirs[m] / 'embed' / 'model'}" if m in variant_dirs else m for m in models]
+
+
+def snapshot_models(name: str, run_dir: Path, final_step: int) -> list[tuple[int, str]]:
+    """[(step, eval model entry)] for a variant's snapshots and its final model, by step."""
+    out = []
+    for folder in sorted((run_dir / "embed" / "snapshots").glob("step_*")):
+        step = int(folder.name.removeprefix("step_"))
+        out.append((step, f"{name}@{step}={folder}"))
+    out.append((final_step, f"{name}@{final_step}={run_dir / 'embed' / 'model'}"))
+    return out
+
+
+def gain_share(base: float, score: float, reference: float) -> float | None:
+    """The part of the reference's gain over the base that ``score`` keeps (None without a gain)."""
+    gain = reference - base
+    return None if abs(gain) < 1e-12 else (score - base) / gain
+
+
+def main_score(scores: dict[str, Any], kind: str) -> float:
+    return float(scores[MAIN_SCORES[kind]])
+
+
+def score_table(ev: dict[str, Any], base: str = "base", reference: str | None = None) -> list[str]:
+    """Markdown: one row per model, one column per task's main score (x100), and with a reference
+    model the share of its gain over ``base`` each other model reaches on each task."""
+    tasks = list(ev["tasks"].items())
+    share = reference is not None and reference in ev["scores"] and base in ev["scores"]
+    head = [f"{t} {SCORE_NAMES[MAIN_SCORES[k]]}" for t, k in tasks]
+    if share:
+        head += [f"{t}: share of {reference}'s gain" for t, _ in tasks]
+    lines = ["| model | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+    for label, per_task in ev["scores"].items():
+        cells = [f"{100 * main_score(per_task[t], k):.1f}" if t in per_task else "" for t, k in tasks]
+        if share:
+            for t, k in tasks:
+                g = None
+                if t in per_task and label not in (base, reference):
+                    g = gain_share(
+                        main_score(ev["scores"][base][t], k),
+                        main_score(per_task[t], k),
+                        main_score(ev["scores"][reference][t], k),
+                    )
+                cells.append("" if g is None else f"{100 * g:.0f}%")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def training_table(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown: what each variant trained and how long it took (from its embed manifest)."""
+    lines = [
+        "| variant | trained | trainable params | steps x batch | first -> last loss | train seconds | s/step |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in runs.items():
+        steps = m["history"]
+        per_step = sum(h["seconds"] for h in steps) / max(1, len(steps))
+        what = m["data"].get("pair_mode", m["data"]["source"])
+        if m.get("train_last_blocks"):
+            what += f", last {m['train_last_blocks']} blocks"
+        if m["data"].get("held_out"):
+            what += f", {m['data']['held_out']} documents held out"
+        lines.append(
+            f"| {name} | {what} | {m['trainable_params']:,} | {m['steps']} x {m['global_batch']} | "
+            f"{steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f} | {m['duration_s']:.0f} | {per_step:.1f} |"
+        )
+    return lines
+
+
+def plot_scores(ev: dict[str, Any], title: str, path: Path) -> None:
+    """One bar chart per task: each model's main score."""
+    plt = _pyplot()
+    tasks = list(ev["tasks"].items())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, (task, kind) in zip(axes[0], tasks, strict=True):
+        labels = [lb for lb, s in ev["scores"].items() if task in s]
+        values = [100 * main_score(ev["scores"][lb][task], kind) for lb in labels]
+        bars = ax.bar(range(len(labels)), values, color="tab:blue")
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ax.set_ylabel(f"{SCORE_NAMES[MAIN_SCORES[kind]]} (%)")
+        ax.set_title(task)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], title: str, path: Path) -> None:
+    """Score against training step, one panel per task, one line per variant."""
+    plt = _pyplot()
+    tasks = sorted({t for per_task in curves.values() for t in per_task})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for name, per_task in curves.items():
+            points = sorted(per_task.get(task, []))
+            ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=name)
+        ax.set_title(task)
+        ax.set_xlabel("training step (batches)")
+        ax.set_ylabel("score (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)

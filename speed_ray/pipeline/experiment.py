@@ -1,0 +1,169 @@
+"""experiment: train every variant, score them with the eval stage, write the section.
+
+Every variant is an ordinary run (``runs/<its run.name>/``), so a finished one is skipped and two
+experiments that share a variant's run name and settings train it once; every eval is an ordinary
+eval stage. Produces ``runs/<run.name>/report.md`` (tables, the papers' figures, plots) and
+``runs/<run.name>/experiment.json`` (every score).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from speed_ray.config import ConfigError, SpeedRayConfig, load_config, save_config
+from speed_ray.pipeline.common import log
+from speed_ray.schemas import write_json_atomic
+
+
+def configs(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> tuple[dict, dict]:
+    """(variant configs, eval configs), every one loaded and validated before anything runs."""
+    from speed_ray.experiments import override_args, variant_models
+
+    ex = cfg.experiment
+    if not ex.variants and not any("eval.models" in (o or {}) for o in ex.evals.values()):
+        raise ConfigError("experiment: expected variants to train or evals with eval.models")
+    variants = {}
+    for name, changes in ex.variants.items():
+        args = [f"run.name={cfg.run.name}-{name}", *overrides, *override_args(dict(changes or {}))]
+        variants[name] = _load(path, args, f"experiment.variants.{name}")
+    dirs = {name: v.run_dir for name, v in variants.items()}
+    evals = {}
+    for name, changes in ex.evals.items():
+        changes = dict(changes or {})
+        models = variant_models(list(changes.pop("eval.models", cfg.eval.models)), dirs)
+        run_name = cfg.run.name if name == "main" else f"{cfg.run.name}-{name}"
+        args = [
+            f"run.name={run_name}",
+            *overrides,
+            *override_args(changes),
+            f"eval.models={json.dumps(models)}",
+        ]
+        evals[name] = _load(path, args, f"experiment.evals.{name}")
+    for name in ex.curves:
+        if name not in variants:
+            raise ConfigError(
+                f"experiment.curves: {name!r} is not a variant (expected one of {sorted(variants)})"
+            )
+        if not variants[name].embed.snapshot_steps:
+            raise ConfigError(f"experiment.curves: variant {name} needs embed.snapshot_steps > 0")
+    return variants, evals
+
+
+def _load(path: str, args: list[str], key: str) -> SpeedRayConfig:
+    try:
+        return load_config(path, args)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from e
+
+
+def run(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> dict[str, Any]:
+    from speed_ray.pipeline import embed, evaluate
+
+    started = time.time()
+    ex = cfg.experiment
+    variants, evals = configs(cfg, path, overrides)
+    log(f"experiment {cfg.run.name}: {len(variants)} variants, {len(evals)} evals")
+    trained = {}
+    for i, (name, vcfg) in enumerate(variants.items(), 1):
+        log(f"experiment: variant {i}/{len(variants)}: {name} ({vcfg.run_dir})")
+        save_config(vcfg, vcfg.run_dir / "config.yaml")
+        trained[name] = embed.run(vcfg)
+    scores = {}
+    for name, ecfg in evals.items():
+        log(f"experiment: eval {name}: {', '.join(ecfg.eval.models)}")
+        save_config(ecfg, ecfg.run_dir / "config.yaml")
+        scores[name] = evaluate.run(ecfg)
+    curves = _curves(cfg, variants) if ex.curves else {}
+    out = cfg.run_dir
+    result = {
+        "title": ex.title,
+        "variants": {n: str(v.run_dir) for n, v in variants.items()},
+        "training": {n: _training_summary(m) for n, m in trained.items()},
+        "evals": scores,
+        "eval_dirs": {n: str(e.run_dir) for n, e in evals.items()},
+        "curves": curves,
+        "duration_s": round(time.time() - started, 1),
+    }
+    write_json_atomic(out / "experiment.json", result)
+    (out / "report.md").write_text(render(cfg, result, trained))
+    log(f"experiment: {out / 'report.md'} ({result['duration_s']:.0f}s)")
+    return result
+
+
+def _training_summary(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: m[k] for k in ("steps", "global_batch", "trainable_params", "duration_s") if k in m}
+
+
+def _curves(cfg: SpeedRayConfig, variants: dict) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Score each curve variant's snapshots on this config's eval tasks (a run named
+    <run.name>-curves); step 0 is the base model. Final models hit the embeddings cache."""
+    from dataclasses import replace
+
+    from speed_ray.experiments import MAIN_SCORES, snapshot_models
+    from speed_ray.pipeline import evaluate
+
+    main = cfg
+    entries = {
+        name: snapshot_models(name, variants[name].run_dir, variants[name].embed.steps)
+        for name in cfg.experiment.curves
+    }
+    models = ["base", *(entry for points in entries.values() for _, entry in points)]
+    ccfg = replace(
+        main,
+        run=replace(main.run, name=f"{cfg.run.name}-curves"),
+        eval=replace(main.eval, models=models, layers=False),
+    )
+    save_config(ccfg, ccfg.run_dir / "config.yaml")
+    log(f"experiment: curves: {len(models)} models")
+    m = evaluate.run(ccfg)
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for name, points in entries.items():
+        per_task: dict[str, list[tuple[int, float]]] = {}
+        for task, kind in m["tasks"].items():
+            key = MAIN_SCORES[kind]
+            per_task[task] = [(0, m["scores"]["base"][task][key])] + [
+                (step, m["scores"][entry.split("=", 1)[0]][task][key]) for step, entry in points
+            ]
+        curves[name] = per_task
+    return curves
+
+
+def render(cfg: SpeedRayConfig, result: dict[str, Any], trained: dict[str, dict[str, Any]]) -> str:
+    from speed_ray.experiments import plot_curves, plot_scores, score_table, training_table
+    from speed_ray.pipeline.report import eval_lines
+
+    ex, out = cfg.experiment, cfg.run_dir
+    lines = [f"# {ex.title or cfg.run.name}", ""]
+    if trained:
+        lines += ["## Training", "", *training_table(trained), ""]
+    for name, ev in result["evals"].items():
+        png = f"scores-{name}.png"
+        plot_scores(ev, f"{ex.title or cfg.run.name}: {name}", out / png)
+        lines += [
+            f"## Scores: {name} (x100)",
+            "",
+            *score_table(ev, reference=ex.reference or None),
+            "",
+            f"![scores]({png})",
+            "",
+        ]
+        if ev.get("layers"):
+            png = os.path.relpath(Path(result["eval_dirs"][name]) / "eval" / "layers.png", out)
+            layer_lines = eval_lines({"tasks": {}, "scores": {}, "layers": ev["layers"]})
+            lines += [line.replace("(eval/layers.png)", f"({png})") for line in layer_lines] + [""]
+    if result["curves"]:
+        plot_curves(
+            result["curves"], f"{ex.title or cfg.run.name}: score against training step", out / "curves.png"
+        )
+        lines += ["## Score against training step", ""]
+        for name, per_task in result["curves"].items():
+            for task, points in per_task.items():
+                lines.append(f"- {name}, {task}: " + ", ".join(f"step {s}: {100 * v:.1f}" for s, v in points))
+        lines += ["", "![curves](curves.png)", ""]
+    if ex.paper:
+        lines += ["## The papers' figures", "", ex.paper.strip(), ""]
+    return "\n".join(lines)
