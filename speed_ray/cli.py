@@ -2,6 +2,7 @@
 
     speed-ray run CONFIG [key.sub=value ...]      every stage in order
     speed-ray STAGE CONFIG [key.sub=value ...]    one stage: align, synth, embed, eval, report
+    speed-ray report RUN_DIR                      re-render a run's report from its folder
     speed-ray experiment CONFIG [key.sub=value ...]   train the config's variants, score them, write the section
     speed-ray doctor [CONFIG]                     what this machine offers, and what a run would use
 
@@ -14,6 +15,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from speed_ray.config import ConfigError, SpeedRayConfig, load_config, save_config
 from speed_ray.pipeline import STAGES
@@ -74,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides) if args.config else None
             print(doctor(cfg))
             return 0
-        cfg = load_config(args.config, args.overrides)
+        if args.command == "report" and Path(args.config).is_dir():  # speed-ray report RUN_DIR
+            run_dir = Path(args.config).resolve()
+            where = [f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"]
+            cfg = load_config(run_dir / "config.yaml", [*args.overrides, *where])
+        else:
+            cfg = load_config(args.config, args.overrides)
         if args.command == "experiment":
             from speed_ray.pipeline.experiment import run as run_experiment
 

@@ -44,6 +44,8 @@ def snapshot_models(name: str, run_dir: Path, final_step: int) -> list[tuple[int
     """[(step, eval model entry)] for a variant's snapshots and its final model, by step."""
     out = []
     for folder in sorted((run_dir / "embed" / "snapshots").glob("step_*")):
+        if not folder.name.removeprefix("step_").isdigit():  # step_N.tmp: an export cut short
+            continue
         step = int(folder.name.removeprefix("step_"))
         out.append((step, f"{name}@{step}={folder}"))
     out.append((final_step, f"{name}@{final_step}={run_dir / 'embed' / 'model'}"))

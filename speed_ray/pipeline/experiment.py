@@ -54,8 +54,14 @@ def configs(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> tuple[dict,
 
 
 def _load(path: str, args: list[str], key: str) -> SpeedRayConfig:
+    """One variant or eval as a plain run config (no experiment section, so experiments that share
+    a run save the same config for it)."""
+    from dataclasses import replace
+
+    from speed_ray.config import ExperimentConfig
+
     try:
-        return load_config(path, args)
+        return replace(load_config(path, args), experiment=ExperimentConfig())
     except ConfigError as e:
         raise ConfigError(f"{key}: {e}") from e
 

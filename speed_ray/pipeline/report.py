@@ -1,6 +1,7 @@
 """report: ``<run>/report.md`` (and ``training.png``) from the manifests the other stages wrote.
 
-Reads only the run directory, so ``speed-ray report CONFIG`` can re-render a finished run.
+Reads only the run directory, so ``speed-ray report CONFIG`` (or ``speed-ray report RUN_DIR``, which
+reads the run's saved config) can re-render a finished run.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ def run(cfg: SpeedRayConfig) -> dict:
         )
     if synth_plot:
         text = text.replace("\n## Synthesis\n", f"\n## Synthesis\n\n![synthesis steps]({synth_plot})\n", 1)
+    if m["eval"] is not None and m["eval"].get("tasks"):
+        from speed_ray.experiments import plot_scores
+
+        plot_scores(m["eval"], f"{cfg.run.name}: scores against the baselines", run_dir / "eval.png")
+        text = text.replace("\n## Evaluation: ", "\n![scores](eval.png)\n\n## Evaluation: ", 1)
     path = run_dir / "report.md"
     path.write_text(text)
     log(f"report: {path}")

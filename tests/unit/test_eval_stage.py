@@ -100,6 +100,21 @@ def test_eval_stage_scores_every_model_on_every_task(tmp_path, tiny_bert, beir_t
     assert len(m["layers"]["minilm"]) == 7
     assert (out / "layers.png").stat().st_size > 10_000
 
+    # speed-ray report RUN_DIR: tables per task, the layer table and the plots
+    from speed_ray.cli import main
+    from speed_ray.config import save_config
+
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    assert main(["report", str(cfg.run_dir)]) == 0
+    report = (cfg.run_dir / "report.md").read_text()
+    knn = m["scores"]["tfidf"]["SectionsKNN"]
+    assert "## Evaluation: SectionsKNN (knn, mteb)" in report
+    assert f"| tfidf | {knn['accuracy']:.4f} | {knn['f1']:.4f} |" in report
+    assert (
+        "| 2 | " + f"{base_layers['2']:.4f} | " in report and "![layer analysis](eval/layers.png)" in report
+    )
+    assert "![scores](eval.png)" in report and (cfg.run_dir / "eval.png").stat().st_size > 10_000
+
 
 def test_the_embeddings_cache_answers_a_second_run_without_the_model(tmp_path, tiny_bert, beir_tiny):
     from speed_ray.embedding import build_model

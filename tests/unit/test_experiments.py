@@ -1,0 +1,116 @@
+"""Experiments: variant and eval configs, shared runs, the tables' arithmetic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from speed_ray.config import ConfigError, load_config
+from speed_ray.experiments import (
+    gain_share,
+    override_args,
+    score_table,
+    snapshot_models,
+    training_table,
+    variant_models,
+)
+from speed_ray.pipeline.experiment import configs
+
+REPO = Path(__file__).resolve().parents[2]
+EXPERIMENTS = REPO / "configs" / "experiments"
+
+
+def _configs(name: str, overrides: list[str] | None = None):
+    path = str(EXPERIMENTS / name)
+    return configs(load_config(path, overrides), path, overrides or [])
+
+
+def test_experiments_share_the_runs_they_name_alike():
+    a_variants, a_evals = _configs("a-crops-vs-dropout.yaml")
+    b_variants, _ = _configs("b-last-blocks.yaml")
+    d_variants, d_evals = _configs("d-curves.yaml")
+    # the same run, the same config: trained once, whichever experiment runs first
+    assert a_variants["crops"] == b_variants["crops"] == d_variants["crops"]
+    assert a_variants["dropout"] == d_variants["dropout"]
+    assert a_variants["crops"].run_dir.name == "exp-smollm-crops"
+    assert a_variants["dropout"].embed.data.pair_mode == "dropout"
+    assert b_variants["last-2"].embed.train_last_blocks == 2
+    assert a_variants["crops-train"].embed.data.holdout_fraction == a_evals["heldout"].eval.knn.test_fraction
+    # variant names in eval.models become their trained models
+    models = a_evals["main"].eval.models
+    assert "crops=" + str(a_variants["crops"].run_dir / "embed" / "model") in models
+    assert a_evals["heldout"].eval.knn.split == "holdout" and a_evals["heldout"].eval.retrieval.path is None
+    assert a_evals["main"].run_dir.name == "exp-a" and a_evals["heldout"].run_dir.name == "exp-a-heldout"
+    assert d_evals == {}
+
+
+def test_bad_variants_are_named_before_anything_runs(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("experiment:\n  variants:\n    odd: {embed.nope: 1}\n")
+    with pytest.raises(ConfigError, match=r"experiment.variants.odd: embed.nope: unknown key"):
+        configs(load_config(str(path)), str(path), [])
+    path.write_text("experiment:\n  variants:\n    v: {}\n  curves: [v]\n")
+    with pytest.raises(ConfigError, match=r"variant v needs embed.snapshot_steps > 0"):
+        configs(load_config(str(path)), str(path), [])
+    path.write_text("experiment: {evals: {}}\n")
+    with pytest.raises(ConfigError, match="expected variants to train or evals with eval.models"):
+        configs(load_config(str(path)), str(path), [])
+
+
+def test_override_args_and_model_entries(tmp_path):
+    assert override_args({"embed.steps": 3, "eval.retrieval.path": None, "eval.models": ["a", "b"]}) == [
+        "embed.steps=3",
+        "eval.retrieval.path=null",
+        'eval.models=["a", "b"]',
+    ]
+    assert variant_models(["base", "v", "tfidf"], {"v": Path("/r/v")}) == [
+        "base",
+        "v=/r/v/embed/model",
+        "tfidf",
+    ]
+    for step in (10, 5):
+        (tmp_path / "embed" / "snapshots" / f"step_{step:05d}").mkdir(parents=True)
+    (tmp_path / "embed" / "snapshots" / "step_00015.tmp").mkdir()  # an interrupted export: ignored
+    assert snapshot_models("c", tmp_path, 20) == [
+        (5, f"c@5={tmp_path}/embed/snapshots/step_00005"),
+        (10, f"c@10={tmp_path}/embed/snapshots/step_00010"),
+        (20, f"c@20={tmp_path}/embed/model"),
+    ]
+
+
+def test_gain_share_and_score_table():
+    assert gain_share(0.40, 0.55, 0.60) == pytest.approx(0.75)
+    assert gain_share(0.40, 0.40, 0.40) is None
+    ev = {
+        "tasks": {"K": "knn", "R": "retrieval"},
+        "scores": {
+            "base": {"K": {"accuracy": 0.40}, "R": {"ndcg_at_10": 0.50}},
+            "last-2": {"K": {"accuracy": 0.55}, "R": {"ndcg_at_10": 0.60}},
+            "all": {"K": {"accuracy": 0.60}, "R": {"ndcg_at_10": 0.70}},
+        },
+    }
+    lines = score_table(ev, reference="all")
+    assert lines[0] == (
+        "| model | K kNN accuracy | R nDCG@10 | K: share of all's gain | R: share of all's gain |"
+    )
+    assert lines[2:] == [
+        "| base | 40.0 | 50.0 |  |  |",
+        "| last-2 | 55.0 | 60.0 | 75% | 50% |",
+        "| all | 60.0 | 70.0 |  |  |",
+    ]
+
+
+def test_training_table_reads_the_embed_manifest():
+    m = {
+        "history": [{"loss": 2.0, "seconds": 4.0}, {"loss": 1.0, "seconds": 6.0}],
+        "data": {"source": "corpus", "pair_mode": "crops", "held_out": 7},
+        "train_last_blocks": 2,
+        "trainable_params": 1234,
+        "steps": 2,
+        "global_batch": 16,
+        "duration_s": 30.4,
+    }
+    assert training_table({"v": m})[2] == (
+        "| v | crops, last 2 blocks, 7 documents held out | 1,234 | 2 x 16 | 2.000 -> 1.000 | 30 | 5.0 |"
+    )
