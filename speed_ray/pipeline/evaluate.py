@@ -137,7 +137,7 @@ def load_model(spec: str, cfg: SpeedRayConfig) -> Any:
             model = SentenceTransformer(folder, device="cpu")
             pooling = pooling_mode(model) or pooling
     model.max_seq_length = ev.max_seq_length
-    if "query" not in (model.prompts or {}):
+    if not (model.prompts or {}).get("query"):  # sentence-transformers starts with empty prompts
         set_prompts(model, ev.retrieval.query_instruction, pooling)
     return model
 
@@ -181,7 +181,14 @@ def _evaluate(cfg: SpeedRayConfig, out: Path) -> dict:
             else:
                 model = encoder
             task = ts.build()
-            s = evaluate(model, task, out, ev.batch_size)
+            try:
+                s = evaluate(model, task, out, ev.batch_size)
+            except ConnectionError as e:  # datasets, offline, without the task in its cache
+                raise FileNotFoundError(
+                    f"eval.mteb_tasks: {ts.name}: its dataset is not in the local Hugging Face cache "
+                    f"and the hub cannot be reached ({e}); run where there is network with "
+                    "HF_DATASETS_OFFLINE=0, or copy a cache that holds it to HF_HOME"
+                ) from e
             s["seconds"] = round(time.time() - t1, 1)
             scores[label][ts.name] = s
             log(

@@ -139,3 +139,23 @@ def test_the_embeddings_cache_answers_a_second_run_without_the_model(tmp_path, t
     # other weights, another key: nothing is reused
     other = build_model(tiny_bert, "cls", 64)
     assert model_key(other) != key
+
+
+def test_models_keep_their_saved_prompts_and_others_get_the_configured_one(tmp_path, tiny_llama):
+    from speed_ray.embedding import build_model, query_prefix
+    from speed_ray.pipeline.evaluate import load_model, parse_model
+
+    saved = build_model(tiny_llama, "lasttoken", 32)
+    saved.prompts = {"query": query_prefix("Find the package"), "document": ""}
+    saved.save(str(tmp_path / "st"))
+    cfg = load_config(
+        None, [f"embed.model={tiny_llama}", "embed.pooling=lasttoken", "eval.max_seq_length=48"]
+    )
+    model = load_model(str(tmp_path / "st"), cfg)
+    assert model.prompts["query"] == "Instruct: Find the package\nQuery: " and model.max_seq_length == 48
+    base = load_model("base", cfg)  # a plain decoder: the configured instruction, E5's format
+    assert base.prompts["query"] == query_prefix(cfg.eval.retrieval.query_instruction)
+    plain = load_model(tiny_llama, cfg)  # a folder without modules.json: pooled as embed.pooling says
+    assert plain.prompts == base.prompts
+    assert parse_model("mine=/a/b/model") == ("mine", "/a/b/model")
+    assert parse_model("/a/b/model/") == ("model", "/a/b/model/")

@@ -161,3 +161,16 @@ def test_labelled_file_errors_name_the_row(tmp_path):
     path.write_text('{"id": "a", "text": "fine"}\n')
     with pytest.raises(ValueError, match=r"l.jsonl:1: expected a non-empty 'label'"):
         read_labelled(path)
+
+
+def test_standard_tasks_and_benchmarks_by_name():
+    from speed_ray.evaluation import named_tasks
+
+    (task,) = named_tasks(["NanoArguAnaRetrieval"])
+    assert task.metadata.name == "NanoArguAnaRetrieval" and task.metadata.type == "Retrieval"
+    bench = named_tasks(["MTEB(eng, v2)"])
+    assert len(bench) > 20 and {"STSBenchmark", "Banking77Classification"} <= {t.metadata.name for t in bench}
+    with pytest.raises(
+        ValueError, match=r"eval.mteb_tasks: 'NoSuchTask' is neither an mteb task nor a benchmark"
+    ):
+        named_tasks(["NoSuchTask"])
