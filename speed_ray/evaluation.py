@@ -261,44 +261,32 @@ def _u8() -> Any:
     return torch.uint8
 
 
-def encoder_meta(name: str, revision: str) -> Any:
-    """mteb model metadata for an encoder of our own: its results go to results/<name>/<revision>/.
-    No similarity function is named, so mteb scores by cosine."""
+def text_encoder(name: str, revision: str, embed: Any) -> Any:
+    """An mteb encoder of our own: ``embed(texts) -> [n, dim] array``; its results go to
+    ``results/<name>/<revision>/``. It names no similarity function, so mteb scores by cosine."""
+    from mteb.models.abs_encoder import AbsEncoder
     from mteb.models.model_meta import ModelMeta
 
-    return ModelMeta.create_empty({"name": name, "revision": revision})
+    class TextEncoder(AbsEncoder):
+        mteb_model_meta = ModelMeta.create_empty({"name": name, "revision": revision})
+
+        def encode(
+            self, inputs: Any, *, task_metadata: Any, hf_split: str, hf_subset: str, **kwargs: Any
+        ) -> Any:
+            return embed([t for batch in inputs for t in batch["text"]])
+
+    return TextEncoder()
 
 
 def tfidf_encoder(fit_texts: list[str], max_features: int = 16384) -> Any:
     """TF-IDF vectors (sublinear tf, L2-normalised, the ``max_features`` most frequent terms) fit on
     ``fit_texts``, as an mteb encoder: the classical baseline of the crops paper."""
-    from mteb.models.abs_encoder import AbsEncoder
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     vectorizer = TfidfVectorizer(sublinear_tf=True, max_features=max_features, dtype=np.float32)
     vectorizer.fit(fit_texts)
     fit_hash = hashlib.sha256("\n".join(fit_texts).encode()).hexdigest()[:12]
-
-    class TfidfEncoder(AbsEncoder):
-        mteb_model_meta = encoder_meta("speed-ray/tfidf", fit_hash)
-
-        def __init__(self) -> None:
-            self.vectorizer = vectorizer
-
-        def encode(
-            self,
-            inputs: Any,
-            *,
-            task_metadata: Any,
-            hf_split: str,
-            hf_subset: str,
-            prompt_type: Any = None,
-            **kwargs: Any,
-        ) -> np.ndarray:
-            texts = [t for batch in inputs for t in batch["text"]]
-            return self.vectorizer.transform(texts).toarray()
-
-    return TfidfEncoder()
+    return text_encoder("speed-ray/tfidf", fit_hash, lambda texts: vectorizer.transform(texts).toarray())
 
 
 def bm25_model() -> Any:

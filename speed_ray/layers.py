@@ -50,26 +50,9 @@ def _pooling(model: Any) -> Any:
 
 def precomputed_encoder(name: str, vectors: dict[str, np.ndarray]) -> Any:
     """An mteb encoder that answers each text with a vector computed beforehand."""
-    from mteb.models.abs_encoder import AbsEncoder
+    from speed_ray.evaluation import text_encoder
 
-    from speed_ray.evaluation import encoder_meta
-
-    class Precomputed(AbsEncoder):
-        mteb_model_meta = encoder_meta(name, "layers")
-
-        def encode(
-            self,
-            inputs: Any,
-            *,
-            task_metadata: Any,
-            hf_split: str,
-            hf_subset: str,
-            prompt_type: Any = None,
-            **kwargs: Any,
-        ) -> np.ndarray:
-            return np.stack([vectors[t] for batch in inputs for t in batch["text"]])
-
-    return Precomputed()
+    return text_encoder(name, "layers", lambda texts: np.stack([vectors[t] for t in texts]))
 
 
 def layer_scores(
