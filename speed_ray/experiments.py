@@ -127,8 +127,10 @@ def plot_scores(ev: dict[str, Any], title: str, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], title: str, path: Path) -> None:
-    """Score against training step, one panel per task, one line per variant."""
+def plot_curves(
+    curves: dict[str, dict[str, list[tuple[int, float]]]], kinds: dict[str, str], title: str, path: Path
+) -> None:
+    """Score against training step, one panel per task (``kinds``: task -> kind), one line per variant."""
     plt = _pyplot()
     tasks = sorted({t for per_task in curves.values() for t in per_task})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
@@ -138,7 +140,7 @@ def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], title: st
             ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=name)
         ax.set_title(task)
         ax.set_xlabel("training step (batches)")
-        ax.set_ylabel("score (%)")
+        ax.set_ylabel(f"{SCORE_NAMES[MAIN_SCORES[kinds[task]]]} (%)")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)

@@ -83,8 +83,9 @@ def run(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> dict[str, Any]:
         log(f"experiment: eval {name}: {', '.join(ecfg.eval.models)}")
         save_config(ecfg, ecfg.run_dir / "config.yaml")
         scores[name] = evaluate.run(ecfg)
-    curves = _curves(cfg, variants) if ex.curves else {}
+    curves, curve_tasks = _curves(cfg, variants) if ex.curves else ({}, {})
     out = cfg.run_dir
+    out.mkdir(parents=True, exist_ok=True)  # no eval named main: nothing else made it
     result = {
         "title": ex.title,
         "variants": {n: str(v.run_dir) for n, v in variants.items()},
@@ -92,6 +93,7 @@ def run(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> dict[str, Any]:
         "evals": scores,
         "eval_dirs": {n: str(e.run_dir) for n, e in evals.items()},
         "curves": curves,
+        "curve_tasks": curve_tasks,
         "duration_s": round(time.time() - started, 1),
     }
     write_json_atomic(out / "experiment.json", result)
@@ -104,7 +106,9 @@ def _training_summary(m: dict[str, Any]) -> dict[str, Any]:
     return {k: m[k] for k in ("steps", "global_batch", "trainable_params", "duration_s") if k in m}
 
 
-def _curves(cfg: SpeedRayConfig, variants: dict) -> dict[str, dict[str, list[tuple[int, float]]]]:
+def _curves(
+    cfg: SpeedRayConfig, variants: dict
+) -> tuple[dict[str, dict[str, list[tuple[int, float]]]], dict[str, str]]:
     """Score each curve variant's snapshots on this config's eval tasks (a run named
     <run.name>-curves); step 0 is the base model. Final models hit the embeddings cache."""
     from dataclasses import replace
@@ -135,7 +139,7 @@ def _curves(cfg: SpeedRayConfig, variants: dict) -> dict[str, dict[str, list[tup
                 (step, m["scores"][entry.split("=", 1)[0]][task][key]) for step, entry in points
             ]
         curves[name] = per_task
-    return curves
+    return curves, m["tasks"]
 
 
 def render(cfg: SpeedRayConfig, result: dict[str, Any], trained: dict[str, dict[str, Any]]) -> str:
@@ -162,9 +166,7 @@ def render(cfg: SpeedRayConfig, result: dict[str, Any], trained: dict[str, dict[
             layer_lines = eval_lines({"tasks": {}, "scores": {}, "layers": ev["layers"]})
             lines += [line.replace("(eval/layers.png)", f"({png})") for line in layer_lines] + [""]
     if result["curves"]:
-        plot_curves(
-            result["curves"], f"{ex.title or cfg.run.name}: score against training step", out / "curves.png"
-        )
+        plot_curves(result["curves"], result["curve_tasks"], ex.title or cfg.run.name, out / "curves.png")
         lines += ["## Score against training step", ""]
         for name, per_task in result["curves"].items():
             for task, points in per_task.items():
