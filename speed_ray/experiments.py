@@ -18,6 +18,7 @@ An experiment config is a run config plus an ``experiment`` section:
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +91,12 @@ def score_table(ev: dict[str, Any], base: str = "base", reference: str | None = 
 def training_table(runs: dict[str, dict[str, Any]]) -> list[str]:
     """Markdown: what each variant trained and how long it took (from its embed manifest)."""
     lines = [
-        "| variant | trained | trainable params | steps x batch | first -> last loss | train seconds | s/step |",
+        "| variant | trained | trainable params | steps x batch | first -> last loss | train seconds | median s/step |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, m in runs.items():
         steps = m["history"]
-        per_step = sum(h["seconds"] for h in steps) / max(1, len(steps))
+        per_step = statistics.median(h["seconds"] for h in steps)  # robust to a busy machine
         what = m["data"].get("pair_mode", m["data"]["source"])
         if m.get("train_last_blocks"):
             what += f", last {m['train_last_blocks']} blocks"

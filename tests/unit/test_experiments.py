@@ -103,7 +103,11 @@ def test_gain_share_and_score_table():
 
 def test_training_table_reads_the_embed_manifest():
     m = {
-        "history": [{"loss": 2.0, "seconds": 4.0}, {"loss": 1.0, "seconds": 6.0}],
+        "history": [
+            {"loss": 2.0, "seconds": 4.0},
+            {"loss": 1.5, "seconds": 40.0},
+            {"loss": 1.0, "seconds": 6.0},
+        ],
         "data": {"source": "corpus", "pair_mode": "crops", "held_out": 7},
         "train_last_blocks": 2,
         "trainable_params": 1234,
@@ -112,5 +116,5 @@ def test_training_table_reads_the_embed_manifest():
         "duration_s": 30.4,
     }
     assert training_table({"v": m})[2] == (
-        "| v | crops, last 2 blocks, 7 documents held out | 1,234 | 2 x 16 | 2.000 -> 1.000 | 30 | 5.0 |"
+        "| v | crops, last 2 blocks, 7 documents held out | 1,234 | 2 x 16 | 2.000 -> 1.000 | 30 | 6.0 |"
     )
