@@ -288,6 +288,10 @@ class EmbedConfig:
     cache_frozen: bool = True
     """With train_last_blocks and GradCache: compute the frozen blocks once per step, not twice."""
     max_seq_length: int = 128
+    dropout: float | None = None
+    """Set every dropout probability of the model to this (null: the model's own). Llama-family
+    decoders such as SmolLM2 ship with none, so pair_mode dropout needs it to be more than identical
+    pairs."""
     query_instruction: str = "Given a web search query, retrieve relevant passages that answer the query"
     """Default instruction saved in the exported model's ``query`` prompt."""
     finetune: str = "auto"
@@ -641,6 +645,8 @@ def _check_embed(e: EmbedConfig) -> None:
         )
     if e.lora_r <= 0:
         raise ConfigError(f"embed.lora_r: expected a positive number, got {e.lora_r}")
+    if e.dropout is not None and not 0 <= e.dropout < 1:
+        raise ConfigError(f"embed.dropout: expected a probability 0 <= p < 1 or null, got {e.dropout}")
     if not 0 <= e.data.holdout_fraction < 1:
         raise ConfigError(
             f"embed.data.holdout_fraction: expected 0 <= fraction < 1, got {e.data.holdout_fraction}"

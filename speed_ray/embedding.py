@@ -26,8 +26,25 @@ def format_query(instruction: str | None, query: str, pooling: str) -> str:
     return query
 
 
-def build_model(model_path: str, pooling: str, max_seq_length: int, device: str = "cpu") -> Any:
-    """A SentenceTransformer: Transformer -> Pooling(pooling) -> Normalize, from a local model folder."""
+def dropout_settings(model_path: str, p: float) -> dict[str, float]:
+    """Every dropout probability in the model's config set to ``p`` (BERT: hidden and attention;
+    Llama-family decoders: attention only, as they have no other dropout)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    keys = [
+        k
+        for k, v in config.to_dict().items()
+        if isinstance(v, float) and k.endswith(("dropout", "dropout_prob"))
+    ]
+    return {k: p for k in keys if not k.startswith("classifier")}
+
+
+def build_model(
+    model_path: str, pooling: str, max_seq_length: int, device: str = "cpu", dropout: float | None = None
+) -> Any:
+    """A SentenceTransformer: Transformer -> Pooling(pooling) -> Normalize, from a local model folder;
+    ``dropout`` overrides every dropout probability of the model (None keeps its own)."""
     from sentence_transformers import SentenceTransformer, models  # type: ignore[attr-defined]
 
     processor_kwargs: dict[str, Any] = {}
@@ -41,6 +58,7 @@ def build_model(model_path: str, pooling: str, max_seq_length: int, device: str 
         processor_kwargs=processor_kwargs,
         modality_config={"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
         module_output_name="token_embeddings",
+        config_kwargs=None if dropout is None else dropout_settings(model_path, dropout),
     )
     tok = transformer.tokenizer
     if tok.pad_token is None:

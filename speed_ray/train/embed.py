@@ -275,7 +275,9 @@ def setup_model(config: dict[str, Any]):
     returns (model, frozen or None)."""
     from speed_ray.embedding import FrozenBlocks, build_model, set_prompts
 
-    model = build_model(config["model"], config["pooling"], config["max_seq_length"])
+    model = build_model(
+        config["model"], config["pooling"], config["max_seq_length"], dropout=config["dropout"]
+    )
     model.train()  # dropout on, as in E5/SPEED and the crops paper
     set_prompts(model, config["query_instruction"], config["pooling"])
     if config["gradient_checkpointing"]:
@@ -406,7 +408,9 @@ def export(state: dict[str, torch.Tensor], config: dict[str, Any], folder: str) 
     with pooling, normalisation and the query/document prompts."""
     from speed_ray.embedding import build_model, merge_lora, set_prompts
 
-    model = build_model(config["model"], config["pooling"], config["max_seq_length"])
+    model = build_model(
+        config["model"], config["pooling"], config["max_seq_length"], dropout=config["dropout"]
+    )
     if config["finetune"] == "lora":
         configured_lora(model, config)
     model.load_state_dict(state)

@@ -76,3 +76,29 @@ def test_grad_flows_only_where_trainable(tiny_bert):
     emb.sum().backward()
     assert model[0].auto_model.embeddings.word_embeddings.weight.grad is None
     assert torch.count_nonzero(transformer_blocks(model)[0].output.dense.weight.grad) > 0
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_bert"])
+def test_embed_dropout_switches_dropout_on(request, fixture):
+    """A decoder ships with no dropout: two training-mode passes agree, so dropout pairs would be
+    identical; ``dropout`` sets every dropout probability and the passes differ."""
+    path = request.getfixturevalue(fixture)
+    texts = ["a package for reading mail", "tools to resize images"]
+
+    def two_passes(model):
+        model.train()
+        features = model.tokenize(texts)
+        torch.manual_seed(0)
+        first = model(dict(features))["sentence_embedding"]
+        second = model(dict(features))["sentence_embedding"]
+        return first, second
+
+    own = build_model(path, "mean", 16)
+    on = build_model(path, "mean", 16, dropout=0.3)
+    config = on[0].auto_model.config
+    probabilities = [v for k, v in config.to_dict().items() if k.endswith(("dropout", "dropout_prob"))]
+    assert probabilities and all(p == 0.3 for p in probabilities if p is not None)
+    if fixture == "tiny_llama":
+        assert torch.equal(*two_passes(own))  # no dropout at all in a Llama-family decoder
+    first, second = two_passes(on)
+    assert not torch.allclose(first, second)
