@@ -67,6 +67,11 @@ def build_model(
     return SentenceTransformer(modules=[transformer, pool, models.Normalize()], device=device)
 
 
+def pooling_module(model: Any) -> Any:
+    """The Pooling module of a SentenceTransformer (the one whose config names a pooling mode), or None."""
+    return next((m for m in model if "pooling_mode" in getattr(m, "get_config_dict", dict)()), None)
+
+
 def transformer_blocks(model: Any) -> Any:
     """The ``nn.ModuleList`` of transformer blocks inside a SentenceTransformer (BERT, Llama, ...)."""
     import torch

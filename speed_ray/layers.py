@@ -18,7 +18,11 @@ def layer_embeddings(model: Any, texts: list[str], batch_size: int) -> np.ndarra
     """[layers + 1, len(texts), dim]: each layer's pooled, normalised hidden states."""
     import torch
 
-    hf, pool = model[0].auto_model, _pooling(model)
+    from speed_ray.embedding import pooling_module
+
+    hf, pool = model[0].auto_model, pooling_module(model)
+    if pool is None:
+        raise ValueError("the model has no Pooling module to pool each layer with")
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: np.ndarray | None = None
     hf.eval()
@@ -39,13 +43,6 @@ def layer_embeddings(model: Any, texts: list[str], batch_size: int) -> np.ndarra
             out[:, idx] = emb
     assert out is not None
     return out
-
-
-def _pooling(model: Any) -> Any:
-    for module in model:
-        if "pooling_mode" in (module.get_config_dict() if hasattr(module, "get_config_dict") else {}):
-            return module
-    raise ValueError("the model has no Pooling module to pool each layer with")
 
 
 def precomputed_encoder(name: str, vectors: dict[str, np.ndarray]) -> Any:

@@ -116,7 +116,7 @@ def load_model(spec: str, cfg: SpeedRayConfig) -> Any:
     prompts it saved (a model that saved none gets ``eval.retrieval.query_instruction``)."""
     from sentence_transformers import SentenceTransformer
 
-    from speed_ray.embedding import build_model, set_prompts
+    from speed_ray.embedding import build_model, pooling_module, set_prompts
     from speed_ray.models import resolve_model
 
     ec, ev = cfg.embed, cfg.eval
@@ -135,20 +135,12 @@ def load_model(spec: str, cfg: SpeedRayConfig) -> Any:
             model = build_model(folder, pooling, ev.max_seq_length)  # a plain transformer
         else:
             model = SentenceTransformer(folder, device="cpu")
-            pooling = pooling_mode(model) or pooling
+            found = pooling_module(model)
+            pooling = found.get_config_dict()["pooling_mode"] if found else pooling
     model.max_seq_length = ev.max_seq_length
     if not (model.prompts or {}).get("query"):  # sentence-transformers starts with empty prompts
         set_prompts(model, ev.retrieval.query_instruction, pooling)
     return model
-
-
-def pooling_mode(model: Any) -> str | None:
-    """The pooling mode of a SentenceTransformer (mean, cls, lasttoken, ...), if it has a Pooling module."""
-    for module in model:
-        mode = module.get_config_dict().get("pooling_mode") if hasattr(module, "get_config_dict") else None
-        if mode:
-            return str(mode)
-    return None
 
 
 def _evaluate(cfg: SpeedRayConfig, out: Path) -> dict:
