@@ -12,13 +12,12 @@ Exit codes: 0 done, 2 a user error (bad config, missing input), 1 anything else.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from pathlib import Path
 
 from speed_ray.config import ConfigError, SpeedRayConfig, load_config, save_config
-from speed_ray.pipeline import STAGES
+from speed_ray.pipeline import STAGES, stage_module
 
 # Nothing downloads from a model hub at run time (set before any HF library is imported).
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -62,8 +61,7 @@ def run_stages(cfg: SpeedRayConfig, stages: tuple[str, ...]) -> None:
         )
     save_config(cfg, saved)
     for name in stages:
-        module = importlib.import_module(f"speed_ray.pipeline.{'evaluate' if name == 'eval' else name}")
-        module.run(cfg)
+        stage_module(name).run(cfg)
     print(f"report: {cfg.run_dir / 'report.md'}" if "report" in stages else f"run directory: {cfg.run_dir}")
 
 

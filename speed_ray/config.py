@@ -239,8 +239,12 @@ class EmbedDataConfig:
     source: str = "synth"
     """synth (this run's examples) | pairs (a user file) | corpus (unlabelled text -> crops or dropout)."""
     path: str | None = None
-    """pairs: parquet, JSONL or a ``datasets`` folder with anchor, positive[, negative*] columns;
+    """synth: another run's folder, to train on its ``synth/examples`` (null: this run's);
+    pairs: parquet, JSONL or a ``datasets`` folder with anchor, positive[, negative*] columns;
     corpus: a JSONL file with ``id`` and ``text``."""
+    max_rows: int = 0
+    """synth and pairs: train on this many rows, a seeded sample (0: all). A smaller sample is part
+    of a larger one with the same seed (``run.seed``), so data sizes make a scaling curve."""
     pair_mode: str = "crops"
     """corpus only: crops (two different sentence crops) | dropout (one crop twice)."""
     crop_min_chars: int = 100
@@ -381,6 +385,11 @@ class ExperimentConfig:
     """``speed-ray experiment``: variants of this config trained and scored side by side."""
 
     title: str = ""
+    prepare: dict[str, Any] = field(default_factory=dict)
+    """name -> {stages: [...], dotted.key: value}: ordinary runs of this config made first, in order
+    (run name <run.name>-<name> unless set), for what every variant shares: aligned generators,
+    synthetic data. Variants reach their outputs by path, e.g. ``embed.data.path: runs/exp-c-junior``
+    or ``synth.engine.model: run:../exp-c-align/align/senior``."""
     variants: dict[str, Any] = field(default_factory=dict)
     """name -> {dotted.key: value} overrides; each variant is one run named <run.name>-<name>
     unless it sets run.name."""
@@ -391,6 +400,9 @@ class ExperimentConfig:
     share-of-gain columns."""
     curves: list[str] = field(default_factory=list)
     """Variants whose snapshots (embed.snapshot_steps) are scored against training step."""
+    series: dict[str, list[str]] = field(default_factory=dict)
+    """name -> variants trained on growing samples of one data set (embed.data.max_rows): plotted as
+    score against training rows, from the ``main`` eval."""
     paper: str = ""
     """The papers' figures, in markdown, shown beside ours."""
 
@@ -616,6 +628,19 @@ ALIGN_STEPS = ("junior", "senior", "revisor")
 RUN_MODELS = tuple(f"run:align/{n}" for n in ALIGN_STEPS)
 
 
+def _is_run_model(spec: str) -> bool:
+    """``run:align/senior`` (this run's), or ``run:../<run name>/align/senior`` (a sibling run's)."""
+    if spec in RUN_MODELS:
+        return True
+    parts = spec.removeprefix("run:").split("/")
+    return (
+        len(parts) == 4
+        and parts[0] == ".."
+        and parts[1] not in ("", ".", "..")
+        and f"run:{parts[2]}/{parts[3]}" in RUN_MODELS
+    )
+
+
 LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -650,6 +675,14 @@ def _check_embed(e: EmbedConfig) -> None:
     if not 0 <= e.data.holdout_fraction < 1:
         raise ConfigError(
             f"embed.data.holdout_fraction: expected 0 <= fraction < 1, got {e.data.holdout_fraction}"
+        )
+    if e.data.max_rows < 0:
+        raise ConfigError(
+            f"embed.data.max_rows: expected 0 (all) or a positive number, got {e.data.max_rows}"
+        )
+    if e.data.max_rows and e.data.source == "corpus":
+        raise ConfigError(
+            "embed.data.max_rows: for synth and pairs data (a corpus gives a pair per document)"
         )
     if e.data.holdout_fraction and e.data.source != "corpus":
         raise ConfigError(
@@ -707,10 +740,11 @@ def _check_engine(key: str, eng: EngineConfig) -> None:
         raise ConfigError(
             f"{key}.max_actors: expected >= {key}.min_actors ({eng.min_actors}), got {eng.max_actors}"
         )
-    if eng.model.startswith("run:") and (eng.kind == "openai" or eng.model not in RUN_MODELS):
+    if eng.model.startswith("run:") and (eng.kind == "openai" or not _is_run_model(eng.model)):
         raise ConfigError(
-            f"{key}.model: {eng.model!r} names no model this run makes; expected one of "
-            f"{', '.join(RUN_MODELS)} (with kind vllm or transformers)"
+            f"{key}.model: {eng.model!r} names no model the align stage makes; expected one of "
+            f"{', '.join(RUN_MODELS)}, or another run's as run:../<run name>/align/... "
+            "(with kind vllm or transformers)"
         )
     if eng.kind == "openai":
         if not eng.base_url or not eng.base_url.startswith(("http://", "https://")):
@@ -759,7 +793,8 @@ def _check_resources(cfg: SpeedRayConfig) -> None:
 
 def _check_files(cfg: SpeedRayConfig) -> None:
     data_files = {
-        "embed.data.path": cfg.embed.data.path,
+        # synth: another run's folder, which an experiment may make after loading this config
+        "embed.data.path": cfg.embed.data.path if cfg.embed.data.source != "synth" else None,
         "align.seed_data": cfg.align.seed_data,
         "align.pairs_data": cfg.align.pairs_data,
         "align.revision_data": cfg.align.revision_data,

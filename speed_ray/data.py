@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,17 @@ def _negative_order(column: str) -> int:
     """negative, negative_1, negative_2, ... in that order (negative_10 after negative_9)."""
     suffix = column.removeprefix("negative").lstrip("_")
     return int(suffix) if suffix.isdigit() else 0
+
+
+def nested_sample(rows: list[Any], n: int, seed: int) -> list[Any]:
+    """``n`` rows (all when 0 or more than there are) in their input order: the first ``n`` of one
+    seeded shuffle, so with the same rows and seed the sample for a smaller ``n`` lies inside the
+    sample for a larger one (training-data sizes for a scaling curve)."""
+    if not n or n >= len(rows):
+        return rows
+    order = list(range(len(rows)))
+    random.Random(f"nested-{seed}").shuffle(order)
+    return [rows[i] for i in sorted(order[:n])]
 
 
 def read_chat_rows(path: Path, text_keys: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -98,6 +98,8 @@ def training_table(runs: dict[str, dict[str, Any]]) -> list[str]:
         steps = m["history"]
         per_step = statistics.median(h["seconds"] for h in steps)  # robust to a busy machine
         what = m["data"].get("pair_mode", m["data"]["source"])
+        if "rows_available" in m["data"]:
+            what += f", {m['train_rows']} of {m['data']['rows_available']} rows"
         if m.get("train_last_blocks"):
             what += f", last {m['train_last_blocks']} blocks"
         if m["data"].get("held_out"):
@@ -128,10 +130,29 @@ def plot_scores(ev: dict[str, Any], title: str, path: Path) -> None:
     _save(fig, path)
 
 
+def series_points(
+    series: dict[str, list[str]], ev: dict[str, Any], rows: dict[str, int]
+) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Score against training rows: series name -> task -> [(rows, main score)], one point per variant
+    of the series (``rows``: variant -> its training rows), for ``plot_curves``."""
+    return {
+        name: {
+            task: sorted((rows[v], main_score(ev["scores"][v][task], kind)) for v in variants)
+            for task, kind in ev["tasks"].items()
+        }
+        for name, variants in series.items()
+    }
+
+
 def plot_curves(
-    curves: dict[str, dict[str, list[tuple[int, float]]]], kinds: dict[str, str], title: str, path: Path
+    curves: dict[str, dict[str, list[tuple[int, float]]]],
+    kinds: dict[str, str],
+    title: str,
+    path: Path,
+    xlabel: str = "training step (batches)",
 ) -> None:
-    """Score against training step, one panel per task (``kinds``: task -> kind), one line per variant."""
+    """Score against training step (or ``xlabel``), one panel per task (``kinds``: task -> kind), one
+    line per variant."""
     plt = _pyplot()
     tasks = sorted({t for per_task in curves.values() for t in per_task})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
@@ -140,7 +161,7 @@ def plot_curves(
             points = sorted(per_task.get(task, []))
             ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=name)
         ax.set_title(task)
-        ax.set_xlabel("training step (batches)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{SCORE_NAMES[MAIN_SCORES[kinds[task]]]} (%)")
         ax.grid(alpha=0.3)
         ax.legend()

@@ -40,10 +40,12 @@ def builtin_models() -> dict[str, Callable[[Path], None]]:
 def resolve_model(spec: str, run_dir: Path | None = None) -> str:
     """Return a local folder (or a hub name) for ``spec``, building a built-in model on first use.
 
-    ``run:<folder>`` names a model an earlier stage of the run in ``run_dir`` made (``run:align/senior``).
+    ``run:<folder>`` names a model an earlier stage of the run in ``run_dir`` made (``run:align/senior``),
+    or a sibling run's (``run:../<run name>/align/senior``).
     """
     if spec.startswith("run:"):
-        path = (run_dir or Path.cwd()) / spec.removeprefix("run:")
+        # lexically, so run:../<run>/align/... resolves before this run's folder exists
+        path = Path(os.path.normpath((run_dir or Path.cwd()) / spec.removeprefix("run:")))
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"model {spec}: no model folder at {path} yet (the align stage makes it: "

@@ -5,3 +5,10 @@ from __future__ import annotations
 
 # align comes first: synth can generate with the models it makes (``run:align/senior``).
 STAGES = ("align", "synth", "embed", "eval", "report")
+
+
+def stage_module(name: str):
+    """The module that runs stage ``name`` (``eval`` lives in ``evaluate``)."""
+    import importlib
+
+    return importlib.import_module(f"speed_ray.pipeline.{'evaluate' if name == 'eval' else name}")

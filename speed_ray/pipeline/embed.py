@@ -28,13 +28,14 @@ def run(cfg: SpeedRayConfig) -> dict:
 def training_data(cfg: SpeedRayConfig):
     """(data, info): what the trainer draws its batches from (``train.embed.Rows`` or
     ``CorpusPairs``), from ``embed.data.source``, and what was made of the input."""
-    from speed_ray.data import read_corpus, read_pairs
+    from speed_ray.data import nested_sample, read_corpus, read_pairs
     from speed_ray.pairs import CropRule, build_pairs
     from speed_ray.train.embed import CorpusPairs, Rows
 
     d = cfg.embed.data
     if d.source == "synth":
-        table = read_stage(cfg.run_dir / "synth" / "examples", EXAMPLES)
+        examples = (Path(d.path).resolve() if d.path else cfg.run_dir) / "synth" / "examples"
+        table = read_stage(examples, EXAMPLES)
         rows = [
             {
                 "instruction": r["instruction"],
@@ -44,7 +45,9 @@ def training_data(cfg: SpeedRayConfig):
             }
             for r in table.select(["instruction", "query", "positive", "negative"]).to_pylist()
         ]
-        return Rows(rows), {"source": "synth"}
+        kept = nested_sample(rows, d.max_rows, cfg.run.seed)
+        log(f"embed: {len(kept)} of {len(rows)} synthetic rows from {examples}")
+        return Rows(kept), {"source": "synth", "path": str(examples), "rows_available": len(rows)}
     if d.source == "pairs":
         rows = [
             {
@@ -55,7 +58,8 @@ def training_data(cfg: SpeedRayConfig):
             }
             for r in read_pairs(Path(str(d.path)))
         ]
-        return Rows(rows), {"source": "pairs", "path": d.path}
+        kept = nested_sample(rows, d.max_rows, cfg.run.seed)
+        return Rows(kept), {"source": "pairs", "path": d.path, "rows_available": len(rows)}
     rule = CropRule(d.crop_min_chars, d.crop_max_chars, d.sentences_per_crop, d.min_crops)
     docs = read_corpus(Path(str(d.path)))
     held_out = 0

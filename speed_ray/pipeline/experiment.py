@@ -1,6 +1,7 @@
-"""experiment: train every variant, score them with the eval stage, write the section.
+"""experiment: make the shared runs, train every variant, score them with the eval stage, write the
+section.
 
-Every variant is an ordinary run (``runs/<its run.name>/``), so a finished one is skipped and two
+The ``prepare`` runs (an aligned generator, synthetic data) and every variant are ordinary runs (``runs/<its run.name>/``), so a finished one is skipped and two
 experiments that share a variant's run name and settings train it once; every eval is an ordinary
 eval stage. Produces ``runs/<run.name>/report.md`` (tables, the papers' figures, plots) and
 ``runs/<run.name>/experiment.json`` (every score).
@@ -19,13 +20,26 @@ from speed_ray.pipeline.common import log
 from speed_ray.schemas import write_json_atomic
 
 
-def configs(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> tuple[dict, dict]:
-    """(variant configs, eval configs), every one loaded and validated before anything runs."""
+def configs(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> tuple[dict, dict, dict]:
+    """(prepare runs as (config, stages), variant configs, eval configs), every one loaded and
+    validated before anything runs."""
     from speed_ray.experiments import override_args, variant_models
+    from speed_ray.pipeline import STAGES
 
     ex = cfg.experiment
     if not ex.variants and not any("eval.models" in (o or {}) for o in ex.evals.values()):
         raise ConfigError("experiment: expected variants to train or evals with eval.models")
+    prepare = {}
+    for name, changes in ex.prepare.items():
+        changes = dict(changes or {})
+        stages = changes.pop("stages", None)
+        if not isinstance(stages, list) or not stages or not set(stages) <= set(STAGES):
+            raise ConfigError(
+                f"experiment.prepare.{name}.stages: expected a list of stages from {', '.join(STAGES)}, "
+                f"got {stages!r}"
+            )
+        args = [f"run.name={cfg.run.name}-{name}", *overrides, *override_args(changes)]
+        prepare[name] = (_load(path, args, f"experiment.prepare.{name}"), stages)
     variants = {}
     for name, changes in ex.variants.items():
         args = [f"run.name={cfg.run.name}-{name}", *overrides, *override_args(dict(changes or {}))]
@@ -43,6 +57,12 @@ def configs(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> tuple[dict,
             f"eval.models={json.dumps(models)}",
         ]
         evals[name] = _load(path, args, f"experiment.evals.{name}")
+    for name, members in ex.series.items():
+        scored = {m.split("=", 1)[0] for m in evals["main"].eval.models} if "main" in evals else set()
+        if not members or not set(members) <= set(variants) & scored:
+            raise ConfigError(
+                f"experiment.series.{name}: expected variants scored by the main eval, got {members}"
+            )
     for name in ex.curves:
         if name not in variants:
             raise ConfigError(
@@ -50,7 +70,7 @@ def configs(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> tuple[dict,
             )
         if not variants[name].embed.snapshot_steps:
             raise ConfigError(f"experiment.curves: variant {name} needs embed.snapshot_steps > 0")
-    return variants, evals
+    return prepare, variants, evals
 
 
 def _load(path: str, args: list[str], key: str) -> SpeedRayConfig:
@@ -67,12 +87,19 @@ def _load(path: str, args: list[str], key: str) -> SpeedRayConfig:
 
 
 def run(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> dict[str, Any]:
-    from speed_ray.pipeline import embed, evaluate
+    from speed_ray.pipeline import embed, evaluate, stage_module
 
     started = time.time()
     ex = cfg.experiment
-    variants, evals = configs(cfg, path, overrides)
-    log(f"experiment {cfg.run.name}: {len(variants)} variants, {len(evals)} evals")
+    prepare, variants, evals = configs(cfg, path, overrides)
+    log(
+        f"experiment {cfg.run.name}: {len(prepare)} shared runs, {len(variants)} variants, {len(evals)} evals"
+    )
+    for i, (name, (pcfg, stages)) in enumerate(prepare.items(), 1):
+        log(f"experiment: shared run {i}/{len(prepare)}: {name}, {' + '.join(stages)} ({pcfg.run_dir})")
+        save_config(pcfg, pcfg.run_dir / "config.yaml")
+        for stage in stages:
+            stage_module(stage).run(pcfg)
     trained = {}
     for i, (name, vcfg) in enumerate(variants.items(), 1):
         log(f"experiment: variant {i}/{len(variants)}: {name} ({vcfg.run_dir})")
@@ -88,6 +115,7 @@ def run(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)  # no eval named main: nothing else made it
     result = {
         "title": ex.title,
+        "prepared": {n: str(p.run_dir) for n, (p, _) in prepare.items()},
         "variants": {n: str(v.run_dir) for n, v in variants.items()},
         "training": {n: _training_summary(m) for n, m in trained.items()},
         "evals": scores,
@@ -143,11 +171,18 @@ def _curves(
 
 
 def render(cfg: SpeedRayConfig, result: dict[str, Any], trained: dict[str, dict[str, Any]]) -> str:
-    from speed_ray.experiments import plot_curves, plot_scores, score_table, training_table
+    from speed_ray.experiments import plot_curves, plot_scores, score_table, series_points, training_table
     from speed_ray.pipeline.report import eval_lines
 
     ex, out = cfg.experiment, cfg.run_dir
     lines = [f"# {ex.title or cfg.run.name}", ""]
+    if result.get("prepared"):
+        lines += ["## Shared runs", ""]
+        for name, run_dir in result["prepared"].items():
+            report = Path(run_dir) / "report.md"
+            where = os.path.relpath(report if report.is_file() else run_dir, out)
+            lines.append(f"- {name}: [{os.path.relpath(run_dir, out)}]({where})")
+        lines.append("")
     if trained:
         lines += ["## Training", "", *training_table(trained), ""]
     for name, ev in result["evals"].items():
@@ -172,6 +207,16 @@ def render(cfg: SpeedRayConfig, result: dict[str, Any], trained: dict[str, dict[
             for task, points in per_task.items():
                 lines.append(f"- {name}, {task}: " + ", ".join(f"step {s}: {100 * v:.1f}" for s, v in points))
         lines += ["", "![curves](curves.png)", ""]
+    if ex.series:
+        ev = result["evals"]["main"]
+        points = series_points(ex.series, ev, {n: m["train_rows"] for n, m in trained.items()})
+        xlabel = "training rows (distinct examples; same steps x batch for every point)"
+        plot_curves(points, ev["tasks"], ex.title or cfg.run.name, out / "scaling.png", xlabel)
+        lines += ["## Score against training data size", ""]
+        for name, per_task in points.items():
+            for task, pts in per_task.items():
+                lines.append(f"- {name}, {task}: " + ", ".join(f"{n} rows: {100 * v:.1f}" for n, v in pts))
+        lines += ["", "![scaling](scaling.png)", ""]
     if ex.paper:
         lines += ["## The papers' figures", "", ex.paper.strip(), ""]
     return "\n".join(lines)

@@ -313,6 +313,8 @@ def embed_lines(man: dict[str, Any]) -> list[str]:
             f"- {data['documents']} documents -> {data['pairs']} {data['pair_mode']} pairs per epoch; "
             f"{sum(data['skipped'].values())} documents too short for a pair: {data['skipped']}"
         )
+    elif data.get("rows_available", man["train_rows"]) > man["train_rows"]:
+        lines.append(f"- a seeded sample of {man['train_rows']} of the {data['rows_available']} rows")
     if man.get("resumed_from_step"):
         lines.append(f"- resumed from the checkpoint of step {man['resumed_from_step']}")
     return lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -45,6 +46,11 @@ def test_nested_sections_keep_their_own_defaults():
         ("align.junior.batch_size=0", "align.junior.batch_size: expected a positive number"),
         ("align.save_steps=-1", "align.save_steps: expected 0 (off)"),
         ("synth.engine.model=run:align/critic", "synth.engine.model: 'run:align/critic' names no model"),
+        ("synth.engine.model=run:../x/align/critic", "synth.engine.model: 'run:../x/align/critic' names no"),
+        (
+            "synth.engine.model=run:../../align/senior",
+            "synth.engine.model: 'run:../../align/senior' names no",
+        ),
         ("align.seed_data=/nonexistent/seed.jsonl", "align.seed_data: /nonexistent/seed.jsonl not found"),
     ],
 )
@@ -59,6 +65,16 @@ def test_disabled_align_engines_are_not_checked():
     assert cfg.align.enabled is False
     with pytest.raises(ConfigError, match="align.teacher.base_url: expected an http"):
         load_config(None, ["align.teacher.kind=openai"])
+
+
+def test_another_runs_models_are_named_from_this_run(tmp_path):
+    # an experiment's synth runs generate with the models of its align run
+    cfg = load_config(None, ["synth.engine.model=run:../exp-align/align/senior"])
+    assert cfg.synth.engine.model == "run:../exp-align/align/senior"
+    senior = tmp_path / "exp-align" / "align" / "senior"
+    senior.mkdir(parents=True)
+    (senior / "config.json").write_text("{}")
+    assert Path(resolve_model(cfg.synth.engine.model, tmp_path / "exp-synth")).resolve() == senior
 
 
 def test_run_models_resolve_inside_the_run(tmp_path):

@@ -45,6 +45,12 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
         ("synth:\n  mix: {poetry: 1}\n", [], "synth.mix.poetry: unknown task type"),
         ("", ["synth.mix.sts=-1"], "synth.mix.sts: expected a non-negative number, got -1"),
         ("", ["synth.engine.kind=tgi"], "synth.engine.kind: expected one of vllm, transformers, openai"),
+        ("", ["embed.data.max_rows=-1"], "embed.data.max_rows: expected 0 (all) or a positive number"),
+        (
+            "",
+            ["embed.data.source=corpus", "embed.data.path=README.md", "embed.data.max_rows=5"],
+            "embed.data.max_rows: for synth and pairs data",
+        ),
         (
             "synth:\n  judge: {kind: openai, model: gpt-4o}\n",
             [],

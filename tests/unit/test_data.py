@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from speed_ray.data import read_beir, read_labelled, verify_checksums
+from speed_ray.data import nested_sample, read_beir, read_labelled, verify_checksums
 from tests.conftest import DEBIAN
 
 
@@ -48,3 +48,14 @@ def test_bad_rows_are_named(tmp_path):
     (tmp_path / "l.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match="l.jsonl:1: not valid JSON"):
         read_labelled(tmp_path / "l.jsonl")
+
+
+def test_nested_samples_keep_input_order_and_lie_inside_larger_ones():
+    rows = [f"r{i}" for i in range(50)]
+    small, large = nested_sample(rows, 8, seed=3), nested_sample(rows, 20, seed=3)
+    assert len(small) == 8 and len(large) == 20
+    assert set(small) <= set(large)  # the scaling curve's sizes are nested
+    assert small == sorted(small, key=rows.index) and large == sorted(large, key=rows.index)
+    assert nested_sample(rows, 8, seed=3) == small  # reproducible
+    assert nested_sample(rows, 8, seed=4) != small
+    assert nested_sample(rows, 0, seed=3) == rows == nested_sample(rows, 60, seed=3)

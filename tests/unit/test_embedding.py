@@ -102,3 +102,37 @@ def test_embed_dropout_switches_dropout_on(request, fixture):
         assert torch.equal(*two_passes(own))  # no dropout at all in a Llama-family decoder
     first, second = two_passes(on)
     assert not torch.allclose(first, second)
+
+
+def test_training_on_another_runs_synthetic_rows_and_a_sample_of_them(tmp_path):
+    import time
+
+    from speed_ray.config import load_config
+    from speed_ray.pipeline.embed import training_data
+    from speed_ray.schemas import EXAMPLES, cast_rows, write_stage
+
+    rows = [
+        {
+            "id": f"e{i}",
+            "instruction": f"i{i}",
+            "query": f"q{i}",
+            "positive": f"p{i}",
+            "negative": f"n{i}" if i % 2 else "",
+        }
+        for i in range(10)
+    ]
+    write_stage(
+        tmp_path / "synth-run" / "synth" / "examples", [cast_rows(rows, EXAMPLES)], EXAMPLES, {}, time.time()
+    )
+    base = [f"run.output_dir={tmp_path}", "run.name=embed-run", f"embed.data.path={tmp_path / 'synth-run'}"]
+    data, info = training_data(load_config(None, base))
+    assert [r["query"] for r in data.rows] == [f"q{i}" for i in range(10)]
+    assert data.rows[1] == {"instruction": "i1", "query": "q1", "positive": "p1", "negatives": ["n1"]}
+    assert data.rows[0]["negatives"] == []
+    assert info["rows_available"] == 10 and info["path"] == str(tmp_path / "synth-run" / "synth" / "examples")
+    small, _ = training_data(load_config(None, [*base, "embed.data.max_rows=3"]))
+    larger, _ = training_data(load_config(None, [*base, "embed.data.max_rows=6"]))
+    assert len(small.rows) == 3 and len(larger.rows) == 6
+    assert all(r in larger.rows for r in small.rows)
+    with pytest.raises(FileNotFoundError, match=r"nowhere/synth/examples: no _manifest.json"):
+        training_data(load_config(None, [*base[:2], f"embed.data.path={tmp_path / 'nowhere'}"]))

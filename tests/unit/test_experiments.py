@@ -11,6 +11,7 @@ from speed_ray.experiments import (
     gain_share,
     override_args,
     score_table,
+    series_points,
     snapshot_models,
     training_table,
     variant_models,
@@ -27,9 +28,9 @@ def _configs(name: str, overrides: list[str] | None = None):
 
 
 def test_experiments_share_the_runs_they_name_alike():
-    a_variants, a_evals = _configs("a-crops-vs-dropout.yaml")
-    b_variants, _ = _configs("b-last-blocks.yaml")
-    d_variants, d_evals = _configs("d-curves.yaml")
+    _, a_variants, a_evals = _configs("a-crops-vs-dropout.yaml")
+    _, b_variants, _ = _configs("b-last-blocks.yaml")
+    _, d_variants, d_evals = _configs("d-curves.yaml")
     # the same run, the same config: trained once, whichever experiment runs first
     assert a_variants["crops"] == b_variants["crops"] == d_variants["crops"]
     assert a_variants["dropout"] == d_variants["dropout"]
@@ -45,6 +46,42 @@ def test_experiments_share_the_runs_they_name_alike():
     assert d_evals == {}
 
 
+def test_speed_experiment_aligns_once_and_trains_on_each_set_at_two_sizes():
+    prepare, variants, evals = _configs("c-speed-small.yaml")
+    assert {name: stages for name, (_, stages) in prepare.items()} == {
+        "align": ["align", "report"],
+        "junior": ["synth", "report"],
+        "senior": ["synth", "report"],
+        "senior-revisor": ["synth", "report"],
+    }
+    runs = {name: c for name, (c, _) in prepare.items()}
+    assert runs["align"].run_dir.name == "exp-c-align"
+    # every set is generated from the align run's models, with the same tasks (brainstormer, seed)
+    for name, model in (("junior", "junior"), ("senior", "senior"), ("senior-revisor", "senior")):
+        assert runs[name].synth.engine.model == f"run:../exp-c-align/align/{model}"
+        assert runs[name].synth.brainstormer == runs["junior"].synth.brainstormer
+    assert runs["senior"].synth.reviser is None
+    assert runs["senior-revisor"].synth.reviser.model == "run:../exp-c-align/align/revisor"
+    # same budget for every variant; the small sizes are samples of the same sets
+    assert {v.embed.steps * v.embed.batch_size * v.embed.resources.workers for v in variants.values()} == {
+        640
+    }
+    for name, v in variants.items():
+        source = name.rsplit("-", 1)[0]
+        assert v.embed.data.source == "synth" and v.embed.data.path == f"runs/exp-c-{source}"
+        assert v.embed.data.max_rows == (16 if name.endswith("-16") else 0)
+    assert evals["main"].eval.models[0] == "base" and len(evals["main"].eval.models) == 7
+
+
+def test_series_are_scores_against_training_rows():
+    ev = {
+        "tasks": {"R": "retrieval"},
+        "scores": {"a-16": {"R": {"ndcg_at_10": 0.5}}, "a-all": {"R": {"ndcg_at_10": 0.625}}},
+    }
+    points = series_points({"a": ["a-all", "a-16"]}, ev, {"a-16": 16, "a-all": 57})
+    assert points == {"a": {"R": [(16, 0.5), (57, 0.625)]}}
+
+
 def test_bad_variants_are_named_before_anything_runs(tmp_path):
     path = tmp_path / "x.yaml"
     path.write_text("experiment:\n  variants:\n    odd: {embed.nope: 1}\n")
@@ -52,6 +89,17 @@ def test_bad_variants_are_named_before_anything_runs(tmp_path):
         configs(load_config(str(path)), str(path), [])
     path.write_text("experiment:\n  variants:\n    v: {}\n  curves: [v]\n")
     with pytest.raises(ConfigError, match=r"variant v needs embed.snapshot_steps > 0"):
+        configs(load_config(str(path)), str(path), [])
+    path.write_text("experiment:\n  prepare:\n    p: {synth.num_topics: 2}\n  variants:\n    v: {}\n")
+    with pytest.raises(
+        ConfigError, match=r"experiment.prepare.p.stages: expected a list of stages from align"
+    ):
+        configs(load_config(str(path)), str(path), [])
+    path.write_text("experiment:\n  prepare:\n    p: {stages: [train]}\n  variants:\n    v: {}\n")
+    with pytest.raises(ConfigError, match=r"experiment.prepare.p.stages: .* got \['train'\]"):
+        configs(load_config(str(path)), str(path), [])
+    path.write_text("experiment:\n  variants:\n    v: {}\n  series:\n    s: [v, w]\n")
+    with pytest.raises(ConfigError, match=r"experiment.series.s: expected variants scored by the main eval"):
         configs(load_config(str(path)), str(path), [])
     path.write_text("experiment: {evals: {}}\n")
     with pytest.raises(ConfigError, match="expected variants to train or evals with eval.models"):
