@@ -37,7 +37,7 @@ check: install  ## lint and type-check
 test: check  ## lint, type-check, then the default test suite (no slow, no GPU tests)
 	$(VENV)/bin/pytest -q
 
-test-slow: install  ## tests with the real SmolLM2 / MiniLM weights
+test-slow: install  ## long tests: real SmolLM2 / MiniLM weights, synth killed and rerun
 	$(VENV)/bin/pytest -q -m slow
 
 test-gpu: install  ## tests that need an NVIDIA GPU

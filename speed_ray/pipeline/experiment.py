@@ -3,7 +3,7 @@ section.
 
 The ``prepare`` runs (an aligned generator, synthetic data) and every variant are ordinary runs (``runs/<its run.name>/``), so a finished one is skipped and two
 experiments that share a variant's run name and settings train it once; every eval is an ordinary
-eval stage. Produces ``runs/<run.name>/report.md`` (tables, the papers' figures, plots) and
+eval stage. Produces ``runs/<run.name>/report.md`` and ``report.html`` (tables, the papers' figures, plots) and
 ``runs/<run.name>/experiment.json`` (every score).
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from speed_ray.config import ConfigError, SpeedRayConfig, load_config, save_config
+from speed_ray.html import write_report
 from speed_ray.pipeline.common import log
 from speed_ray.schemas import write_json_atomic
 
@@ -125,7 +126,7 @@ def run(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> dict[str, Any]:
         "duration_s": round(time.time() - started, 1),
     }
     write_json_atomic(out / "experiment.json", result)
-    (out / "report.md").write_text(render(cfg, result, trained))
+    write_report(out / "report.md", render(cfg, result, trained))
     log(f"experiment: {out / 'report.md'} ({result['duration_s']:.0f}s)")
     return result
 

@@ -1,4 +1,4 @@
-"""report: ``<run>/report.md`` (and ``training.png``) from the manifests the other stages wrote.
+"""report: ``<run>/report.md``, the same as a page (``report.html``) and the plots, from the manifests the other stages wrote.
 
 Reads only the run directory, so ``speed-ray report CONFIG`` (or ``speed-ray report RUN_DIR``, which
 reads the run's saved config) can re-render a finished run.
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from speed_ray.config import SpeedRayConfig
+from speed_ray.html import write_report
 from speed_ray.pipeline.common import log
 from speed_ray.schemas import EXAMPLES, GENERATIONS, JUDGMENTS, TASKS, read_manifest, read_stage
 from speed_ray.synthesis import error_kind
@@ -36,8 +37,8 @@ def run(cfg: SpeedRayConfig) -> dict:
         plot_scores(m["eval"], f"{cfg.run.name}: scores against the baselines", run_dir / "eval.png")
         text = text.replace("\n## Evaluation: ", "\n![scores](eval.png)\n\n## Evaluation: ", 1)
     path = run_dir / "report.md"
-    path.write_text(text)
-    log(f"report: {path}")
+    write_report(path, text)
+    log(f"report: {path} (and report.html)")
     return {"report": str(path)}
 
 

@@ -19,7 +19,9 @@ import pytest
 
 from speed_ray.schemas import EXAMPLES, GENERATIONS, MANIFEST, TASKS, read_manifest, read_stage
 
-pytestmark = pytest.mark.vllm
+# Three synth runs with vLLM start-ups (about 5.5 minutes on 2 CPUs): `make test-slow` runs it, so the
+# default suite stays under 20 minutes.
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 STEPS = {"tasks": TASKS, "generations": GENERATIONS, "drafts": GENERATIONS, "examples": EXAMPLES}
 

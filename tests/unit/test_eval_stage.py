@@ -117,6 +117,8 @@ def test_eval_stage_scores_every_model_on_every_task(tmp_path, tiny_bert, beir_t
         "| 2 | " + f"{base_layers['2']:.4f} | " in report and "![layer analysis](eval/layers.png)" in report
     )
     assert "![scores](eval.png)" in report and (cfg.run_dir / "eval.png").stat().st_size > 10_000
+    page = (cfg.run_dir / "report.html").read_text()  # the same report as a page for a browser
+    assert '<img src="eval/layers.png" alt="layer analysis" />' in page and page.count("<table>") >= 3
 
 
 def test_the_embeddings_cache_answers_a_second_run_without_the_model(tmp_path, tiny_bert, beir_tiny):

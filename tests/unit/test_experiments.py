@@ -166,3 +166,18 @@ def test_training_table_reads_the_embed_manifest():
     assert training_table({"v": m})[2] == (
         "| v | crops, last 2 blocks, 7 documents held out | 1,234 | 2 x 16 | 2.000 -> 1.000 | 30 | 6.0 |"
     )
+
+
+def test_report_page_has_the_tables_and_plots_of_the_markdown(tmp_path):
+    from speed_ray.html import write_report
+
+    md = "# C. <SPEED>\n\n| model | nDCG@10 |\n|---|---:|\n| base | 81.4 |\n\n![scaling](scaling.png)\n\n<script>x</script>\n"
+    write_report(tmp_path / "report.md", md)
+    assert (tmp_path / "report.md").read_text() == md
+    page = (tmp_path / "report.html").read_text()
+    assert "<title>C. &lt;SPEED&gt;</title>" in page
+    assert '<th>model</th>\n<th style="text-align:right">nDCG@10</th>' in page
+    assert '<td style="text-align:right">81.4</td>' in page
+    assert '<img src="scaling.png" alt="scaling" />' in page
+    assert "<script>" not in page and "&lt;script&gt;" in page  # model outputs are never live HTML
+    assert not list(tmp_path.glob("*.tmp"))
