@@ -22,13 +22,15 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-MAIN_SCORES = {"retrieval": "ndcg_at_10", "knn": "accuracy", "clustering": "v_measure", "mteb": "main_score"}
-SCORE_NAMES = {
-    "ndcg_at_10": "nDCG@10",
-    "accuracy": "kNN accuracy",
-    "v_measure": "V-measure",
-    "main_score": "main score",
+SCORE_COLUMNS = {
+    "retrieval": [("ndcg_at_10", "nDCG@10"), ("recall_at_10", "recall@10")],
+    "knn": [("accuracy", "kNN accuracy"), ("f1", "macro-F1")],
+    "clustering": [("v_measure", "V-measure")],
+    "mteb": [("main_score", "main score")],
 }
+"""The scores the reports show per task kind (mteb's keys, then the name shown); the first is the main one."""
+MAIN_SCORES = {kind: columns[0][0] for kind, columns in SCORE_COLUMNS.items()}
+SCORE_NAMES = dict(column for columns in SCORE_COLUMNS.values() for column in columns)
 
 
 def override_args(overrides: dict[str, Any]) -> list[str]:

@@ -255,16 +255,10 @@ def render(cfg: SpeedRayConfig, m: dict[str, Any], plot: str | None) -> str:
     return "\n".join(lines)
 
 
-SCORE_COLUMNS = {
-    "retrieval": [("ndcg_at_10", "nDCG@10"), ("recall_at_10", "recall@10")],
-    "knn": [("accuracy", "kNN accuracy"), ("f1", "macro-F1")],
-    "clustering": [("v_measure", "V-measure")],
-    "mteb": [("main_score", "main score")],
-}
-
-
 def eval_lines(ev: dict[str, Any]) -> list[str]:
     """One table per task (models as rows, the task's scores as columns), then the layer analysis."""
+    from speed_ray.experiments import SCORE_COLUMNS
+
     lines: list[str] = []
     for task, kind in ev["tasks"].items():
         cols = SCORE_COLUMNS[kind]
