@@ -32,7 +32,11 @@ def extract_json(text: str) -> tuple[Any, str | None]:
     for c in candidates:
         try:
             return json.loads(c.strip(), strict=False), None
-        except (json.JSONDecodeError, ValueError):
+        except (
+            json.JSONDecodeError,
+            ValueError,
+            RecursionError,
+        ):  # RecursionError: "[[[[..." nested too deep
             continue
     return None, f"invalid JSON: {text[:80]!r}"
 

@@ -109,11 +109,18 @@ PREFERENCE_PAIRS = pa.schema(
 
 
 def cast_rows(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    """Rows (dicts) -> a table of exactly ``schema``: missing columns become null, extras are an error."""
+    """Rows (dicts) -> a table of exactly ``schema``: missing columns become null; an extra column or
+    a value of the wrong type is a ValueError that names the column."""
     extra = {k for r in rows for k in r} - set(schema.names)
     if extra:
         raise ValueError(f"columns not in the schema: {sorted(extra)}")
-    return pa.Table.from_pylist(rows, schema=schema)
+    columns = []
+    for field in schema:
+        try:
+            columns.append(pa.array([r.get(field.name) for r in rows], type=field.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise ValueError(f"column {field.name}: expected {field.type} values ({e})") from None
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def validate_table(table: pa.Table, schema: pa.Schema, source: str) -> pa.Table:
