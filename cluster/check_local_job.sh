@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The quickstart submitted as a Ray job to a local head, the way a cluster runs it: `make test-job`,
+# and CI after `make test`. Starts a head with `ray start --head`, submits jobs/pipeline.py with
+# `ray job submit`, waits for SUCCEEDED, checks the run's outputs, and stops the head (also on failure).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+export PATH="$PWD/$VENV/bin:$PATH"         # the head, and so the job's `python`, use the project's venv
+export RAY_ADDRESS=http://127.0.0.1:8275    # the job API of the head started below
+OUT=$(mktemp -d)
+DATA=$(realpath ../shared/data/debian/retrieval)   # the job runs in a copy of this folder, not here
+ID="speed-ray-check-$(date +%s)"
+TIMEOUT_S=${TIMEOUT_S:-3600}
+
+# `ray stop` at the end stops every Ray process of this user on the machine, as it always does.
+trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
+ray start --head --port 6390 --dashboard-port 8275 --num-cpus 2 --disable-usage-stats \
+    --include-dashboard true --dashboard-host 127.0.0.1
+
+ray job submit --no-wait --submission-id "$ID" --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+    python jobs/pipeline.py --config configs/quickstart.yaml \
+    run.ray_address=auto run.output_dir="$OUT" eval.retrieval.path="$DATA"
+
+status=PENDING
+deadline=$((SECONDS + TIMEOUT_S))
+while [[ $SECONDS -lt $deadline ]]; do
+    status=$(ray job status "$ID" 2>/dev/null | grep -oE "PENDING|RUNNING|SUCCEEDED|FAILED|STOPPED" | tail -1 || true)
+    [[ $status == SUCCEEDED || $status == FAILED || $status == STOPPED ]] && break
+    sleep 15
+done
+ray job logs "$ID" | tail -n 25
+if [[ $status != SUCCEEDED ]]; then
+    echo "check_local_job: job $ID ended $status (expected SUCCEEDED)" >&2
+    exit 1
+fi
+
+# The outputs a run promises: every stage's manifest, rows, a trained model scored, the report.
+python - "$OUT/quickstart" <<'PY'
+import json, sys
+from pathlib import Path
+
+run = Path(sys.argv[1])
+for stage in ("synth/examples", "embed/model", "eval"):
+    assert (run / stage / "_manifest.json").is_file(), f"{run / stage}: no _manifest.json"
+rows = json.loads((run / "synth/examples/_manifest.json").read_text())["num_rows"]
+scores = json.loads((run / "eval/_manifest.json").read_text())["scores"]
+assert rows > 0 and {"base", "trained"} <= set(scores), (rows, list(scores))
+assert (run / "report.md").is_file() and (run / "report.html").is_file()
+ndcg = {m: round(s["DebianPackageRetrieval"]["ndcg_at_10"], 4) for m, s in scores.items()}
+print(f"check_local_job: SUCCEEDED; {rows} synthetic rows; nDCG@10 {ndcg}; outputs in {run}")
+PY
