@@ -59,6 +59,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
     if m["examples"] is not None:
         examples = read_stage(run_dir / "synth/examples", EXAMPLES)
         m["examples_by_type"] = dict(Counter(examples["task_type"].to_pylist()))
+        m["degenerate"] = degenerate_rows(examples.to_pylist())
         m["error_kinds"] = {
             k: error_kinds(read_stage(run_dir / f"synth/{k}", schema))
             for k, schema in (("tasks", TASKS), ("generations", GENERATIONS))
@@ -89,6 +90,18 @@ PAPER_ALIGN = {
 def error_kinds(table) -> dict[str, int]:
     """Error rows by the error's first words (``invalid JSON``, ``missing or empty field``...)."""
     return dict(Counter(error_kind(e) for e in table["error"].to_pylist() if e))
+
+
+def degenerate_rows(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """How many training rows a generator got wrong in ways that still parse: the positive repeats
+    the query, the negative repeats the positive, or the query has fewer than 3 words (a placeholder
+    such as "S1"). A classification positive is a label, so its length is not counted."""
+    counts = {
+        "positive = query": sum(r["positive"] == r["query"] for r in rows),
+        "negative = positive": sum(bool(r["negative"]) and r["negative"] == r["positive"] for r in rows),
+        "query under 3 words": sum(len((r["query"] or "").split()) < 3 for r in rows),
+    }
+    return {why: n for why, n in counts.items() if n}
 
 
 def synth_lines(cfg: SpeedRayConfig, m: dict[str, Any]) -> list[str]:
@@ -127,6 +140,12 @@ def synth_lines(cfg: SpeedRayConfig, m: dict[str, Any]) -> list[str]:
                 f"{d['shingle_size']}-word shingles): removed {d['removed']} of {d['input_rows']}"
             )
         lines.append(f"- rows by task type: {json.dumps(m.get('examples_by_type', {}))}")
+        if m.get("degenerate"):
+            n = ex["num_rows"]
+            lines.append(
+                "- degenerate rows (kept; they teach the embedder nothing or the wrong thing): "
+                + ", ".join(f"{why} {k} of {n}" for why, k in m["degenerate"].items())
+            )
         for key, kinds in m.get("error_kinds", {}).items():
             lines.append(f"- {key} errors by kind: {json.dumps(kinds) if kinds else 'none'}")
     if m["pairs"] is not None:

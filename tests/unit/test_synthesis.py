@@ -230,3 +230,20 @@ def test_revision_requests_and_final_rows():
         ("a", "bake bread", "Cake", "reviser", "revision"),
         ("b", "how to bake bread", "Bread is old", "g", "examples"),  # failed revision: the draft stays
     ]
+
+
+def test_degenerate_rows_are_counted_by_kind():
+    from speed_ray.pipeline.report import degenerate_rows
+
+    rows = [
+        {"query": "S1", "positive": "S2", "negative": "S3"},  # a placeholder query
+        {"query": "what is a cat", "positive": "what is a cat", "negative": ""},  # positive = query
+        {"query": "find tea shops", "positive": "tea here", "negative": "tea here"},  # negative = positive
+        {"query": "a fine long query", "positive": "Asian", "negative": None},  # a label: fine
+    ]
+    assert degenerate_rows(rows) == {
+        "positive = query": 1,
+        "negative = positive": 1,
+        "query under 3 words": 1,
+    }
+    assert degenerate_rows(rows[3:]) == {}
