@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -127,23 +128,26 @@ def plot_scores(ev: dict[str, Any], title: str, path: Path) -> None:
         ax.set_ylabel(f"{SCORE_NAMES[MAIN_SCORES[kind]]} (%)")
         ax.set_title(task)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 70))
     fig.tight_layout()
     _save(fig, path)
 
 
 def series_points(
-    series: dict[str, list[str]], ev: dict[str, Any], rows: dict[str, int]
+    series: dict[str, list[str]], ev: dict[str, Any], rows: dict[str, int], base: str = "base"
 ) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """Score against training rows: series name -> task -> [(rows, main score)], one point per variant
-    of the series (``rows``: variant -> its training rows), for ``plot_curves``."""
-    return {
-        name: {
-            task: sorted((rows[v], main_score(ev["scores"][v][task], kind)) for v in variants)
-            for task, kind in ev["tasks"].items()
-        }
-        for name, variants in series.items()
-    }
+    of the series (``rows``: variant -> its training rows), starting from the untrained ``base`` at 0
+    rows when it was scored; for ``plot_curves``."""
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for name, variants in series.items():
+        out[name] = {}
+        for task, kind in ev["tasks"].items():
+            points = [(rows[v], main_score(ev["scores"][v][task], kind)) for v in variants]
+            if task in ev["scores"].get(base, {}):
+                points.append((0, main_score(ev["scores"][base][task], kind)))
+            out[name][task] = sorted(points)
+    return out
 
 
 def plot_curves(
@@ -167,7 +171,7 @@ def plot_curves(
         ax.set_ylabel(f"{SCORE_NAMES[MAIN_SCORES[kinds[task]]]} (%)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 70))
     fig.tight_layout()
     _save(fig, path)
 

@@ -211,7 +211,7 @@ def render(cfg: SpeedRayConfig, result: dict[str, Any], trained: dict[str, dict[
     if ex.series:
         ev = result["evals"]["main"]
         points = series_points(ex.series, ev, {n: m["train_rows"] for n, m in trained.items()})
-        xlabel = "training rows (distinct examples; same steps x batch for every point)"
+        xlabel = "training rows (0: untrained; same steps x batch elsewhere)"
         plot_curves(points, ev["tasks"], ex.title or cfg.run.name, out / "scaling.png", xlabel)
         lines += ["## Score against training data size", ""]
         for name, per_task in points.items():

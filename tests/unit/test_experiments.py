@@ -80,6 +80,8 @@ def test_series_are_scores_against_training_rows():
     }
     points = series_points({"a": ["a-all", "a-16"]}, ev, {"a-16": 16, "a-all": 57})
     assert points == {"a": {"R": [(16, 0.5), (57, 0.625)]}}
+    ev["scores"]["base"] = {"R": {"ndcg_at_10": 0.75}}  # the untrained model is the point at 0 rows
+    assert series_points({"a": ["a-16"]}, ev, {"a-16": 16}) == {"a": {"R": [(0, 0.75), (16, 0.5)]}}
 
 
 def test_bad_variants_are_named_before_anything_runs(tmp_path):
