@@ -128,7 +128,7 @@ def plot_scores(ev: dict[str, Any], title: str, path: Path) -> None:
         ax.set_ylabel(f"{SCORE_NAMES[MAIN_SCORES[kind]]} (%)")
         ax.set_title(task)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(textwrap.fill(title, 70))
+    fig.suptitle(textwrap.fill(title, int(9 * fig.get_figwidth())))  # about 9 characters an inch
     fig.tight_layout()
     _save(fig, path)
 
@@ -171,7 +171,7 @@ def plot_curves(
         ax.set_ylabel(f"{SCORE_NAMES[MAIN_SCORES[kinds[task]]]} (%)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(textwrap.fill(title, 70))
+    fig.suptitle(textwrap.fill(title, int(9 * fig.get_figwidth())))  # about 9 characters an inch
     fig.tight_layout()
     _save(fig, path)
 
