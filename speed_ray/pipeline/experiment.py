@@ -1,9 +1,10 @@
 """experiment: make the shared runs, train every variant, score them with the eval stage, write the
 section.
 
-The ``prepare`` runs (an aligned generator, synthetic data) and every variant are ordinary runs (``runs/<its run.name>/``), so a finished one is skipped and two
-experiments that share a variant's run name and settings train it once; every eval is an ordinary
-eval stage. Produces ``runs/<run.name>/report.md`` and ``report.html`` (tables, the papers' figures, plots) and
+The ``prepare`` runs (an aligned generator, synthetic data) and every variant are ordinary runs
+(``runs/<its run.name>/``), so a finished one is skipped and two experiments that share a run's name
+and settings make it once; every eval is an ordinary eval stage. Produces
+``runs/<run.name>/report.md`` and ``report.html`` (tables, the papers' figures, plots) and
 ``runs/<run.name>/experiment.json`` (every score).
 """
 
