@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 export PATH="$PWD/$VENV/bin:$PATH"         # the head, and so the job's `python`, use the project's venv
 export RAY_ADDRESS=http://127.0.0.1:8275    # the job API of the head started below
+# Ray 2.5x+ turns token authentication on for `ray start`; the job CLI sends the token (kept by
+# `ray start` under ~/.ray) only in token mode.
+export RAY_AUTH_MODE=token
 OUT=$(mktemp -d)
 DATA=$(realpath ../shared/data/debian/retrieval)   # the job runs in a copy of this folder, not here
 ID="speed-ray-check-$(date +%s)"
