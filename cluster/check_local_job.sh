@@ -27,7 +27,8 @@ ray job submit --no-wait --submission-id "$ID" --working-dir . --runtime-env clu
 status=PENDING
 deadline=$((SECONDS + TIMEOUT_S))
 while [[ $SECONDS -lt $deadline ]]; do
-    status=$(ray job status "$ID" 2>/dev/null | grep -oE "PENDING|RUNNING|SUCCEEDED|FAILED|STOPPED" | tail -1 || true)
+    # `ray job status` ends with "Job '<id>' succeeded" (or failed, stopped, "is currently running")
+    status=$(ray job status "$ID" 2>&1 | grep -oiE "succeeded|failed|stopped|running|pending" | tail -1 | tr a-z A-Z || true)
     [[ $status == SUCCEEDED || $status == FAILED || $status == STOPPED ]] && break
     sleep 15
 done
