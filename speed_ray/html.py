@@ -40,7 +40,7 @@ def render_html(markdown: str) -> str:
 
 def write_report(path: Path, markdown: str) -> None:
     """``path`` (report.md) and the page beside it (report.html), each written whole or not at all."""
-    for target, text in ((path, markdown), (path.with_suffix(".html"), render_html(markdown))):
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(target)
+    from speed_ray.schemas import write_text_atomic
+
+    write_text_atomic(path, markdown)
+    write_text_atomic(path.with_suffix(".html"), render_html(markdown))

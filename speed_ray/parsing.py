@@ -32,11 +32,7 @@ def extract_json(text: str) -> tuple[Any, str | None]:
     for c in candidates:
         try:
             return json.loads(c.strip(), strict=False), None
-        except (
-            json.JSONDecodeError,
-            ValueError,
-            RecursionError,
-        ):  # RecursionError: "[[[[..." nested too deep
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; "[[[[..." recurses too deep
             continue
     return None, f"invalid JSON: {text[:80]!r}"
 

@@ -1,4 +1,5 @@
-"""report: ``<run>/report.md``, the same as a page (``report.html``) and the plots, from the manifests the other stages wrote.
+"""report: ``<run>/report.md``, the same as a page (``report.html``) and the plots, from the
+manifests the other stages wrote.
 
 Reads only the run directory, so ``speed-ray report CONFIG`` (or ``speed-ray report RUN_DIR``, which
 reads the run's saved config) can re-render a finished run.
