@@ -15,6 +15,7 @@ import sys
 
 from speed_ray.config import SpeedRayConfig, local_gpu_count
 from speed_ray.models import available_offline, cache_dir
+from speed_ray.ray_utils import where
 
 PACKAGES = (
     "ray",
@@ -64,9 +65,11 @@ def _memory_gib() -> float:
 def _ray_resources(cfg: SpeedRayConfig | None) -> str:
     import ray
 
-    address = cfg.run.ray_address if cfg else None
-    num_cpus = None if address else (cfg.run.num_cpus if cfg else None) or os.cpu_count()
-    ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        **where(cfg.run.ray_address if cfg else None, cfg.run.num_cpus if cfg else None),
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     try:
         res = ray.cluster_resources()
         return ", ".join(

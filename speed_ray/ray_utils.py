@@ -30,13 +30,23 @@ def init_ray(cfg: SpeedRayConfig) -> None:
     env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
     if "SPEED_RAY_CACHE" in os.environ:
         env["SPEED_RAY_CACHE"] = os.environ["SPEED_RAY_CACHE"]
-    kwargs: dict = {"runtime_env": {"env_vars": env}, "include_dashboard": False, "log_to_driver": True}
-    if cfg.run.ray_address is None:
-        kwargs["num_cpus"] = cfg.run.num_cpus or os.cpu_count()
-    else:
-        kwargs["address"] = cfg.run.ray_address
-    ray.init(**kwargs)
+    ray.init(
+        **where(cfg.run.ray_address, cfg.run.num_cpus),
+        runtime_env={"env_vars": env},
+        include_dashboard=False,
+        log_to_driver=True,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = True
+
+
+def where(address: str | None, num_cpus: int | None) -> dict:
+    """``ray.init`` arguments for ``run.ray_address``: the cluster it names (``auto``: the one ``ray start``
+    made on this node), else the cluster a Ray job runs in (``RAY_ADDRESS``), else a new local instance
+    of ``num_cpus`` CPUs. Never a cluster found only in /tmp/ray's record, which outlives a head that
+    died without ``ray stop``."""
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        return {"address": "local", "num_cpus": num_cpus or os.cpu_count()}
+    return {"address": address}
 
 
 def require_resources(what: str, cpus: float, gpus: float) -> None:

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# The suite makes its own local Ray; a RAY_ADDRESS left in the shell would send every test to that cluster.
+os.environ.pop("RAY_ADDRESS", None)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -70,6 +73,7 @@ def beir_tiny(tmp_path_factory) -> Path:
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # A new local instance, never a cluster another process left running or recorded in /tmp/ray.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
