@@ -33,22 +33,10 @@ sys.path.insert(0, str(REPO))
 
 
 def requests(n: int, seed: int) -> list[dict[str, Any]]:
-    """``n`` example prompts over the four task types (fixed tasks, seeded placeholders)."""
-    from speed_ray import synthesis
+    """``n`` example prompts over the task kinds (fixed tasks, seeded placeholders)."""
+    from synth_stream import prompt_rows
 
-    kinds = ["retrieval", "classification", "sts", "text_matching_short", "text_matching_long"]
-    tasks = [
-        {
-            "id": f"t{i}",
-            "topic": "Computers/Software",
-            "task_type": "text_matching" if "matching" in kind else kind,
-            "kind": kind,
-            "task": f"Retrieve documentation pages that answer question {i} about a Linux package.",
-            "error": None,
-        }
-        for i, kind in ((i, kinds[i % len(kinds)]) for i in range(n))
-    ]
-    return synthesis.example_requests(tasks, seed, max_chars=400)
+    return list(prompt_rows(n, seed))
 
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,10 +97,9 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_ray(args: argparse.Namespace) -> dict[str, Any]:
     """(b) the pipeline's own stage: ``engine_pool`` (Ray Data actor pool + parse tasks)."""
-    from speed_ray import synthesis
     from speed_ray.config import load_config
-    from speed_ray.pipeline.synth import engine_pool
     from speed_ray.ray_utils import init_ray
+    from speed_ray.shards import lay_out
 
     s = engine_settings(args)
     cfg = load_config(
@@ -127,11 +114,19 @@ def run_ray(args: argparse.Namespace) -> dict[str, Any]:
         ],
     )
     init_ray(cfg)
-    rows = requests(args.prompts, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = lay_out(Path(tmp), requests(args.prompts, seed=0), args.prompts).request_files
+        return pool_figures(cfg, files, args)
+
+
+def pool_figures(cfg: Any, files: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    from speed_ray import synthesis
+    from speed_ray.pipeline.synth import engine_pool
+
     t0 = time.time()
     arrivals = []
     parsed = errors = 0
-    for table in engine_pool(cfg, cfg.synth.engine, rows, sampling(args), synthesis.parse_generations):
+    for table in engine_pool(cfg, cfg.synth.engine, files, sampling(args), synthesis.parse_generations):
         arrivals.append((time.time(), sum(table["num_output_tokens"].to_pylist())))
         parsed += table.num_rows
         errors += table.num_rows - table["error"].null_count

@@ -1,22 +1,30 @@
-"""Resumable stage output: fixed shards of input rows, written as their outputs complete.
+"""Resumable stage output: fixed shards of input rows, laid out on disk first and written as their
+outputs complete.
 
 A generation step's input rows (each with a stable ``id``) are cut, in order, into shards of
-``shard_rows``. Outputs stream back in any order; when every output of a shard has arrived, the shard
-is sorted by (id, sample) and written whole as ``shard_NNNNN.parquet`` (temp file, then rename). The
-manifest comes last. A killed run leaves finished shards and no manifest; the rerun reads
-``_plan.json``, keeps those shards byte for byte and sends only the other shards' rows to the engine,
-so no row is lost or written twice.
+``shard_rows`` (``lay_out``). Rows that need a model call go to ``_requests/shard_NNNNN.parquet`` with
+their shard number; Ray Data reads those files on the workers, so the driver never holds the whole
+input, and ``_plan.json`` records the layout. Outputs stream back in any order; when every output of
+a shard has arrived, the shard is sorted by (id, sample) and written whole as ``shard_NNNNN.parquet``
+(temp file, then rename), then its entry (rows, SHA-256, accounting) as ``_done/shard_NNNNN.json``.
+The manifest comes last.
 
-Each shard's manifest entry carries its accounting (calls, tokens, errors), so totals cover the shards
-of earlier, killed runs too. No Ray here: the caller streams tables in.
+A killed run leaves finished shards and no manifest. The rerun checks the plan, keeps every shard
+whose file still has its recorded checksum, byte for byte, and sends only the other shards' rows to
+the engine: a shard that is missing, truncated or corrupted is generated again, so no row is lost or
+written twice. Totals cover the shards of earlier, killed runs too. No Ray here.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import shutil
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,94 +36,162 @@ from speed_ray.pipeline.common import log
 from speed_ray.schemas import sha256_file, shard_name, write_json_atomic, write_manifest, write_shard
 
 PLAN = "_plan.json"
+REQUESTS = "_requests"
+DONE = "_done"
+
+
+@dataclass
+class Layout:
+    """What ``lay_out`` found and wrote: the size of every shard, the shards already finished, the
+    request files of the others, and their rows that need no model call (with their shard)."""
+
+    sizes: list[int]
+    done: set[int]
+    request_files: list[str] = field(default_factory=list)
+    ready: list[dict[str, Any]] = field(default_factory=list)
+
+
+def lay_out(
+    out_dir: Path,
+    rows: Iterable[dict[str, Any]],
+    shard_rows: int,
+    ready: Callable[[dict[str, Any]], bool] | None = None,
+) -> Layout:
+    """Stream ``rows`` into shards: the unfinished shards' model-call rows into request files, their
+    ``ready`` rows into memory (they are few: STS tasks). Refuses a plan that differs from the one an
+    unfinished earlier run recorded."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    requests = out_dir / REQUESTS
+    shutil.rmtree(requests, ignore_errors=True)
+    requests.mkdir()
+    layout = Layout(sizes=[], done=finished_shards(out_dir))
+    ids_hash = hashlib.sha256()
+    it = iter(rows)
+    for s in itertools.count():
+        chunk = list(itertools.islice(it, shard_rows))
+        if not chunk:
+            break
+        ids = [r["id"] for r in chunk]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise ValueError(f"{out_dir.name}: input row id {dup!r} appears twice (shard {s})")
+        ids_hash.update(("\n".join(ids) + "\n").encode())
+        layout.sizes.append(len(chunk))
+        if s in layout.done:
+            continue
+        chunk = [r | {"shard": s} for r in chunk]
+        layout.ready += [r for r in chunk if ready is not None and ready(r)]
+        calls = [r for r in chunk if ready is None or not ready(r)]
+        if calls:
+            path = requests / shard_name(s)
+            pq.write_table(pa.Table.from_pylist(calls), path)
+            layout.request_files.append(str(path))
+    plan = {
+        "shard_rows": shard_rows,
+        "num_shards": len(layout.sizes),
+        "num_input_rows": sum(layout.sizes),
+        "ids_sha256": ids_hash.hexdigest(),
+    }
+    path = out_dir / PLAN
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != plan:
+            raise ValueError(
+                f"{out_dir}: an unfinished earlier run of this step had other inputs "
+                f"({old['num_input_rows']} rows in shards of {old['shard_rows']}, now "
+                f"{plan['num_input_rows']} in shards of {plan['shard_rows']}); delete {out_dir} "
+                "to start the step over, or restore the earlier config"
+            )
+    else:
+        write_json_atomic(path, plan)
+    return layout
+
+
+def finished_shards(out_dir: Path) -> set[int]:
+    """Shards written by an earlier run whose file still has the checksum recorded when it was
+    written. Any other shard file (truncated, corrupted, or written without its record) is removed."""
+    done = set()
+    for path in sorted(out_dir.glob("shard_*.parquet")):
+        record = out_dir / DONE / (path.stem + ".json")
+        ok = record.is_file() and json.loads(record.read_text())["sha256"] == sha256_file(path)
+        if ok:
+            done.add(int(path.stem.split("_")[1]))
+        else:
+            log(f"{out_dir.name}: {path.name} does not match its recorded checksum; generating it again")
+            path.unlink()
+    return done
 
 
 class ShardedWriter:
-    def __init__(
-        self, out_dir: Path, schema: pa.Schema, ids: list[str], shard_rows: int, outputs_per_id: int
-    ) -> None:
+    def __init__(self, out_dir: Path, schema: pa.Schema, layout: Layout, outputs_per_id: int) -> None:
         self.out_dir, self.schema, self.outputs_per_id = out_dir, schema, outputs_per_id
-        self.shards = [ids[i : i + shard_rows] for i in range(0, len(ids), shard_rows)]
-        self.shard_of = {rid: s for s, shard in enumerate(self.shards) for rid in shard}
-        if len(self.shard_of) != len(ids):
-            raise ValueError(f"{out_dir.name}: input row ids are not unique")
+        self.sizes, self.done = layout.sizes, set(layout.done)
         self.buffers: dict[int, dict[tuple[str, int], dict[str, Any]]] = defaultdict(dict)
         self.written_now = 0
-        self.entries: dict[int, dict[str, Any]] = {}
-        """Manifest entries of the shards this run wrote (earlier runs' shards are read back at the end)."""
-        self._check_plan(shard_rows, ids)
-        self.done = {s for s in range(len(self.shards)) if (out_dir / shard_name(s)).is_file()}
-
-    def _check_plan(self, shard_rows: int, ids: list[str]) -> None:
-        plan = {
-            "shard_rows": shard_rows,
-            "num_shards": len(self.shards),
-            "num_input_rows": len(ids),
-            "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
-        }
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / PLAN
-        if path.is_file():
-            old = json.loads(path.read_text())
-            if old != plan:
-                raise ValueError(
-                    f"{self.out_dir}: an unfinished earlier run of this step had other inputs "
-                    f"({old['num_input_rows']} rows in shards of {old['shard_rows']}, now "
-                    f"{plan['num_input_rows']} in shards of {plan['shard_rows']}); delete {self.out_dir} "
-                    "to start the step over, or restore the earlier config"
-                )
-        else:
-            write_json_atomic(path, plan)
-
-    def pending_ids(self) -> set[str]:
-        """Ids whose shard is not written yet (all of them on a fresh run)."""
-        return {rid for s, shard in enumerate(self.shards) if s not in self.done for rid in shard}
+        (out_dir / DONE).mkdir(exist_ok=True)
 
     def add(self, table: pa.Table) -> None:
-        """Buffer a table of outputs; write every shard that is now complete."""
+        """Buffer a table of outputs (each row with its ``shard``); write every shard now complete."""
         touched = set()
         for row in table.to_pylist():
-            s = self.shard_of.get(row["id"])
-            if s is None or s in self.done:
-                raise ValueError(f"{self.out_dir.name}: output for unexpected row id {row['id']!r}")
+            s = row["shard"]
+            if not 0 <= s < len(self.sizes) or s in self.done:
+                raise ValueError(
+                    f"{self.out_dir.name}: output {row['id']!r} for shard {s}, which is not pending"
+                )
             # Keyed by (id, sample): a batch that Ray retried replaces its first copy.
             self.buffers[s][(row["id"], row.get("sample", 0))] = row
             touched.add(s)
         for s in sorted(touched):
-            if len(self.buffers[s]) == len(self.shards[s]) * self.outputs_per_id:
+            expected = self.sizes[s] * self.outputs_per_id
+            if len(self.buffers[s]) > expected:
+                raise ValueError(
+                    f"{self.out_dir.name}: shard {s} got {len(self.buffers[s])} distinct outputs, "
+                    f"expected {expected}"
+                )
+            if len(self.buffers[s]) == expected:
                 self._write(s)
 
     def _write(self, s: int) -> None:
         rows = [row for _, row in sorted(self.buffers.pop(s).items())]
         table = pa.Table.from_pylist(rows, schema=self.schema)
-        self.entries[s] = write_shard(self.out_dir / shard_name(s), table, self.schema) | accounting(table)
+        path = self.out_dir / shard_name(s)
+        entry = write_shard(path, table, self.schema) | accounting(table)
+        write_json_atomic(self.out_dir / DONE / (path.stem + ".json"), entry)
         self.done.add(s)
         self.written_now += len(rows)
-        log(f"{self.out_dir.name}: shard {s + 1}/{len(self.shards)} written ({len(self.done)} done)")
+        log(f"{self.out_dir.name}: shard {s + 1}/{len(self.sizes)} written ({len(self.done)} done)")
 
     def finish(self, extra: dict[str, Any], started: float, prices: tuple[float, float] = (0, 0)) -> dict:
-        """Check that every shard is written, then write the manifest with per-shard accounting."""
-        missing = [s for s in range(len(self.shards)) if s not in self.done]
+        """Check that every shard is written, then write the manifest with per-shard accounting and
+        remove the request files. The shard records stay: if a shard is damaged later, the step is
+        done again for that shard alone."""
+        missing = [s for s in range(len(self.sizes)) if s not in self.done]
         if missing:
             short = {s: len(self.buffers[s]) for s in missing[:5]}
             raise RuntimeError(
                 f"{self.out_dir.name}: the engine returned no output for some rows of shards {missing[:5]} "
                 f"(outputs so far: {short}); rerun to retry them, finished shards are kept"
             )
-        files = [
-            self.entries[s] if s in self.entries else shard_entry(self.out_dir / shard_name(s))
-            for s in range(len(self.shards))
-        ]
+        done = self.out_dir / DONE
+        files = [json.loads((done / f"shard_{s:05d}.json").read_text()) for s in range(len(self.sizes))]
         elapsed = max(time.time() - started, 1e-9)
         accounting = totals(files, prices) | {"rows_per_s": round(self.written_now / elapsed, 2)}
-        return write_manifest(self.out_dir, self.schema, files, extra | {"accounting": accounting}, started)
+        manifest = write_manifest(
+            self.out_dir, self.schema, files, extra | {"accounting": accounting}, started
+        )
+        shutil.rmtree(self.out_dir / REQUESTS, ignore_errors=True)
+        return manifest
 
 
-def shard_entry(path: Path) -> dict[str, Any]:
-    """A written shard's manifest entry: size, checksum and accounting read back from the file."""
-    table = pq.read_table(path)
-    entry = {"name": path.name, "num_rows": table.num_rows, "sha256": sha256_file(path)}
-    return entry | accounting(table)
+def with_shard(outputs: pa.Table, inputs: pa.Table) -> pa.Table:
+    """``outputs`` with the ``shard`` of the input row each came from (by id), when inputs carry one."""
+    if "shard" not in inputs.column_names:
+        return outputs
+    shard_of = dict(zip(inputs["id"].to_pylist(), inputs["shard"].to_pylist(), strict=True))
+    return outputs.append_column(
+        "shard", pa.array([shard_of[i] for i in outputs["id"].to_pylist()], pa.int64())
+    )
 
 
 def accounting(table: pa.Table) -> dict[str, int]:

@@ -117,6 +117,11 @@ def outcome(r: dict[str, Any], err: str | None, round_: str, prompt_id: str | No
     }
 
 
+def is_sts(row: dict[str, Any]) -> bool:
+    """A brainstorm row that needs no model call (``sts_tasks`` answers it)."""
+    return row["kind"] == "sts"
+
+
 def sts_tasks(rows: list[dict[str, Any]]) -> pa.Table:
     """STS rows need no model call: the task is the topic itself."""
     out = [

@@ -96,7 +96,6 @@ def seed_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
 
     def tasks() -> dict:
         rows = synthesis.task_requests(topics, sc.mix, seed, sc.sampling.max_field_chars)
-        sts = [r for r in rows if r["kind"] == "sts"]
         return teacher_step(
             cfg,
             "tasks",
@@ -105,7 +104,7 @@ def seed_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
             TASKS,
             synthesis.parse_tasks,
             sc.sampling.brainstorm_max_tokens,
-            ready=sts,
+            ready=synthesis.is_sts,
             ready_parse=synthesis.sts_tasks,
         )
 

@@ -16,9 +16,8 @@ them, and the rerun only sends the missing shards' rows to the engine.
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from speed_ray.schemas import (
     read_stage,
     write_stage,
 )
-from speed_ray.shards import ShardedWriter
+from speed_ray.shards import ShardedWriter, lay_out, with_shard
 
 
 def run(cfg: SpeedRayConfig) -> dict:
@@ -57,7 +56,6 @@ def run(cfg: SpeedRayConfig) -> dict:
 
     def tasks() -> dict:
         rows = synthesis.task_requests(topics, sc.mix, seed, max_chars)
-        sts = [r for r in rows if r["kind"] == "sts"]
         params = sampling_params(sampling.brainstorm_max_tokens, sampling.temperature, sampling.top_p, 1)
         return generate_step(
             cfg,
@@ -67,7 +65,7 @@ def run(cfg: SpeedRayConfig) -> dict:
             rows,
             params,
             synthesis.parse_tasks,
-            ready=sts,
+            ready=synthesis.is_sts,
             ready_parse=synthesis.sts_tasks,
         )
 
@@ -177,27 +175,28 @@ def generate_step(
     eng: EngineConfig,
     out_dir: Path,
     schema: pa.Schema,
-    rows: list[dict[str, Any]],
+    rows: Iterable[dict[str, Any]],
     sampling: dict[str, Any],
     parse: Callable[[pa.Table], pa.Table],
-    ready: list[dict[str, Any]] | None = None,
+    ready: Callable[[dict[str, Any]], bool] | None = None,
     ready_parse: Callable[[list[dict[str, Any]]], pa.Table] | None = None,
+    generator: Any = None,
 ) -> dict:
-    """Run ``rows`` through the engine pool into resumable shards; ``ready`` rows need no model call
-    and are turned into outputs by ``ready_parse``."""
+    """Run ``rows`` (streamed, in order) through the engine pool into resumable shards. Rows for which
+    ``ready`` holds need no model call: ``ready_parse`` turns them into outputs. ``generator``: an
+    engine object to use instead of building one from ``eng`` (tests and benchmarks)."""
     started = time.time()
-    writer = ShardedWriter(out_dir, schema, [r["id"] for r in rows], cfg.synth.shard_rows, sampling["n"])
-    pending = writer.pending_ids()
-    if len(pending) < len(rows):
-        log(f"{out_dir.name}: resuming, {len(writer.done)} of {len(writer.shards)} shards already written")
-    ready_ids = {r["id"] for r in ready or []}
-    if ready and ready_parse is not None:
-        writer.add(ready_parse([r for r in ready if r["id"] in pending]))
-    todo = [r for r in rows if r["id"] in pending and r["id"] not in ready_ids]
-    for table in engine_pool(cfg, eng, todo, sampling, parse, writer.shard_of):
+    layout = lay_out(out_dir, rows, cfg.synth.shard_rows, ready)
+    writer = ShardedWriter(out_dir, schema, layout, sampling["n"])
+    if layout.done:
+        log(f"{out_dir.name}: resuming, {len(layout.done)} of {len(layout.sizes)} shards already written")
+    if layout.ready and ready_parse is not None:
+        inputs = pa.Table.from_pylist(layout.ready)
+        writer.add(with_shard(ready_parse(layout.ready), inputs))
+    for table in engine_pool(cfg, eng, layout.request_files, sampling, parse, generator):
         writer.add(table)
     prices = (eng.price_per_million_input_tokens, eng.price_per_million_output_tokens)
-    extra = {"engine": eng.kind, "model": eng.model, "sampling": sampling, "rows_in": len(rows)}
+    extra = {"engine": eng.kind, "model": eng.model, "sampling": sampling, "rows_in": sum(layout.sizes)}
     return writer.finish(extra, started, prices)
 
 
@@ -231,31 +230,17 @@ def engine_kwargs(eng: EngineConfig, seed: int, run_dir: Path | None = None) -> 
     }
 
 
-def input_blocks(
-    rows: list[dict[str, Any]], size: int, shard_of: dict[str, int] | None = None
-) -> list[list[dict[str, Any]]]:
-    """``rows`` in order, cut into lists of at most ``size`` rows that each lie within one shard."""
-    blocks: list[list[dict[str, Any]]] = []
-    for _, group in itertools.groupby(rows, key=lambda r: (shard_of or {}).get(r["id"], 0)):
-        items = list(group)
-        blocks += [items[i : i + size] for i in range(0, len(items), size)]
-    return blocks
-
-
 def engine_pool(
     cfg: SpeedRayConfig,
     eng: EngineConfig,
-    rows: list[dict[str, Any]],
+    request_files: list[str],
     sampling: dict[str, Any],
     parse: Callable[[pa.Table], pa.Table],
-    shard_of: dict[str, int] | None = None,
+    generator: Any = None,
 ) -> Iterator[pa.Table]:
-    """Stream ``rows`` through an autoscaling engine actor pool and ``parse``; yields parsed blocks.
-
-    Input blocks hold at most ``batch_size`` rows and never straddle two shards (``shard_of``), so
-    shards complete one after another as the pool works through the rows in order.
-    """
-    if not rows:
+    """Stream the rows of ``request_files`` (Parquet, read on the workers) through an autoscaling engine
+    actor pool and ``parse``; yields parsed blocks, each row with its input's ``shard``."""
+    if not request_files:
         return
     import ray
 
@@ -263,7 +248,7 @@ def engine_pool(
     from speed_ray.stages import GenerateStage
 
     kwargs = engine_kwargs(eng, cfg.run.seed, cfg.run_dir)
-    if eng.kind == "openai":
+    if eng.kind == "openai" and generator is None:
         # An unreachable teacher fails here, with its URL, before any pool is built.
         from speed_ray.engines.openai_http import EngineUnreachable, OpenAIGenerator
 
@@ -275,20 +260,28 @@ def engine_pool(
     init_ray(cfg)
     gpus = eng.num_gpus * eng.tensor_parallel_size
     require_resources(f"{eng.kind} engine {eng.model}", eng.num_cpus, gpus)
-    # [2] Ray Data: blocks of at most batch_size rows, cut at shard boundaries, in input order.
-    ds: Any = ray.data.from_arrow(
-        [pa.Table.from_pylist(b) for b in input_blocks(rows, eng.batch_size, shard_of)]
-    )
+    # [2] Ray Data reads the request shards on the workers: the driver never holds the inputs.
+    ds: Any = ray.data.read_parquet(request_files)
     # [3] The autoscaling engine pool, then parsing as plain tasks.
     ds = ds.map_batches(
         GenerateStage,
-        fn_constructor_kwargs={"engine": kwargs, "sampling": sampling},
+        fn_constructor_kwargs={"engine": kwargs, "sampling": sampling, "generator": generator},
         batch_size=eng.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=eng.min_actors, max_size=eng.max_actors),
         num_cpus=eng.num_cpus,
         num_gpus=gpus,
     )
-    ds = ds.map_batches(parse, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+    ds = ds.map_batches(
+        parse_keeping_shard,
+        fn_kwargs={"parse": parse},
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=0.25,
+    )
     # [4] Stream results back; the caller writes each shard as soon as it is complete.
     yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+def parse_keeping_shard(batch: pa.Table, parse: Callable[[pa.Table], pa.Table]) -> pa.Table:
+    return with_shard(parse(batch), batch)

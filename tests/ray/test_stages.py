@@ -64,12 +64,13 @@ def test_stage_in_a_ray_data_actor_pool(ray_session):
         assert str(r["seed"]) in by_id[r["id"]]["query"]
 
 
-def test_a_gpu_pool_on_a_cluster_without_gpus_fails_at_once(ray_session, model_cache):
+def test_a_gpu_pool_on_a_cluster_without_gpus_fails_at_once(ray_session, model_cache, tmp_path):
     """Ray would wait forever for a GPU actor it cannot place; the pool refuses before it is built."""
     import time
 
     from speed_ray.config import ConfigError, load_config
     from speed_ray.pipeline.synth import engine_pool
+    from speed_ray.shards import lay_out
     from tests.conftest import DEBIAN
 
     overrides = ["run.ray_address=auto", "synth.engine.model=tiny-llama", "synth.engine.num_gpus=1"]
@@ -78,5 +79,6 @@ def test_a_gpu_pool_on_a_cluster_without_gpus_fails_at_once(ray_session, model_c
     with pytest.raises(
         ConfigError, match=r"vllm engine tiny-llama: needs 1.0 GPU\(s\) but the Ray cluster has 0"
     ):
-        list(engine_pool(cfg, cfg.synth.engine, example_rows(), SAMPLING, synthesis.parse_generations))
+        files = lay_out(tmp_path / "generations", example_rows(), 256).request_files
+        list(engine_pool(cfg, cfg.synth.engine, files, SAMPLING, synthesis.parse_generations))
     assert time.time() - started < 30

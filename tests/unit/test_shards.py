@@ -1,14 +1,16 @@
-"""ShardedWriter: shards written as they complete, in any arrival order, and a rerun that keeps them."""
+"""Shards: inputs laid out on disk, outputs written as each shard completes (in any arrival order),
+and a rerun that keeps the finished shards whose checksum still holds and redoes the rest."""
 
 from __future__ import annotations
 
 import json
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from speed_ray.schemas import MANIFEST, read_stage
-from speed_ray.shards import PLAN, ShardedWriter
+from speed_ray.shards import DONE, PLAN, REQUESTS, ShardedWriter, lay_out, with_shard
 
 SCHEMA = pa.schema(
     [
@@ -21,24 +23,43 @@ SCHEMA = pa.schema(
     ]
 )
 IDS = [f"r{i}" for i in range(7)]  # shards of 3: [r0 r1 r2] [r3 r4 r5] [r6]
+INPUTS = [{"id": i, "n": int(i[1:]), "kind": "sts" if i == "r1" else "call"} for i in IDS]
 
 
 def outputs(ids, n=2):
     return [
-        {"id": i, "sample": k, "error": "bad" if i == "r4" and k == 1 else None, "generator": "g"}
-        | {"num_input_tokens": 10 if k == 0 else 0, "num_output_tokens": 5}
+        {"id": i, "shard": int(i[1:]) // 3, "sample": k, "error": "bad" if i == "r4" and k == 1 else None}
+        | {"generator": "g", "num_input_tokens": 10 if k == 0 else 0, "num_output_tokens": 5}
         for i in ids
         for k in range(n)
     ]
 
 
 def table(rows):
-    return pa.Table.from_pylist(rows, schema=SCHEMA)
+    return pa.Table.from_pylist(rows, schema=SCHEMA.append(pa.field("shard", pa.int64())))
+
+
+def requested(layout):
+    return [r for f in layout.request_files for r in pq.read_table(f).to_pylist()]
+
+
+def test_lay_out_writes_the_call_rows_with_their_shard_and_keeps_ready_rows_in_memory(tmp_path):
+    layout = lay_out(tmp_path / "step", iter(INPUTS), 3, ready=lambda r: r["kind"] == "sts")
+    assert layout.sizes == [3, 3, 1] and layout.done == set()
+    assert [p.split("/")[-1] for p in layout.request_files] == [
+        "shard_00000.parquet",
+        "shard_00001.parquet",
+        "shard_00002.parquet",
+    ]
+    assert [(r["id"], r["shard"]) for r in requested(layout)] == [
+        ("r0", 0), ("r2", 0), ("r3", 1), ("r4", 1), ("r5", 1), ("r6", 2)
+    ]  # fmt: skip
+    assert layout.ready == [{"id": "r1", "n": 1, "kind": "sts", "shard": 0}]
+    assert json.loads((tmp_path / "step" / PLAN).read_text())["num_input_rows"] == 7
 
 
 def test_shards_are_written_when_complete_whatever_the_order(tmp_path):
-    w = ShardedWriter(tmp_path / "step", SCHEMA, IDS, shard_rows=3, outputs_per_id=2)
-    assert w.pending_ids() == set(IDS)
+    w = ShardedWriter(tmp_path / "step", SCHEMA, lay_out(tmp_path / "step", INPUTS, 3), outputs_per_id=2)
     rows = outputs(IDS)
     w.add(table(rows[12:] + rows[:3]))  # r6 (shard 2) complete; shard 0 half there
     assert sorted(p.name for p in (tmp_path / "step").glob("shard_*")) == ["shard_00002.parquet"]
@@ -52,51 +73,82 @@ def test_shards_are_written_when_complete_whatever_the_order(tmp_path):
     assert list(zip(got["id"].to_pylist(), got["sample"].to_pylist(), strict=True)) == [
         (i, k) for i in IDS for k in range(2)
     ]
+    assert not (tmp_path / "step" / REQUESTS).exists()
+    assert sorted(p.name for p in (tmp_path / "step" / DONE).iterdir()) == [
+        f"shard_0000{i}.json" for i in range(3)
+    ]
 
 
+@pytest.mark.faults
 def test_a_rerun_keeps_finished_shards_and_asks_only_for_the_rest(tmp_path):
     out = tmp_path / "step"
-    w = ShardedWriter(out, SCHEMA, IDS, shard_rows=3, outputs_per_id=2)
+    w = ShardedWriter(out, SCHEMA, lay_out(out, INPUTS, 3), outputs_per_id=2)
     w.add(table(outputs(["r3", "r4", "r5", "r0"])))  # then the "driver dies": no finish()
     kept = (out / "shard_00001.parquet").read_bytes()
     assert not (out / MANIFEST).exists()
 
-    again = ShardedWriter(out, SCHEMA, IDS, shard_rows=3, outputs_per_id=2)
-    assert again.pending_ids() == {"r0", "r1", "r2", "r6"}
+    layout = lay_out(out, INPUTS, 3)
+    assert layout.done == {1}
+    assert [r["id"] for r in requested(layout)] == ["r0", "r1", "r2", "r6"]
+    again = ShardedWriter(out, SCHEMA, layout, outputs_per_id=2)
     again.add(table(outputs(["r0", "r1", "r2", "r6"])))
     manifest = again.finish({}, started=0.0)
     assert (out / "shard_00001.parquet").read_bytes() == kept
     assert manifest["num_rows"] == 14 and manifest["accounting"]["calls"] == 7
-    assert sorted(set(read_stage(out, SCHEMA)["id"].to_pylist())) == IDS
+    assert read_stage(out, SCHEMA)["id"].to_pylist() == [i for i in IDS for _ in range(2)]
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("damage", ["truncate", "flip a byte", "no record"])
+def test_a_damaged_shard_is_detected_by_its_checksum_and_generated_again(tmp_path, damage):
+    out = tmp_path / "step"
+    w = ShardedWriter(out, SCHEMA, lay_out(out, INPUTS, 3), outputs_per_id=2)
+    w.add(table(outputs(IDS[:6])))  # shards 0 and 1 written; the run dies before shard 2
+    path = out / "shard_00001.parquet"
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "flip a byte":
+        path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    else:  # killed between the shard's rename and its record
+        (out / DONE / "shard_00001.json").unlink()
+
+    layout = lay_out(out, INPUTS, 3)
+    assert layout.done == {0} and not path.exists()
+    assert [r["id"] for r in requested(layout)] == ["r3", "r4", "r5", "r6"]
+    again = ShardedWriter(out, SCHEMA, layout, outputs_per_id=2)
+    again.add(table(outputs(IDS[3:])))
+    again.finish({}, started=0.0)
+    assert path.read_bytes() == data  # the same outputs give the same file
+    assert read_stage(out, SCHEMA)["id"].to_pylist() == [i for i in IDS for _ in range(2)]
 
 
 def test_a_rerun_with_other_inputs_is_refused(tmp_path):
     out = tmp_path / "step"
-    ShardedWriter(out, SCHEMA, IDS, shard_rows=3, outputs_per_id=2)
-    assert json.loads((out / PLAN).read_text())["num_input_rows"] == 7
+    lay_out(out, INPUTS, 3)
     with pytest.raises(ValueError, match=r"other inputs \(7 rows in shards of 3, now 6 in shards of 3\)"):
-        ShardedWriter(out, SCHEMA, IDS[:6], shard_rows=3, outputs_per_id=2)
+        lay_out(out, INPUTS[:6], 3)
 
 
-def test_missing_outputs_fail_loudly_and_unknown_ids_are_rejected(tmp_path):
-    w = ShardedWriter(tmp_path / "step", SCHEMA, IDS, shard_rows=3, outputs_per_id=2)
-    with pytest.raises(ValueError, match="unexpected row id 'zz'"):
-        w.add(table(outputs(["zz"])))
+def test_a_repeated_input_id_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match=r"input row id 'r1' appears twice \(shard 0\)"):
+        lay_out(tmp_path / "step", [*INPUTS[:2], INPUTS[1]], 3)
+
+
+def test_missing_outputs_fail_loudly_and_outputs_for_other_shards_are_rejected(tmp_path):
+    w = ShardedWriter(tmp_path / "step", SCHEMA, lay_out(tmp_path / "step", INPUTS, 3), outputs_per_id=2)
+    with pytest.raises(ValueError, match="output 'zz' for shard 9, which is not pending"):
+        w.add(table([outputs(["r0"])[0] | {"id": "zz", "shard": 9}]))
     w.add(table(outputs(IDS[:6])))
+    with pytest.raises(ValueError, match="output 'r0' for shard 0, which is not pending"):
+        w.add(table(outputs(["r0"])))
     with pytest.raises(RuntimeError, match=r"no output for some rows of shards \[2\]"):
         w.finish({}, started=0.0)
     assert not (tmp_path / "step" / MANIFEST).exists()
 
 
-def test_input_blocks_hold_at_most_a_batch_and_never_straddle_shards():
-    from speed_ray.pipeline.synth import input_blocks
-
-    rows = [{"id": f"r{i}"} for i in range(10)]
-    shard_of = {f"r{i}": i // 4 for i in range(10)}  # shards [0-3] [4-7] [8-9]
-    blocks = [[int(r["id"][1:]) for r in b] for b in input_blocks(rows, 3, shard_of)]
-    assert blocks == [[0, 1, 2], [3], [4, 5, 6], [7], [8, 9]]
-    assert [[int(r["id"][1:]) for r in b] for b in input_blocks(rows, 4)] == [
-        [0, 1, 2, 3],
-        [4, 5, 6, 7],
-        [8, 9],
-    ]
+def test_with_shard_follows_the_ids_not_the_order():
+    inputs = pa.Table.from_pylist([{"id": "a", "shard": 4}, {"id": "b", "shard": 5}])
+    outputs_ = pa.Table.from_pylist([{"id": "b", "x": 1}, {"id": "a", "x": 2}, {"id": "b", "x": 3}])
+    assert with_shard(outputs_, inputs)["shard"].to_pylist() == [5, 4, 5]
+    assert with_shard(outputs_, inputs.drop_columns(["shard"])) is outputs_
