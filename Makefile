@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.speed-ray-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install quickstart test check test-job test-slow test-gpu clean
+.PHONY: help install quickstart test check test-job test-cluster test-slow test-gpu clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -39,6 +39,9 @@ test: check  ## lint, type-check, then the default test suite (no slow, no GPU t
 
 test-job: install  ## the quickstart as a Ray job: ray start --head, ray job submit, wait for SUCCEEDED, check, ray stop
 	bash cluster/check_local_job.sh
+
+test-cluster: install  ## the synth stage on Ray's fake autoscaling cloud: GPU nodes from zero, one killed midway (runs ray stop --force)
+	$(VENV)/bin/pytest -q -m cluster tests/cluster
 
 test-slow: install  ## long tests: real SmolLM2 / MiniLM weights, synth killed and rerun
 	$(VENV)/bin/pytest -q -m slow

@@ -22,7 +22,7 @@ ray start --head --port 6390 --dashboard-port 8275 --num-cpus 2 --disable-usage-
 
 ray job submit --no-wait --submission-id "$ID" --working-dir . --runtime-env cluster/runtime_env.yaml -- \
     python jobs/pipeline.py --config configs/quickstart.yaml \
-    run.ray_address=auto run.output_dir="$OUT" eval.retrieval.path="$DATA"
+    run.ray_address=auto run.output_dir="$OUT" eval.retrieval.path="$DATA" run.upload_to="file://$OUT/bucket"
 
 status=PENDING
 deadline=$((SECONDS + TIMEOUT_S))
@@ -38,12 +38,15 @@ if [[ $status != SUCCEEDED ]]; then
     exit 1
 fi
 
-# The outputs a run promises: every stage's manifest, rows, a trained model scored, the report.
-python - "$OUT/quickstart" <<'PY'
+# The outputs a run promises: every stage's manifest, rows, a trained model scored, the report, and
+# the same files in the object store (run.upload_to; a file:// bucket here, s3:// or gs:// on a cloud).
+python - "$OUT/quickstart" "$OUT/bucket/quickstart" <<'PY'
 import json, sys
 from pathlib import Path
 
-run = Path(sys.argv[1])
+run, bucket = Path(sys.argv[1]), Path(sys.argv[2])
+files = lambda root: {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+assert files(run) == files(bucket), set(files(run)) ^ set(files(bucket))
 for stage in ("synth/examples", "embed/model", "eval"):
     assert (run / stage / "_manifest.json").is_file(), f"{run / stage}: no _manifest.json"
 rows = json.loads((run / "synth/examples/_manifest.json").read_text())["num_rows"]
@@ -51,5 +54,5 @@ scores = json.loads((run / "eval/_manifest.json").read_text())["scores"]
 assert rows > 0 and {"base", "trained"} <= set(scores), (rows, list(scores))
 assert (run / "report.md").is_file() and (run / "report.html").is_file()
 ndcg = {m: round(s["DebianPackageRetrieval"]["ndcg_at_10"], 4) for m, s in scores.items()}
-print(f"check_local_job: SUCCEEDED; {rows} synthetic rows; nDCG@10 {ndcg}; outputs in {run}")
+print(f"check_local_job: SUCCEEDED; {rows} synthetic rows; nDCG@10 {ndcg}; {len(files(run))} files uploaded")
 PY

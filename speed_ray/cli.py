@@ -6,7 +6,8 @@
     speed-ray experiment CONFIG [key.sub=value ...]   train the config's variants, score them, write the section
     speed-ray doctor [CONFIG]                     what this machine offers, and what a run would use
 
-Exit codes: 0 done, 2 a user error (bad config, missing input), 1 anything else.
+Exit codes: 0 done, 2 something to fix on your side (bad config, missing input, full disk, unwritable
+folder), 1 anything else (a bug: the traceback shows where).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from speed_ray import storage
 from speed_ray.config import ConfigError, SpeedRayConfig, load_config, save_config
 from speed_ray.pipeline import STAGES, stage_module
 
@@ -60,8 +62,22 @@ def run_stages(cfg: SpeedRayConfig, stages: tuple[str, ...]) -> None:
             file=sys.stderr,
         )
     save_config(cfg, saved)
+    remote = f"{cfg.run.upload_to.rstrip('/')}/{cfg.run.name}" if cfg.run.upload_to else None
+    if remote:
+        try:  # missing credentials or a wrong bucket fail now, before any expensive work
+            storage.check_writable(remote)
+            storage.upload(saved, f"{remote}/config.yaml")
+        except OSError as e:
+            raise ConfigError(f"run.upload_to: cannot write to {remote}: {e}") from None
     for name in stages:
         stage_module(name).run(cfg)
+        if remote:
+            # A stage's folder; the report stage's pages and plots lie at the top of the run.
+            top = [p for p in cfg.run_dir.iterdir() if p.is_file()] if name == "report" else []
+            for path in [cfg.run_dir / name, *top]:
+                if path.exists():
+                    storage.upload(path, f"{remote}/{path.name}")
+            print(f"speed-ray: {name} uploaded to {remote}/", file=sys.stderr)
     print(f"report: {cfg.run_dir / 'report.md'}" if "report" in stages else f"run directory: {cfg.run_dir}")
 
 
@@ -87,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {cfg.run_dir / 'report.md'}")
             return 0
         run_stages(cfg, STAGES if args.command == "run" else (args.command,))
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, OSError) as e:
+        # Something to fix on the user's side: a config, a missing file, a full disk, a folder that
+        # cannot be written (the message names it). Exit 1 with a traceback is a bug in speed-ray.
         print(f"speed-ray: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -39,6 +39,9 @@ class RunSection:
     """Ray cluster to join (``auto``, ``ray://host:10001``); None starts a local Ray."""
     num_cpus: int | None = None
     """CPUs of the local Ray (None: all of this machine's). Ignored when joining a cluster."""
+    upload_to: str | None = None
+    """Object storage for the outputs (``s3://bucket/prefix``, ``gs://...``, ``file://...``): each stage
+    folder is copied to ``<upload_to>/<name>/`` as it finishes. Credentials from the environment."""
 
 
 @dataclass
@@ -424,6 +427,13 @@ class SpeedRayConfig:
     def validate(self) -> None:
         """Cross-field and file checks that need no Ray and no model."""
         _check_names(self)
+        if self.run.upload_to is not None:
+            from speed_ray.storage import check_uri
+
+            try:
+                check_uri(self.run.upload_to)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         _check_resources(self)
         _check_files(self)
 
@@ -446,10 +456,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 
 def save_config(cfg: SpeedRayConfig, path: Path) -> None:
+    from speed_ray.schemas import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -49,11 +49,20 @@ def where(address: str | None, num_cpus: int | None) -> dict:
     return {"address": address}
 
 
+def reachable_resources() -> dict[str, float]:
+    """What the cluster has, or on an autoscaling cluster (launcher, KubeRay) the most its autoscaler
+    may bring up: node groups that start at zero count at their maximum."""
+    import ray
+    from ray._private.state import state  # the same call Ray Data sizes its shuffles by
+
+    have = dict(ray.cluster_resources())
+    most = state.get_max_resources_from_cluster_config() or {}
+    return {k: max(have.get(k, 0), most.get(k, 0)) for k in set(have) | set(most)}
+
+
 def require_resources(what: str, cpus: float, gpus: float) -> None:
     """Fail at once when the cluster can never host ``what`` (rather than hang waiting for it)."""
-    import ray
-
-    have = ray.cluster_resources()
+    have = reachable_resources()
     if gpus > 0 and have.get("GPU", 0) < gpus:
         raise ConfigError(
             f"{what}: needs {gpus} GPU(s) but the Ray cluster has {have.get('GPU', 0)}; "

@@ -7,11 +7,12 @@ finished stage, and a folder without one is never read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,11 @@ def write_stage(
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    files = [write_shard(tmp / shard_name(i), table, schema) for i, table in enumerate(tables)]
+    try:
+        files = [write_shard(tmp / shard_name(i), table, schema) for i, table in enumerate(tables)]
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return write_manifest(out_dir, schema, files, extra, started)
@@ -152,10 +157,9 @@ def shard_name(index: int) -> str:
 
 def write_shard(path: Path, table: pa.Table, schema: pa.Schema) -> dict[str, Any]:
     """Write one shard whole or not at all (temp file, then rename); returns its manifest entry."""
-    tmp = path.with_name(path.name + ".tmp")
-    # zstd: small files, fast to read; one row group per shard, the shards are small.
-    pq.write_table(validate_table(table, schema, path.name), tmp, compression="zstd")
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        # zstd: small files, fast to read; one row group per shard, the shards are small.
+        pq.write_table(validate_table(table, schema, path.name), tmp, compression="zstd")
     return {"name": path.name, "num_rows": table.num_rows, "sha256": sha256_file(path)}
 
 
@@ -176,11 +180,22 @@ def write_manifest(
     return manifest
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """``path`` written whole or not at all (a temp file beside it, then a rename)."""
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temp path beside ``path`` to write to: renamed over ``path`` when the block ends, removed if
+    it fails (a full disk, a kill signal turned exception), so ``path`` is whole or untouched."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        yield tmp
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -77,3 +77,29 @@ def ray_session():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    """urllib would send 127.0.0.1 through an http_proxy from the environment."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def server():
+    """An OpenAI-compatible chat server on 127.0.0.1 (``tests.fakes.FakeServer``)."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from tests.fakes import FakeServer, Handler
+
+    fake = FakeServer()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.fake = fake  # type: ignore[attr-defined]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    fake.url = f"http://127.0.0.1:{httpd.server_port}/v1"
+    yield fake
+    httpd.shutdown()
+    httpd.server_close()

@@ -153,11 +153,14 @@ class OpenAIGenerator:
 
     def _generate_one(self, request: Request, sampling: Sampling) -> list[Completion]:
         reply = self._call(self._body(request, sampling))
-        if isinstance(reply, str):
-            self._count(failed=1)
-            logger.warning("%s: request with seed %d failed: %s", self.name, request.seed, reply)
-            return [Completion("", 0, 0, error=reply) for _ in range(sampling.n)]
-        return _completions(reply, sampling.n)
+        if not isinstance(reply, str):
+            try:
+                return _completions(reply, sampling.n)
+            except (AttributeError, TypeError, ValueError) as e:  # JSON, but not a chat completion
+                reply = f"bad response: not a chat completion ({type(e).__name__})"
+        self._count(failed=1)
+        logger.warning("%s: request with seed %d failed: %s", self.name, request.seed, reply)
+        return [Completion("", 0, 0, error=reply) for _ in range(sampling.n)]
 
     def _body(self, request: Request, sampling: Sampling) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -383,7 +383,8 @@ def load_state(model, optimizer, scheduler, folder: str) -> dict[str, Any]:
     if is_deepspeed(model):
         _, client = model.load_checkpoint(folder, tag="state")
         return client
-    saved = torch.load(os.path.join(folder, STATE), weights_only=False, map_location="cpu")
+    # weights_only: tensors, numbers, strings and containers only; a checkpoint cannot run code.
+    saved = torch.load(os.path.join(folder, STATE), weights_only=True, map_location="cpu")
     missing = unwrap(model).load_state_dict(saved.pop("model"), strict=False)
     assert not missing.unexpected_keys, missing.unexpected_keys
     optimizer.load_state_dict(saved.pop("optimizer"))

@@ -93,6 +93,7 @@ def test_dpo_two_workers_take_the_same_steps_as_one_process(tmp_path, tiny_llama
     assert not (cfg.run_dir / "ray" / "dpo-ddp").exists()  # Ray's checkpoint copies are removed
 
 
+@pytest.mark.faults
 def test_a_killed_training_worker_resumes_from_its_last_checkpoint(tmp_path, tiny_llama, ray_session):
     from speed_ray.ray_utils import train
 

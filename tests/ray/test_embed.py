@@ -150,6 +150,7 @@ def weights(folder):
     return SentenceTransformer(str(folder), device="cpu").state_dict()
 
 
+@pytest.mark.faults
 def test_a_killed_worker_resumes_and_matches_the_uninterrupted_run(
     tmp_path, tiny_bert, beir_tiny, ray_session
 ):

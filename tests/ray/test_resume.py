@@ -85,6 +85,7 @@ def kill_session(sid: int) -> None:
                 os.kill(int(stat.parent.name), signal.SIGKILL)
 
 
+@pytest.mark.faults
 def test_killed_synth_resumes_to_the_uninterrupted_result(tmp_path, model_cache):
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")

@@ -1,12 +1,14 @@
 """synth with every model call going to an OpenAI-compatible HTTP teacher (a fake server on
 127.0.0.1): brainstorm, examples, judge and reviser through Ray Data actor pools, failed calls kept as
-error rows that the counts show, the cost accounted, the API key nowhere in the run directory; and an
+error rows that the counts show, the cost accounted, the API key nowhere in the run directory or the
+Ray logs; and an
 unreachable teacher stopping the run at once with its URL."""
 
 from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 from speed_ray.cli import main
 from speed_ray.schemas import (
@@ -111,11 +113,15 @@ def test_synth_through_an_http_teacher(tmp_path, ray_session, capsys):
     assert f"teacher (HTTP) use: {calls} calls" in report and "45000 calls / 32000000 tokens" in report
     assert "![synthesis steps](synth.png)" in report and (tmp_path / "teacher" / "synth.png").is_file()
 
-    # the key reached the server, and no file of the run holds it
+    # the key reached the server, and no file of the run, no log of the Ray session (driver, actors,
+    # tasks, runtime env agent) and nothing printed holds it
     key = os.environ[TEST_API_KEY_ENV]
     assert teacher.auth == {f"Bearer {key}"}
-    for path in (tmp_path / "teacher").rglob("*"):
-        assert not path.is_file() or key.encode() not in path.read_bytes(), path
+    logs = Path(ray_session._private.worker._global_node.get_logs_dir_path())
+    searched = [p for root in (tmp_path / "teacher", logs) for p in root.rglob("*") if p.is_file()]
+    assert len([p for p in searched if p.is_relative_to(logs)]) > 10  # the workers' logs are there
+    for path in searched:
+        assert key.encode() not in path.read_bytes(), path
     assert key not in capsys.readouterr().err
 
 

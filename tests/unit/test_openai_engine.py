@@ -7,153 +7,20 @@ known. Usage: ``prompt_tokens`` = length of the last user message, ``completion_
 
 from __future__ import annotations
 
-import json
 import socket
-import threading
 import time
 import traceback
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from speed_ray.engines import Request, Sampling, build_generator
 from speed_ray.engines.openai_http import EngineUnreachable, OpenAIGenerator
+from tests.fakes import FakeServer, expected_text
 
 KEY = "sk-test-5ecret-value"
 
-
-@dataclass
-class FakeServer:
-    """Programmable behaviour plus a record of what the client sent."""
-
-    url: str = ""
-    fail_first: int = 0
-    """Answer the first K chat requests with ``fail_status``."""
-    fail_status: int = 500
-    status: int = 0
-    """When set, answer every request with this status and an error body echoing the auth header."""
-    sleep_s: float = 0.0
-    stagger: bool = False
-    """Sleep 20 ms x (seed % 3) more, so replies come back out of request order."""
-    choices: int | None = None
-    """Return this many choices instead of n."""
-    token_ids: bool = False
-    """Add vLLM-style per-choice ``token_ids`` (choice i gets i + 2 ids)."""
-    headers: list[dict[str, str]] = field(default_factory=list)
-    bodies: list[dict[str, Any]] = field(default_factory=list)
-    peak: int = 0
-    inflight: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def enter(self, headers: dict[str, str], body: dict[str, Any]) -> int:
-        with self.lock:
-            self.headers.append(headers)
-            self.bodies.append(body)
-            self.inflight += 1
-            self.peak = max(self.peak, self.inflight)
-            return len(self.bodies)
-
-    def leave(self) -> None:
-        with self.lock:
-            self.inflight -= 1
-
-    def reply(self, number: int, headers: dict[str, str], body: dict[str, Any]) -> tuple[int, Any, dict]:
-        if number <= self.fail_first:
-            extra = {"Retry-After": "0"} if self.fail_status == 429 else {}
-            return self.fail_status, {"error": "try again later"}, extra
-        if self.status:
-            return self.status, {"error": f"rejected {headers.get('Authorization')}"}, {}
-        return 200, completion(body, self.choices, self.token_ids), {}
-
-
-def completion(body: dict[str, Any], choices: int | None, token_ids: bool) -> dict[str, Any]:
-    last = body["messages"][-1]["content"]
-    n = body["n"] if choices is None else choices
-    out = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": expected_text(last, body["seed"], i)},
-            "finish_reason": "stop",
-        }
-        | ({"token_ids": list(range(i + 2))} if token_ids else {})
-        for i in range(n)
-    ]
-    usage = {
-        "prompt_tokens": len(last),
-        "completion_tokens": 3 * n + 1,
-        "total_tokens": len(last) + 3 * n + 1,
-    }
-    return {
-        "id": "cmpl-1",
-        "object": "chat.completion",
-        "model": body["model"],
-        "choices": out,
-        "usage": usage,
-    }
-
-
-def expected_text(content: str, seed: int, index: int) -> str:
-    return json.dumps({"echo": content, "seed": seed, "choice": index})
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: Any
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        fake = self.server.fake
-        if fake.status:
-            self.send(fake.status, {"error": "no"}, {})
-        else:
-            self.send(200, {"object": "list", "data": [{"id": "fake-model"}]}, {})
-
-    def do_POST(self) -> None:
-        fake = self.server.fake
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        headers = dict(self.headers)
-        number = fake.enter(headers, body)
-        try:
-            time.sleep(fake.sleep_s + (0.02 * (body["seed"] % 3) if fake.stagger else 0.0))
-            self.send(*fake.reply(number, headers, body))
-        finally:
-            fake.leave()
-
-    def send(self, status: int, payload: Any, headers: dict[str, str]) -> None:
-        data = json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client timed out and hung up
-
-
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch):
-    """urllib would send 127.0.0.1 through an http_proxy from the environment."""
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-
-
-@pytest.fixture
-def server():
-    fake = FakeServer()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.fake = fake  # type: ignore[attr-defined]
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    fake.url = f"http://127.0.0.1:{httpd.server_port}/v1"
-    yield fake
-    httpd.shutdown()
-    httpd.server_close()
+pytestmark = pytest.mark.usefixtures("no_proxy")
 
 
 def engine(server: FakeServer, **kwargs: Any) -> OpenAIGenerator:

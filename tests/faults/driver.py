@@ -1,0 +1,57 @@
+"""A synth generation step with the fake engine, as its own driver process, so a test can kill it:
+
+    python -m tests.faults.driver OUT_DIR ROWS SECONDS_PER_REQUEST
+
+Writes ``OUT_DIR/generations`` (shards of 10 rows, batches of 5, one actor)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tests.conftest import DEBIAN
+
+
+def example_rows(n: int) -> list[dict]:
+    from speed_ray import synthesis
+
+    tasks = [
+        {"id": f"t{i}", "topic": "A/B", "task_type": "retrieval", "kind": "retrieval"}
+        | {"task": f"Find package {i}.", "error": None}
+        for i in range(n)
+    ]
+    return synthesis.example_requests(tasks, seed=0, max_chars=100)
+
+
+def generate(out: Path, rows: int, generator, shard_rows: int = 10) -> dict:
+    from speed_ray import synthesis
+    from speed_ray.config import load_config
+    from speed_ray.pipeline.synth import generate_step, sampling_params
+    from speed_ray.schemas import GENERATIONS
+
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={out}",
+            "run.num_cpus=2",
+            f"synth.shard_rows={shard_rows}",
+            "synth.engine.batch_size=5",
+            f"eval.retrieval.path={DEBIAN / 'retrieval'}",
+        ],
+    )
+    return generate_step(
+        cfg,
+        cfg.synth.engine,
+        out / "generations",
+        GENERATIONS,
+        example_rows(rows),
+        sampling_params(32, 1.0, 1.0, 2),
+        synthesis.parse_generations,
+        generator=generator,
+    )
+
+
+if __name__ == "__main__":
+    from tests.fakes import FakeGenerator
+
+    generate(Path(sys.argv[1]), int(sys.argv[2]), FakeGenerator(seconds_per_request=float(sys.argv[3])))
