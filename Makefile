@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.speed-ray-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install quickstart test check test-job test-cluster test-slow test-gpu clean
+.PHONY: help install quickstart test check test-job test-cluster test-faults test-slow test-gpu clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -41,7 +41,10 @@ test-job: install  ## the quickstart as a Ray job: ray start --head, ray job sub
 	bash cluster/check_local_job.sh
 
 test-cluster: install  ## the synth stage on Ray's fake autoscaling cloud: GPU nodes from zero, one killed midway (runs ray stop --force)
-	$(VENV)/bin/pytest -q -m cluster tests/cluster
+	AUTOSCALING_REPORT=benchmarks/results/autoscaling.json $(VENV)/bin/pytest -q -m cluster tests/cluster
+
+test-faults: install  ## fault injection: killed actors/drivers/workers, damaged shards, full disk, teacher faults; figures to benchmarks/results/faults.json
+	FAULTS_REPORT=benchmarks/results/faults.json $(VENV)/bin/pytest -q -m faults
 
 test-slow: install  ## long tests: real SmolLM2 / MiniLM weights, synth killed and rerun
 	$(VENV)/bin/pytest -q -m slow

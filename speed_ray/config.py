@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -841,7 +842,14 @@ def _check_eval(ev: EvalConfig) -> None:
         raise ConfigError(f"eval.knn.k: expected at least 1, got {ev.knn.k}")
     if ev.layers and ev.knn.path is None:
         raise ConfigError("eval.layers: the layer analysis scores the kNN task; set eval.knn.path")
-    for i, spec in enumerate(ev.models):
+    for i, entry in enumerate(ev.models):
+        label, named, spec = entry.partition("=")
+        spec = spec if named else entry
+        if named and (not re.fullmatch(r"[A-Za-z0-9_.-]+", label) or set(label) == {"."}):
+            raise ConfigError(
+                f"eval.models[{i}]: label {label!r}: expected letters, digits, '.', '_' or '-' "
+                "(it names the model's result folder)"
+            )
         if _looks_like_path(spec) and not Path(spec).is_dir():
             raise ConfigError(f"eval.models[{i}]: model folder {spec} not found")
 

@@ -49,20 +49,39 @@ def where(address: str | None, num_cpus: int | None) -> dict:
     return {"address": address}
 
 
-def reachable_resources() -> dict[str, float]:
-    """What the cluster has, or on an autoscaling cluster (launcher, KubeRay) the most its autoscaler
-    may bring up: node groups that start at zero count at their maximum."""
+def reachable_resources() -> dict[str, float] | None:
+    """What the cluster has, or on an autoscaling cluster the most its autoscaler may bring up (node
+    groups that start at zero count at their maximum). None for a cluster this process joined whose
+    autoscaler does not publish its node groups (the v1 autoscaler of ``ray up``): it may still add
+    what is missing, so there is nothing to check against."""
     import ray
     from ray._private.state import state  # the same call Ray Data sizes its shuffles by
 
     have = dict(ray.cluster_resources())
-    most = state.get_max_resources_from_cluster_config() or {}
+    node = ray._private.worker._global_node
+    if node is not None and node.head:  # a local Ray this process started: what it has is all
+        return have
+    most = state.get_max_resources_from_cluster_config()  # autoscaler v2 (KubeRay) publishes its groups
+    if most is None:
+        return None
     return {k: max(have.get(k, 0), most.get(k, 0)) for k in set(have) | set(most)}
 
 
 def require_resources(what: str, cpus: float, gpus: float) -> None:
     """Fail at once when the cluster can never host ``what`` (rather than hang waiting for it)."""
     have = reachable_resources()
+    if have is None:
+        import ray
+
+        now = ray.cluster_resources()
+        if now.get("GPU", 0) < gpus or now.get("CPU", 0) < cpus:
+            from speed_ray.pipeline.common import log
+
+            log(
+                f"{what}: needs {gpus} GPU(s) and {cpus} CPUs per actor, the cluster has "
+                f"{now.get('GPU', 0)} and {now.get('CPU', 0)} now: waiting for its autoscaler to add nodes"
+            )
+        return
     if gpus > 0 and have.get("GPU", 0) < gpus:
         raise ConfigError(
             f"{what}: needs {gpus} GPU(s) but the Ray cluster has {have.get('GPU', 0)}; "

@@ -103,3 +103,36 @@ def server():
     yield fake
     httpd.shutdown()
     httpd.server_close()
+
+
+# Fault records: each fault test says what it injected and what came out; with FAULTS_REPORT=path
+# (make test-faults) the session's records are written there as JSON, the figures behind
+# docs/reliability.md.
+RECORDS: list[dict] = []
+
+
+@pytest.fixture
+def fault_record(request):
+    def record(fault: str, **figures) -> None:
+        RECORDS.append({"test": request.node.nodeid, "fault": fault, **figures})
+
+    return record
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("FAULTS_REPORT")
+    if path and RECORDS:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(
+            json.dumps({"exit_status": int(exitstatus), "records": RECORDS}, indent=2) + "\n"
+        )
+
+
+def rows_figures(expected: list, got: list) -> dict[str, int]:
+    """Rows expected and written, and how many were lost or written twice (by key)."""
+    return {
+        "rows_expected": len(expected),
+        "rows_written": len(got),
+        "rows_lost": len(set(expected) - set(got)),
+        "rows_duplicated": len(got) - len(set(got)),
+    }

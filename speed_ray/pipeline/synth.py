@@ -260,8 +260,13 @@ def engine_pool(
     init_ray(cfg)
     gpus = eng.num_gpus * eng.tensor_parallel_size
     require_resources(f"{eng.kind} engine {eng.model}", eng.num_cpus, gpus)
-    # [2] Ray Data reads the request shards on the workers: the driver never holds the inputs.
-    ds: Any = ray.data.read_parquet(request_files)
+    # [2] Ray Data reads the request files on the workers (the driver never holds the inputs) and
+    # cuts them, streaming, into blocks of one batch: a block goes to one actor, so small blocks let
+    # every actor of the pool work (the reader would hand a whole shard, or several, to one).
+    ds: Any = ray.data.read_parquet(request_files).repartition(target_num_rows_per_block=eng.batch_size)
+    # Outputs in input order: shards complete one after another, so the driver buffers about one
+    # shard's outputs at a time, however many rows stream through.
+    ds.context.execution_options.preserve_order = True
     # [3] The autoscaling engine pool, then parsing as plain tasks.
     ds = ds.map_batches(
         GenerateStage,

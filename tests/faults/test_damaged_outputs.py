@@ -10,12 +10,17 @@ import pytest
 from speed_ray.pipeline.common import step
 from speed_ray.schemas import read_stage, write_stage
 from speed_ray.shards import ShardedWriter, lay_out
+from tests.conftest import rows_figures
 from tests.unit.test_shards import IDS, INPUTS, SCHEMA, outputs, table
 
 pytestmark = pytest.mark.faults
 
 
-def test_a_damaged_shard_of_a_finished_generation_step_is_made_again_alone(tmp_path):
+def pairs(table) -> list[tuple[str, int]]:
+    return list(zip(table["id"].to_pylist(), table["sample"].to_pylist(), strict=True))
+
+
+def test_a_damaged_shard_of_a_finished_generation_step_is_made_again_alone(tmp_path, fault_record):
     out = tmp_path / "generations"
     asked: list[list[str]] = []
 
@@ -35,10 +40,13 @@ def test_a_damaged_shard_of_a_finished_generation_step_is_made_again_alone(tmp_p
     again = step(out, "synth/generations", build)
     assert asked == [IDS, ["r3", "r4", "r5"]]  # only the damaged shard's rows went to the engine
     assert path.read_bytes() == good and again["files"] == first["files"]
-    assert read_stage(out, SCHEMA)["id"].to_pylist() == [i for i in IDS for _ in range(2)]
+    got = read_stage(out, SCHEMA)
+    figures = rows_figures([(i, k) for i in IDS for k in range(2)], pairs(got))
+    fault_record("a finished step's shard truncated", rows_sent_again=len(asked[1]), **figures)
+    assert got["id"].to_pylist() == [i for i in IDS for _ in range(2)]
 
 
-def test_a_missing_file_of_a_finished_whole_stage_step_redoes_the_step(tmp_path):
+def test_a_missing_file_of_a_finished_whole_stage_step_redoes_the_step(tmp_path, fault_record):
     out = tmp_path / "drafts"
     rows = table(outputs(IDS)).drop_columns(["shard"])
     builds = []
@@ -51,4 +59,7 @@ def test_a_missing_file_of_a_finished_whole_stage_step_redoes_the_step(tmp_path)
     (out / "shard_00001.parquet").unlink()
     again = step(out, "synth/drafts", build)
     assert len(builds) == 2 and again["files"] == first["files"]
-    assert read_stage(out, SCHEMA).equals(rows)
+    got = read_stage(out, SCHEMA)
+    figures = rows_figures(pairs(rows), pairs(got))
+    fault_record("a finished step's shard deleted", **figures)
+    assert got.equals(rows)

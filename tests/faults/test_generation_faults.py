@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from speed_ray.schemas import GENERATIONS, MANIFEST, read_stage
+from tests.conftest import rows_figures
 from tests.fakes import DiesOnce, FakeGenerator
 from tests.faults.driver import generate
 from tests.ray.test_resume import kill_session
@@ -36,19 +37,24 @@ def uninterrupted(tmp_path_factory, ray_session):
     return rows_of(out / "generations")
 
 
+def keys(table) -> list[tuple[str, int]]:
+    return list(zip(table["id"].to_pylist(), table["sample"].to_pylist(), strict=True))
+
+
 def test_a_generation_actor_killed_mid_batch_is_replaced_and_no_row_is_lost(
-    tmp_path, ray_session, uninterrupted
+    tmp_path, ray_session, uninterrupted, fault_record
 ):
     marker = tmp_path / "died"
     generate(tmp_path, ROWS, DiesOnce(str(marker), die_at=3))
     assert marker.is_file()  # the actor process did exit mid-batch
     got = rows_of(tmp_path / "generations")
-    ids = list(zip(got["id"].to_pylist(), got["sample"].to_pylist(), strict=True))
-    assert len(ids) == len(set(ids)) == 2 * ROWS
+    figures = rows_figures(keys(uninterrupted), keys(got))
+    fault_record("generation actor exits mid-batch (Ray Data replaces it)", reruns=0, **figures)
+    assert figures["rows_written"] == 2 * ROWS and figures["rows_duplicated"] == 0
     assert got.equals(uninterrupted)
 
 
-def test_a_killed_driver_reruns_to_the_uninterrupted_rows(tmp_path, uninterrupted):
+def test_a_killed_driver_reruns_to_the_uninterrupted_rows(tmp_path, uninterrupted, fault_record):
     cmd = [sys.executable, "-m", "tests.faults.driver", str(tmp_path), str(ROWS), "0.05"]
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.DEVNULL, start_new_session=True)
     gens = tmp_path / "generations"
@@ -69,5 +75,9 @@ def test_a_killed_driver_reruns_to_the_uninterrupted_rows(tmp_path, uninterrupte
     for name, data in kept.items():
         assert (gens / name).read_bytes() == data, name  # finished shards untouched
     got = rows_of(gens)
+    figures = rows_figures(keys(uninterrupted), keys(got))
+    fault_record(
+        "driver SIGKILL mid-step, then the same command again", reruns=1, shards_kept=len(kept), **figures
+    )
     assert got.equals(uninterrupted)
     assert sum(pq.read_metadata(p).num_rows for p in gens.glob("shard_*.parquet")) == 2 * ROWS

@@ -94,7 +94,9 @@ def test_dpo_two_workers_take_the_same_steps_as_one_process(tmp_path, tiny_llama
 
 
 @pytest.mark.faults
-def test_a_killed_training_worker_resumes_from_its_last_checkpoint(tmp_path, tiny_llama, ray_session):
+def test_a_killed_training_worker_resumes_from_its_last_checkpoint(
+    tmp_path, tiny_llama, ray_session, fault_record
+):
     from speed_ray.ray_utils import train
 
     rows = [
@@ -143,6 +145,12 @@ def test_a_killed_training_worker_resumes_from_its_last_checkpoint(tmp_path, tin
     assert metrics["steps"] == steps
     assert [h["step"] for h in metrics["history"]] == list(range(1, steps + 1))
     assert (tmp_path / "model" / "config.json").is_file()
+    fault_record(
+        "SFT training worker SIGKILL mid-run (Ray Train restarts the group)",
+        resumed_from_step=metrics["resumed_from_step"],
+        steps=steps,
+        steps_logged_once=[h["step"] for h in metrics["history"]] == list(range(1, steps + 1)),
+    )
 
 
 def run_single(tmp_path: Path, model: str, name: str, **kw) -> list[dict]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from speed_ray.schemas import EXAMPLES, GENERATIONS, MANIFEST, TASKS, read_manifest, read_stage
+from tests.conftest import rows_figures
 
 # Three synth runs with vLLM start-ups (about 5.5 minutes on 2 CPUs): `make test-slow` runs it, so the
 # default suite stays under 20 minutes.
@@ -86,7 +87,7 @@ def kill_session(sid: int) -> None:
 
 
 @pytest.mark.faults
-def test_killed_synth_resumes_to_the_uninterrupted_result(tmp_path, model_cache):
+def test_killed_synth_resumes_to_the_uninterrupted_result(tmp_path, model_cache, fault_record):
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
     cmd = lambda name: [c if c != "-" else str(config) for c in synth_cmd(tmp_path, name)]  # noqa: E731
@@ -112,3 +113,12 @@ def test_killed_synth_resumes_to_the_uninterrupted_result(tmp_path, model_cache)
             whole.sort_by([(k, "ascending") for k in keys])
         ), step
     assert read_stage(gens, GENERATIONS).num_rows > 0
+    whole, resumed = (
+        read_stage(tmp_path / r / "synth/generations", GENERATIONS) for r in ("whole", "resumed")
+    )
+    pairs = [list(zip(t["id"].to_pylist(), t["sample"].to_pylist(), strict=True)) for t in (whole, resumed)]
+    fault_record(
+        "synth driver SIGKILL mid-step, real vLLM (SmolLM2), every step compared",
+        shards_kept=len(killed),
+        **rows_figures(*pairs),
+    )

@@ -40,6 +40,8 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
     ("text", "overrides", "message"),
     [
         ("synth:\n  enigne: {}\n", [], "synth.enigne: unknown key"),
+        ("", ['eval.models=["../../etc=base"]'], "eval.models[0]: label '../../etc': expected letters"),
+        ("", ["run.name=../elsewhere"], "run.name: expected a plain folder name"),
         ("", ["synth.sampling.max_tokens=lots"], "synth.sampling.max_tokens: expected int, got 'lots'"),
         ("", ["embed.resources.use_gpu=3"], "embed.resources.use_gpu: expected bool, got 3"),
         ("synth:\n  mix: {poetry: 1}\n", [], "synth.mix.poetry: unknown task type"),

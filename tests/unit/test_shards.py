@@ -47,7 +47,7 @@ def test_lay_out_writes_the_call_rows_with_their_shard_and_keeps_ready_rows_in_m
     layout = lay_out(tmp_path / "step", iter(INPUTS), 3, ready=lambda r: r["kind"] == "sts")
     assert layout.sizes == [3, 3, 1] and layout.done == set()
     assert [p.split("/")[-1] for p in layout.request_files] == [
-        "shard_00000.parquet",
+        "shard_00000.parquet",  # r0 r2 (r1 is ready)
         "shard_00001.parquet",
         "shard_00002.parquet",
     ]
