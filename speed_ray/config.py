@@ -843,15 +843,15 @@ def _check_eval(ev: EvalConfig) -> None:
     if ev.layers and ev.knn.path is None:
         raise ConfigError("eval.layers: the layer analysis scores the kNN task; set eval.knn.path")
     for i, entry in enumerate(ev.models):
-        label, named, spec = entry.partition("=")
-        spec = spec if named else entry
+        label, named, _ = entry.partition("=")
         if named and (not re.fullmatch(r"[A-Za-z0-9_.-]+", label) or set(label) == {"."}):
             raise ConfigError(
                 f"eval.models[{i}]: label {label!r}: expected letters, digits, '.', '_' or '-' "
                 "(it names the model's result folder)"
             )
-        if _looks_like_path(spec) and not Path(spec).is_dir():
-            raise ConfigError(f"eval.models[{i}]: model folder {spec} not found")
+        # A labelled folder may be one an experiment trains first: only bare paths must exist now.
+        if _looks_like_path(entry) and not Path(entry).is_dir():
+            raise ConfigError(f"eval.models[{i}]: model folder {entry} not found")
 
 
 def _looks_like_path(spec: str) -> bool:

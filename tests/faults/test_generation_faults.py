@@ -54,6 +54,7 @@ def test_a_generation_actor_killed_mid_batch_is_replaced_and_no_row_is_lost(
     assert got.equals(uninterrupted)
 
 
+@pytest.mark.slow  # about a minute; make test-faults runs it
 def test_a_killed_driver_reruns_to_the_uninterrupted_rows(tmp_path, uninterrupted, fault_record):
     cmd = [sys.executable, "-m", "tests.faults.driver", str(tmp_path), str(ROWS), "0.05"]
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.DEVNULL, start_new_session=True)
