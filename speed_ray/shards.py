@@ -79,9 +79,9 @@ def lay_out(
         layout.sizes.append(len(chunk))
         if s in layout.done:
             continue
-        chunk = [r | {"shard": s} for r in chunk]
-        layout.ready += [r for r in chunk if ready is not None and ready(r)]
-        calls = [r for r in chunk if ready is None or not ready(r)]
+        calls: list[dict[str, Any]] = []
+        for r in chunk:  # ``ready`` is asked once per row
+            (layout.ready if ready is not None and ready(r) else calls).append(r | {"shard": s})
         if calls:
             path = requests / shard_name(s)
             pq.write_table(pa.Table.from_pylist(calls), path)
@@ -112,7 +112,7 @@ def finished_shards(out_dir: Path) -> set[int]:
     written. Any other shard file (truncated, corrupted, or written without its record) is removed."""
     done = set()
     for path in sorted(out_dir.glob("shard_*.parquet")):
-        record = out_dir / DONE / (path.stem + ".json")
+        record = record_path(out_dir, path)
         ok = record.is_file() and json.loads(record.read_text())["sha256"] == sha256_file(path)
         if ok:
             done.add(int(path.stem.split("_")[1]))
@@ -120,6 +120,11 @@ def finished_shards(out_dir: Path) -> set[int]:
             log(f"{out_dir.name}: {path.name} does not match its recorded checksum; generating it again")
             path.unlink()
     return done
+
+
+def record_path(out_dir: Path, shard: Path) -> Path:
+    """Where a written shard's record (rows, SHA-256, accounting) lies."""
+    return out_dir / DONE / (shard.stem + ".json")
 
 
 class ShardedWriter:
@@ -157,7 +162,7 @@ class ShardedWriter:
         table = pa.Table.from_pylist(rows, schema=self.schema)
         path = self.out_dir / shard_name(s)
         entry = write_shard(path, table, self.schema) | accounting(table)
-        write_json_atomic(self.out_dir / DONE / (path.stem + ".json"), entry)
+        write_json_atomic(record_path(self.out_dir, path), entry)
         self.done.add(s)
         self.written_now += len(rows)
         log(f"{self.out_dir.name}: shard {s + 1}/{len(self.sizes)} written ({len(self.done)} done)")
@@ -173,8 +178,10 @@ class ShardedWriter:
                 f"{self.out_dir.name}: the engine returned no output for some rows of shards {missing[:5]} "
                 f"(outputs so far: {short}); rerun to retry them, finished shards are kept"
             )
-        done = self.out_dir / DONE
-        files = [json.loads((done / f"shard_{s:05d}.json").read_text()) for s in range(len(self.sizes))]
+        files = [
+            json.loads(record_path(self.out_dir, self.out_dir / shard_name(s)).read_text())
+            for s in range(len(self.sizes))
+        ]
         elapsed = max(time.time() - started, 1e-9)
         accounting = totals(files, prices) | {"rows_per_s": round(self.written_now / elapsed, 2)}
         manifest = write_manifest(
