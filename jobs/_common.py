@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from speed_ray import logs
+from speed_ray.cli import parse_args
 from speed_ray.config import SpeedRayConfig, load_config
 
 
@@ -11,5 +13,7 @@ def parse_config(description: str) -> SpeedRayConfig:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = p.parse_args()
+    logs.add_flags(p)  # -v / -q, as for the CLI
+    args = parse_args(p)
+    logs.configure(args.log_level)
     return load_config(args.config, args.overrides)

@@ -6,6 +6,9 @@
     speed-ray experiment CONFIG [key.sub=value ...]   train the config's variants, score them, write the section
     speed-ray doctor [CONFIG]                     what this machine offers, and what a run would use
 
+-v/--verbose (debug lines) or -q/--quiet (warnings and errors only, no progress bars), before or after
+the subcommand. Status lines and bars go to stderr; stdout gets the report path (doctor: its report).
+
 Exit codes: 0 done, 2 something to fix on your side (bad config, missing input, full disk, unwritable
 folder), 1 anything else (a bug: the traceback shows where).
 """
@@ -13,11 +16,12 @@ folder), 1 anything else (a bug: the traceback shows where).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
-from speed_ray import storage
+from speed_ray import logs, storage
 from speed_ray.config import ConfigError, SpeedRayConfig, load_config, save_config
 from speed_ray.pipeline import STAGES, stage_module
 
@@ -25,24 +29,43 @@ from speed_ray.pipeline import STAGES, stage_module
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
+logger = logging.getLogger(__name__)
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="speed-ray", description="SPEED synthetic data and embedding training on Ray."
     )
+    logs.add_flags(p)
+    # The same flags after the subcommand; SUPPRESS keeps a flag given before it.
+    flags = argparse.ArgumentParser(add_help=False)
+    logs.add_flags(flags, default=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("run", *STAGES):
         help_ = "run every stage in order" if name == "run" else f"run the {name} stage"
-        s = sub.add_parser(name, help=help_)
+        s = sub.add_parser(name, help=help_, parents=[flags])
         s.add_argument("config", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    e = sub.add_parser("experiment", help="train an experiment's variants, score them side by side")
+    e = sub.add_parser(
+        "experiment", help="train an experiment's variants, score them side by side", parents=[flags]
+    )
     e.add_argument("config", help="YAML config with an experiment section")
     e.add_argument("overrides", nargs="*", help="key.sub=value overrides (applied to every variant)")
-    d = sub.add_parser("doctor", help="what this machine offers and what a run would use")
+    d = sub.add_parser("doctor", help="what this machine offers and what a run would use", parents=[flags])
     d.add_argument("config", nargs="?", help="optional YAML config to resolve")
     d.add_argument("overrides", nargs="*")
     return p
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args``, but overrides may also follow a flag (``embed x.yaml -q embed.steps=3``):
+    argparse ends a ``nargs="*"`` positional at the first flag and would reject what comes after."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def _differs(saved, cfg: SpeedRayConfig) -> bool:
@@ -56,10 +79,9 @@ def run_stages(cfg: SpeedRayConfig, stages: tuple[str, ...]) -> None:
     saved = cfg.run_dir / "config.yaml"
     if saved.is_file() and _differs(saved, cfg):
         # Finished steps are still skipped: say so, since their outputs came from the older config.
-        print(
-            f"speed-ray: note: {saved} differs from this config; finished steps keep their outputs "
-            "(delete a step's folder, or use a new run.name, to redo it)",
-            file=sys.stderr,
+        logger.warning(
+            f"note: {saved} differs from this config; finished steps keep their outputs "
+            "(delete a step's folder, or use a new run.name, to redo it)"
         )
     save_config(cfg, saved)
     remote = f"{cfg.run.upload_to.rstrip('/')}/{cfg.run.name}" if cfg.run.upload_to else None
@@ -77,12 +99,13 @@ def run_stages(cfg: SpeedRayConfig, stages: tuple[str, ...]) -> None:
             for path in [cfg.run_dir / name, *top]:
                 if path.exists():
                     storage.upload(path, f"{remote}/{path.name}")
-            print(f"speed-ray: {name} uploaded to {remote}/", file=sys.stderr)
+            logger.info(f"{name}: uploaded to {remote}/")
     print(f"report: {cfg.run_dir / 'report.md'}" if "report" in stages else f"run directory: {cfg.run_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(_parser(), argv)
+    logs.configure(args.log_level)
     try:
         if args.command == "doctor":
             from speed_ray.doctor import doctor

@@ -317,13 +317,17 @@ def evaluate(model: Any, task: Any, results_dir: Path, batch_size: int) -> dict[
     import mteb
     from mteb.cache import ResultCache
 
+    from speed_ray.logs import bars
+
     result = mteb.evaluate(
         model,
         tasks=[task],
         cache=ResultCache(cache_path=results_dir),
         overwrite_strategy="always",
-        encode_kwargs={"batch_size": batch_size},
-        show_progress_bar=True,
+        # A bar with an ETA per encoding pass (sentence-transformers' encode; mteb passes it on), none
+        # at -q; mteb's own bar would count the one task.
+        encode_kwargs={"batch_size": batch_size, "show_progress_bar": bars()},
+        show_progress_bar=False,
     )
     split = task.metadata.eval_splits[0]
     scores = result.task_results[0].scores[split][0]

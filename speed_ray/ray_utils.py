@@ -6,12 +6,16 @@ A vLLM pool that asks for GPUs on a cluster without them waits forever instead o
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from speed_ray import logs
 from speed_ray.config import ConfigError, SpeedRayConfig, TrainResources
+
+logger = logging.getLogger(__name__)
 
 # Every Ray worker runs offline: weights come from local folders, never from a hub.
 WORKER_ENV = {
@@ -19,6 +23,11 @@ WORKER_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # Ray Train sends a worker's print() to its logger and, since Ray replaces a worker's sys.stdout,
+    # to stdout as well: each printed line would reach the driver twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # Hugging Face's loading and saving bars in a worker reach the driver as one line once they end.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 
@@ -30,13 +39,16 @@ def init_ray(cfg: SpeedRayConfig) -> None:
     env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
     if "SPEED_RAY_CACHE" in os.environ:
         env["SPEED_RAY_CACHE"] = os.environ["SPEED_RAY_CACHE"]
+    env[logs.LEVEL_ENV] = logging.getLevelName(logs.level())
     ray.init(
         **where(cfg.run.ray_address, cfg.run.num_cpus),
-        runtime_env={"env_vars": env},
+        # Every worker process logs speed_ray lines like the driver, and Ray's known repeaters once.
+        runtime_env={"env_vars": env, "worker_process_setup_hook": logs.setup_ray_worker},
         include_dashboard=False,
-        log_to_driver=True,
+        log_to_driver=True,  # the workers' lines and progress bars (tqdm_ray) show on the driver
+        logging_level=max(logs.level(), logging.INFO),  # Ray's own driver lines: INFO, -q: WARNING
     )
-    ray.data.DataContext.get_current().enable_progress_bars = True
+    ray.data.DataContext.get_current().enable_progress_bars = logs.bars()
 
 
 def where(address: str | None, num_cpus: int | None) -> dict:
@@ -75,9 +87,7 @@ def require_resources(what: str, cpus: float, gpus: float) -> None:
 
         now = ray.cluster_resources()
         if now.get("GPU", 0) < gpus or now.get("CPU", 0) < cpus:
-            from speed_ray.pipeline.common import log
-
-            log(
+            logger.warning(
                 f"{what}: needs {gpus} GPU(s) and {cpus} CPUs per actor, the cluster has "
                 f"{now.get('GPU', 0)} and {now.get('CPU', 0)} now: waiting for its autoscaler to add nodes"
             )
@@ -112,7 +122,7 @@ def train(
     import shutil
 
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # [1] Ray: the worker group must fit the cluster, or fail now.
@@ -132,6 +142,8 @@ def train(
             storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=max_failures),
+            # Ray Train v2's RunConfig (the one ray.train exports); mypy reads v1's, which lacks it.
+            logging_config=LoggingConfig(log_level=logs.library_level()),  # type: ignore[call-arg]
         ),
         datasets={"train": ray.data.from_arrow(dataset)} if dataset is not None else None,
     )

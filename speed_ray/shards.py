@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import shutil
 import time
 from collections import defaultdict
@@ -32,8 +33,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from speed_ray.pipeline.common import log
 from speed_ray.schemas import sha256_file, shard_name, write_json_atomic, write_manifest, write_shard
+
+logger = logging.getLogger(__name__)
 
 PLAN = "_plan.json"
 REQUESTS = "_requests"
@@ -117,7 +119,9 @@ def finished_shards(out_dir: Path) -> set[int]:
         if ok:
             done.add(int(path.stem.split("_")[1]))
         else:
-            log(f"{out_dir.name}: {path.name} does not match its recorded checksum; generating it again")
+            logger.warning(
+                f"{out_dir.name}: {path.name} does not match its recorded checksum; generating it again"
+            )
             path.unlink()
     return done
 
@@ -165,7 +169,7 @@ class ShardedWriter:
         write_json_atomic(record_path(self.out_dir, path), entry)
         self.done.add(s)
         self.written_now += len(rows)
-        log(f"{self.out_dir.name}: shard {s + 1}/{len(self.sizes)} written ({len(self.done)} done)")
+        logger.info(f"{self.out_dir.name}: shard {s + 1}/{len(self.sizes)} written ({len(self.done)} done)")
 
     def finish(self, extra: dict[str, Any], started: float, prices: tuple[float, float] = (0, 0)) -> dict:
         """Check that every shard is written, then write the manifest with per-shard accounting and

@@ -4,6 +4,7 @@ from the Debian retrieval set, and one local Ray per session."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -23,6 +24,17 @@ os.environ[TEST_API_KEY_ENV] = "sk-test-d0-not-leak-7f3a"
 
 REPO = Path(__file__).resolve().parents[1]
 DEBIAN = REPO.parent / "shared" / "data" / "debian"
+
+
+@pytest.fixture(autouse=True)
+def _speed_ray_logger():
+    """``cli.main`` sets up the ``speed_ray`` logger for its process (a handler, a level, no propagation
+    to the root logger, where ``caplog`` listens); each test gets it back as it found it."""
+    logger = logging.getLogger("speed_ray")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.propagate = saved[0], saved[2]
+    logger.setLevel(saved[1])
 
 
 @pytest.fixture(scope="session")

@@ -23,13 +23,14 @@ The senior and revisor folders load in vLLM; synth uses them as ``run:align/seni
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from speed_ray import synthesis
 from speed_ray.config import AlignTrainConfig, ConfigError, SpeedRayConfig
-from speed_ray.pipeline.common import log, step
+from speed_ray.pipeline.common import step
 from speed_ray.pipeline.synth import generate_step, sampling_params
 from speed_ray.schemas import (
     GENERATIONS,
@@ -42,6 +43,8 @@ from speed_ray.schemas import (
     write_stage,
 )
 
+logger = logging.getLogger(__name__)
+
 # SPEED §4.5: teacher calls behind each trained model (seed data, judgments, revisions).
 PAPER_CALLS = {"seed": 25_000, "judgments": 10_000, "revisions": 10_000}
 
@@ -49,7 +52,7 @@ PAPER_CALLS = {"seed": 25_000, "judgments": 10_000, "revisions": 10_000}
 def run(cfg: SpeedRayConfig) -> dict:
     ac, out = cfg.align, cfg.run_dir / "align"
     if not ac.enabled:
-        log("align: align.enabled is false, skipped")
+        logger.info("align: align.enabled is false, skipped")
         return {}
     m: dict[str, Any] = {}
     m |= seed_steps(cfg, out)
@@ -92,7 +95,7 @@ def seed_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    log(f"align: {len(topics)} topics, teacher {ac.teacher.kind}:{ac.teacher.model}, base {ac.model}")
+    logger.info(f"align: {len(topics)} topics, teacher {ac.teacher.kind}:{ac.teacher.model}, base {ac.model}")
 
     def tasks() -> dict:
         rows = synthesis.task_requests(topics, sc.mix, seed, sc.sampling.max_field_chars)
@@ -335,7 +338,7 @@ def train_step(cfg: SpeedRayConfig, name: str, out: Path) -> dict:
     (target / "README.md").write_text(model_card(cfg, name, manifest))
     write_json_atomic(target / "_manifest.json", manifest)
     losses = [round(h["loss"], 4) for h in manifest["history"]]
-    log(f"align/{name}: {manifest['steps']} steps on {len(rows)} rows, losses {losses}")
+    logger.info(f"align/{name}: {manifest['steps']} steps on {len(rows)} rows, losses {losses}")
     return manifest
 
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from speed_ray.schemas import MANIFEST, read_manifest, sha256_file
 
+logger = logging.getLogger(__name__)
 
-def log(msg: str) -> None:
-    print(f"[speed-ray {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+def log(msg: str, level: int = logging.INFO) -> None:
+    """A status line of ``step`` (the modules log to their own ``logging.getLogger(__name__)``)."""
+    logger.log(level, msg, stacklevel=2)
 
 
 def step(out_dir: Path, name: str, build: Callable[[], dict]) -> dict:

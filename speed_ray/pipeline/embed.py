@@ -8,6 +8,7 @@ saved), with ``_manifest.json`` and ``metrics.jsonl`` (one line per step).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -16,8 +17,10 @@ from typing import Any
 
 from speed_ray.config import ConfigError, SpeedRayConfig, embed_finetune
 from speed_ray.models import resolve_model
-from speed_ray.pipeline.common import log, step
+from speed_ray.pipeline.common import step
 from speed_ray.schemas import EXAMPLES, read_stage, write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 
 def run(cfg: SpeedRayConfig) -> dict:
@@ -46,7 +49,7 @@ def training_data(cfg: SpeedRayConfig):
             for r in table.select(["instruction", "query", "positive", "negative"]).to_pylist()
         ]
         kept = nested_sample(rows, d.max_rows, cfg.run.seed)
-        log(f"embed: {len(kept)} of {len(rows)} synthetic rows from {examples}")
+        logger.info(f"embed: {len(kept)} of {len(rows)} synthetic rows from {examples}")
         return Rows(kept), {"source": "synth", "path": str(examples), "rows_available": len(rows)}
     if d.source == "pairs":
         rows = [
@@ -69,10 +72,10 @@ def training_data(cfg: SpeedRayConfig):
         test = holdout_ids([doc["id"] for doc in docs], d.holdout_fraction, d.holdout_seed)
         docs = [doc for doc in docs if doc["id"] not in test]
         held_out = len(test)
-        log(f"embed: {held_out} documents held out ({d.holdout_fraction:.0%}, seed {d.holdout_seed})")
+        logger.info(f"embed: {held_out} documents held out ({d.holdout_fraction:.0%}, seed {d.holdout_seed})")
     pairs, skipped = build_pairs(docs, d.pair_mode, rule, seed=cfg.run.seed)
     reasons = Counter(s["reason"] for s in skipped)
-    log(
+    logger.info(
         f"embed: {len(docs)} documents -> {len(pairs)} {d.pair_mode} pairs per epoch (drawn anew each "
         f"epoch); {len(skipped)} documents too short for a pair: {dict(reasons)}"
     )
@@ -152,7 +155,7 @@ def _train(cfg: SpeedRayConfig) -> dict:
     }
     (out / "README.md").write_text(model_card(cfg, manifest))
     write_json_atomic(out / "_manifest.json", manifest)
-    log(f"embed: losses {[round(h['loss'], 4) for h in history]}")
+    logger.info(f"embed: losses {[round(h['loss'], 4) for h in history]}")
     return manifest
 
 

@@ -12,6 +12,7 @@ and task, and ``<run>/eval/layers.png`` with the layer analysis.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from speed_ray.config import SpeedRayConfig
-from speed_ray.pipeline.common import log, step
+from speed_ray.pipeline.common import step
 from speed_ray.schemas import write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 BASELINES = ("tfidf", "bm25")
 
@@ -100,7 +103,7 @@ def _bind(fn: Callable, *args: Any) -> Callable[[], Any]:
 def _checked(folder: Path, verify: Callable[[Path], list[str]]) -> None:
     checked = verify(folder)
     if checked:
-        log(f"eval: {folder}: {len(checked)} files match SHA256SUMS")
+        logger.info(f"eval: {folder}: {len(checked)} files match SHA256SUMS")
 
 
 def parse_model(entry: str) -> tuple[str, str]:
@@ -151,7 +154,7 @@ def _evaluate(cfg: SpeedRayConfig, out: Path) -> dict:
     started = time.time()
     specs = task_specs(cfg)
     models = [parse_model(m) for m in ev.models]
-    log(f"eval: {len(models)} models x {len(specs)} tasks: {', '.join(s.name for s in specs)}")
+    logger.info(f"eval: {len(models)} models x {len(specs)} tasks: {', '.join(s.name for s in specs)}")
     cache_root = cache_dir() / "embeddings" if ev.cache else None
     scores: dict[str, dict[str, Any]] = {}
     layers: dict[str, dict[str, float]] = {}
@@ -162,7 +165,7 @@ def _evaluate(cfg: SpeedRayConfig, out: Path) -> dict:
         encoder = None if st is None else as_mteb_model(st, label, cache_root)
         for ts in specs:
             if spec == "bm25" and ts.kind != "retrieval" or spec == "tfidf" and ts.texts is None:
-                log(f"eval: {label}: {ts.name}: skipped ({spec} scores no {ts.kind} task)")
+                logger.info(f"eval: {label}: {ts.name}: skipped ({spec} scores no {ts.kind} task)")
                 continue
             t1 = time.time()
             if spec == "bm25":
@@ -183,7 +186,7 @@ def _evaluate(cfg: SpeedRayConfig, out: Path) -> dict:
                 ) from e
             s["seconds"] = round(time.time() - t1, 1)
             scores[label][ts.name] = s
-            log(
+            logger.info(
                 f"eval: {label}: {ts.name}: {task.metadata.main_score} {s['main_score']:.4f} ({s['seconds']:.0f}s)"
             )
         if ev.layers and st is not None:
@@ -192,8 +195,10 @@ def _evaluate(cfg: SpeedRayConfig, out: Path) -> dict:
             knn = next(ts for ts in specs if ts.kind == "knn")
             assert knn.texts is not None
             layers[label] = layer_scores(st, knn.build, knn.texts(), out, ev.batch_size)
-            log(f"eval: {label}: layers: " + ", ".join(f"{k} {v:.3f}" for k, v in layers[label].items()))
-        log(f"eval: {label} done in {time.time() - t0:.0f}s")
+            logger.info(
+                f"eval: {label}: layers: " + ", ".join(f"{k} {v:.3f}" for k, v in layers[label].items())
+            )
+        logger.info(f"eval: {label} done in {time.time() - t0:.0f}s")
     manifest = {
         "tasks": {s.name: s.kind for s in specs},
         "models": dict(models),

@@ -11,6 +11,7 @@ and settings make it once; every eval is an ordinary eval stage. Produces
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -18,8 +19,9 @@ from typing import Any
 
 from speed_ray.config import ConfigError, SpeedRayConfig, load_config, save_config
 from speed_ray.html import write_report
-from speed_ray.pipeline.common import log
 from speed_ray.schemas import write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 
 def configs(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> tuple[dict, dict, dict]:
@@ -94,22 +96,24 @@ def run(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> dict[str, Any]:
     started = time.time()
     ex = cfg.experiment
     prepare, variants, evals = configs(cfg, path, overrides)
-    log(
+    logger.info(
         f"experiment {cfg.run.name}: {len(prepare)} shared runs, {len(variants)} variants, {len(evals)} evals"
     )
     for i, (name, (pcfg, stages)) in enumerate(prepare.items(), 1):
-        log(f"experiment: shared run {i}/{len(prepare)}: {name}, {' + '.join(stages)} ({pcfg.run_dir})")
+        logger.info(
+            f"experiment: shared run {i}/{len(prepare)}: {name}, {' + '.join(stages)} ({pcfg.run_dir})"
+        )
         save_config(pcfg, pcfg.run_dir / "config.yaml")
         for stage in stages:
             stage_module(stage).run(pcfg)
     trained = {}
     for i, (name, vcfg) in enumerate(variants.items(), 1):
-        log(f"experiment: variant {i}/{len(variants)}: {name} ({vcfg.run_dir})")
+        logger.info(f"experiment: variant {i}/{len(variants)}: {name} ({vcfg.run_dir})")
         save_config(vcfg, vcfg.run_dir / "config.yaml")
         trained[name] = embed.run(vcfg)
     scores = {}
     for name, ecfg in evals.items():
-        log(f"experiment: eval {name}: {', '.join(ecfg.eval.models)}")
+        logger.info(f"experiment: eval {name}: {', '.join(ecfg.eval.models)}")
         save_config(ecfg, ecfg.run_dir / "config.yaml")
         scores[name] = evaluate.run(ecfg)
     curves, curve_tasks = _curves(cfg, variants) if ex.curves else ({}, {})
@@ -128,7 +132,7 @@ def run(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> dict[str, Any]:
     }
     write_json_atomic(out / "experiment.json", result)
     write_report(out / "report.md", render(cfg, result, trained))
-    log(f"experiment: {out / 'report.md'} ({result['duration_s']:.0f}s)")
+    logger.info(f"experiment: {out / 'report.md'} ({result['duration_s']:.0f}s)")
     return result
 
 
@@ -158,7 +162,7 @@ def _curves(
         eval=replace(main.eval, models=models, layers=False),
     )
     save_config(ccfg, ccfg.run_dir / "config.yaml")
-    log(f"experiment: curves: {len(models)} models")
+    logger.info(f"experiment: curves: {len(models)} models")
     m = evaluate.run(ccfg)
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for name, points in entries.items():

@@ -8,15 +8,17 @@ reads the run's saved config) can re-render a finished run.
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from speed_ray.config import SpeedRayConfig
 from speed_ray.html import write_report
-from speed_ray.pipeline.common import log
 from speed_ray.schemas import EXAMPLES, GENERATIONS, JUDGMENTS, TASKS, read_manifest, read_stage
 from speed_ray.synthesis import error_kind
+
+logger = logging.getLogger(__name__)
 
 
 def run(cfg: SpeedRayConfig) -> dict:
@@ -39,7 +41,7 @@ def run(cfg: SpeedRayConfig) -> dict:
         text = text.replace("\n## Evaluation: ", "\n![scores](eval.png)\n\n## Evaluation: ", 1)
     path = run_dir / "report.md"
     write_report(path, text)
-    log(f"report: {path} (and report.html)")
+    logger.info(f"report: {path} (and report.html)")
     return {"report": str(path)}
 
 

@@ -16,6 +16,7 @@ them, and the rerun only sends the missing shards' rows to the engine.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ import pyarrow as pa
 from speed_ray import synthesis
 from speed_ray.config import ConfigError, EngineConfig, SpeedRayConfig
 from speed_ray.models import resolve_model
-from speed_ray.pipeline.common import log, step
+from speed_ray.pipeline.common import step
 from speed_ray.schemas import (
     EXAMPLES,
     GENERATIONS,
@@ -38,6 +39,8 @@ from speed_ray.schemas import (
 )
 from speed_ray.shards import ShardedWriter, lay_out, with_shard
 
+logger = logging.getLogger(__name__)
+
 
 def run(cfg: SpeedRayConfig) -> dict:
     sc, out = cfg.synth, cfg.run_dir / "synth"
@@ -46,7 +49,7 @@ def run(cfg: SpeedRayConfig) -> dict:
         topics = synthesis.load_topics(sc.taxonomy.path, sc.taxonomy.topics, sc.num_topics, seed)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    log(f"synth: {len(topics)} topics, mix {sc.mix}, generator {sc.engine.kind}:{sc.engine.model}")
+    logger.info(f"synth: {len(topics)} topics, mix {sc.mix}, generator {sc.engine.kind}:{sc.engine.model}")
     for eng in (sc.engine, sc.brainstormer, sc.judge, sc.reviser):
         if eng is not None and eng.model.startswith("run:"):
             resolve_model(
@@ -166,7 +169,7 @@ def examples_step(cfg: SpeedRayConfig, out: Path, revisions: pa.Table | None) ->
         table = pa.concat_tables([t for t in kept.iter_batches(batch_format="pyarrow", batch_size=None)])
         rows = table.sort_by("id") if table.num_rows else EXAMPLES.empty_table()
         extra["dedup"] = stats
-        log(f"synth/examples: MinHash dedup removed {stats['removed']} of {stats['input_rows']} rows")
+        logger.info(f"synth/examples: MinHash dedup removed {stats['removed']} of {stats['input_rows']} rows")
     return write_stage(out / "examples", [rows], EXAMPLES, extra, started)
 
 
@@ -189,7 +192,9 @@ def generate_step(
     layout = lay_out(out_dir, rows, cfg.synth.shard_rows, ready)
     writer = ShardedWriter(out_dir, schema, layout, sampling["n"])
     if layout.done:
-        log(f"{out_dir.name}: resuming, {len(layout.done)} of {len(layout.sizes)} shards already written")
+        logger.info(
+            f"{out_dir.name}: resuming, {len(layout.done)} of {len(layout.sizes)} shards already written"
+        )
     if layout.ready and ready_parse is not None:
         inputs = pa.Table.from_pylist(layout.ready)
         writer.add(with_shard(ready_parse(layout.ready), inputs))

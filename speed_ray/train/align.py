@@ -16,9 +16,12 @@ Settings arrive as one plain dict (``loop_config`` in ``speed_ray.pipeline.align
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def sft_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -167,6 +170,38 @@ def load_data(data_dir: str):
     return load_from_disk(data_dir)
 
 
+def progress_callback(kind: str) -> Any:
+    """A TrainerCallback in place of transformers' own progress bar, which a Ray worker would show
+    only once it ends: a bar with an ETA drawn by the driver (``speed_ray.logs.worker_bar``) and a line per
+    logged step, on the first rank only."""
+    from transformers import TrainerCallback
+
+    from speed_ray.logs import worker_bar
+
+    class Progress(TrainerCallback):
+        bar: Any = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = worker_bar(state.max_steps, f"align {kind}", done=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in logs.items() if isinstance(v, int | float))
+                logger.info(f"align {kind} step {state.global_step}/{state.max_steps}: {shown}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return Progress()
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: train (resuming from Ray's last checkpoint), then report the merged model."""
     import torch
@@ -180,8 +215,12 @@ def train_in(config: dict[str, Any], output_dir: str) -> None:
     """``train_loop`` with TRL's local checkpoints in ``output_dir`` (removed afterwards)."""
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from transformers import PrinterCallback, ProgressCallback
 
     trainer = build_trainer(config, load_data(config["data_dir"]), output_dir)
+    trainer.remove_callback(ProgressCallback)  # transformers' bar, or with disable_tqdm its printer
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(progress_callback(config["kind"]))
     # Every checkpoint TRL saves goes to Ray's storage; after a worker dies, Ray Train restarts the
     # group and get_checkpoint() hands back the latest one.
     trainer.add_callback(RayTrainReportCallback())

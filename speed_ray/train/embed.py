@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import random
 import tempfile
@@ -27,8 +28,11 @@ from typing import Any
 
 import torch
 
+from speed_ray import logs
 from speed_ray.embedding import format_query
 from speed_ray.pairs import CropRule, build_pairs
+
+logger = logging.getLogger(__name__)
 
 PROBE_TEXTS = ["a command-line tool to convert images", "library for parsing XML documents"]
 
@@ -441,8 +445,9 @@ def probe(model) -> dict[str, Any]:
     st = unwrap(model)
     st.eval()
     with torch.no_grad():
-        docs = st.encode(PROBE_TEXTS, convert_to_tensor=True).float().cpu().tolist()
-        queries = st.encode(PROBE_TEXTS, prompt_name="query", convert_to_tensor=True).float().cpu().tolist()
+        kw: dict[str, Any] = {"convert_to_tensor": True, "show_progress_bar": False}
+        docs = st.encode(PROBE_TEXTS, **kw).float().cpu().tolist()
+        queries = st.encode(PROBE_TEXTS, prompt_name="query", **kw).float().cpu().tolist()
     st.train()
     return {
         "texts": PROBE_TEXTS,
@@ -477,9 +482,10 @@ def train_loop(config: dict[str, Any]) -> None:
             state = load_state(model, optimizer, scheduler, d)
         step, history = state["step"], state["history"]
         if rank == 0:
-            print(f"embed: resumed from the checkpoint of step {step}")
+            logger.info(f"embed: resumed from the checkpoint of step {step}")
     resumed_from = step
     per_worker, steps = config["batch_size"], config["steps"]
+    bar = logs.worker_bar(steps, "embed", done=step) if rank == 0 else None
     while step < steps:
         step += 1
         t0 = time.perf_counter()
@@ -499,13 +505,19 @@ def train_loop(config: dict[str, Any]) -> None:
         }
         history.append(metrics)
         if rank == 0:
-            print(f"embed step {step}/{steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            logger.info(
+                f"embed step {step}/{steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            )
+        if bar is not None:
+            bar.update(1)
         if config["save_steps"] and step % config["save_steps"] == 0 and step < steps:
             with tempfile.TemporaryDirectory() as d:
                 wrote = save_state(model, optimizer, scheduler, {"step": step, "history": history}, d, rank)
                 ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(d) if wrote else None)
         if config["snapshot_steps"] and step % config["snapshot_steps"] == 0 and step < steps:
             snapshot(model, config, step, rank)
+    if bar is not None:
+        bar.close()
     weights = full_state_dict(model)
     report = {
         "history": history,
