@@ -57,9 +57,9 @@ LOSS_RTOL = 1e-3
 
 def pairs(n: int) -> list[dict[str, Any]]:
     """``n`` preference pairs in the shape ``dpo_rows`` reads (messages as a JSON string)."""
-    from speed_ray.data import read_labelled
+    from speed_ray.data import locate, read_labelled
 
-    rows = [r for r in read_labelled(REPO.parent / "shared/data/debian/labelled.jsonl") if r["text"].strip()]
+    rows = [r for r in read_labelled(locate("builtin:debian/labelled")) if r["text"].strip()]
     rows = rows[: n + 1]
     return [
         {
@@ -354,7 +354,7 @@ def main() -> None:
             "datasets": datasets.__version__,
         },
         "model": f"{MODEL} ({backbone}), LoRA r16/alpha32 on q,v,o,gate,up,down; reference = adapter off",
-        "data": f"{len(data)} pairs from shared/data/debian/labelled.jsonl: prompt 'Describe the Debian package "
+        "data": f"{len(data)} pairs from the Debian labelled set: prompt 'Describe the Debian package "
         f"<id> in a few sentences.', chosen = its text, rejected = the next package's, {TEXT_CHARS} chars each",
         "settings": {
             "pairs": len(data),

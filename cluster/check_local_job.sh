@@ -11,7 +11,6 @@ export RAY_ADDRESS=http://127.0.0.1:8275    # the job API of the head started be
 # `ray start` under ~/.ray) only in token mode.
 export RAY_AUTH_MODE=token
 OUT=$(mktemp -d)
-DATA=$(realpath ../shared/data/debian/retrieval)   # the job runs in a copy of this folder, not here
 ID="speed-ray-check-$(date +%s)"
 TIMEOUT_S=${TIMEOUT_S:-3600}
 
@@ -22,7 +21,7 @@ ray start --head --port 6390 --dashboard-port 8275 --num-cpus 2 --disable-usage-
 
 ray job submit --no-wait --submission-id "$ID" --working-dir . --runtime-env cluster/runtime_env.yaml -- \
     python jobs/pipeline.py --config configs/quickstart.yaml \
-    run.ray_address=auto run.output_dir="$OUT" eval.retrieval.path="$DATA" run.upload_to="file://$OUT/bucket"
+    run.ray_address=auto run.output_dir="$OUT" run.upload_to="file://$OUT/bucket"
 
 status=PENDING
 deadline=$((SECONDS + TIMEOUT_S))

@@ -16,8 +16,8 @@ from speed_ray.config import SpeedRayConfig
 
 
 def main(cfg: SpeedRayConfig) -> None:
-    run_stages(cfg, ("align",))
+    run_stages(cfg)
 
 
 if __name__ == "__main__":
-    main(parse_config(__doc__.splitlines()[0]))
+    main(parse_config(__doc__.splitlines()[0], "align"))

@@ -52,7 +52,9 @@ def _differs(saved, cfg: SpeedRayConfig) -> bool:
         return True
 
 
-def run_stages(cfg: SpeedRayConfig, stages: tuple[str, ...]) -> None:
+def run_stages(cfg: SpeedRayConfig) -> None:
+    """The config's stages (``run.stages``) in pipeline order."""
+    stages = [s for s in STAGES if s in cfg.run.stages]
     saved = cfg.run_dir / "config.yaml"
     if saved.is_file() and _differs(saved, cfg):
         # Finished steps are still skipped: say so, since their outputs came from the older config.
@@ -90,19 +92,21 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides) if args.config else None
             print(doctor(cfg))
             return 0
+        # One stage's command is the run with only that stage: `speed-ray embed CONFIG`.
+        only = [] if args.command in ("run", "experiment") else [f"run.stages=[{args.command}]"]
         if args.command == "report" and Path(args.config).is_dir():  # speed-ray report RUN_DIR
             run_dir = Path(args.config).resolve()
             where = [f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"]
-            cfg = load_config(run_dir / "config.yaml", [*args.overrides, *where])
+            cfg = load_config(run_dir / "config.yaml", [*args.overrides, *where, *only])
         else:
-            cfg = load_config(args.config, args.overrides)
+            cfg = load_config(args.config, [*args.overrides, *only])
         if args.command == "experiment":
             from speed_ray.pipeline.experiment import run as run_experiment
 
             run_experiment(cfg, args.config, args.overrides)
             print(f"report: {cfg.run_dir / 'report.md'}")
             return 0
-        run_stages(cfg, STAGES if args.command == "run" else (args.command,))
+        run_stages(cfg)
     except (ConfigError, OSError) as e:
         # Something to fix on the user's side: a config, a missing file, a full disk, a folder that
         # cannot be written (the message names it). Exit 1 with a traceback is a bug in speed-ray.

@@ -1,24 +1,68 @@
 """Loaders for the project's text data, used as they are (never rebuilt).
 
-``../shared/data/debian/`` holds Debian package descriptions, one per source package:
-``labelled.jsonl`` ({id, text, label, tags}: the Debian section is the label) and ``retrieval/`` in
-the BEIR layout (corpus.jsonl {_id, title, text}, queries.jsonl {_id, text}, qrels/test.tsv).
-``SHA256SUMS`` beside them lets a loader prove it reads the published files.
+The package ships one data set, gzip-compressed, under ``speed_ray/data/debian/`` (its data card is
+the ``README.md`` there): Debian package descriptions, one per source package.
+``builtin:debian/labelled`` ({id, text, label, tags}: the Debian section is the label) and
+``builtin:debian/retrieval`` in the BEIR layout (corpus.jsonl {_id, title, text}, queries.jsonl
+{_id, text}, qrels/test.tsv). ``SHA256SUMS`` beside them holds the checksums of the published,
+uncompressed files, so a loader proves it reads them unchanged.
+
+Any config key that takes a data path also takes a built-in name. Readers open ``.gz`` files
+transparently, and a BEIR folder may hold its files plain or gzipped.
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
+import gzip
 import hashlib
+import io
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+BUILTIN = "builtin:"
+DATA_DIR = Path(__file__).parent / "data"
+# Built-in data name -> its file or folder under DATA_DIR.
+BUILTIN_DATA = {
+    "debian/labelled": "debian/labelled.jsonl.gz",
+    "debian/retrieval": "debian/retrieval",
+}
+
+
+def locate(spec: str) -> Path:
+    """The file or folder a data spec names: a built-in name (``builtin:debian/retrieval``) or a
+    path. An unknown built-in name raises ``ValueError`` with the closest names."""
+    if not spec.startswith(BUILTIN):
+        return Path(spec)
+    name = spec.removeprefix(BUILTIN)
+    if name not in BUILTIN_DATA:
+        close = difflib.get_close_matches(name, BUILTIN_DATA, n=3, cutoff=0.4) or list(BUILTIN_DATA)
+        raise ValueError(
+            f"{spec}: no such built-in data set (closest: {', '.join(BUILTIN + c for c in close)})"
+        )
+    return DATA_DIR / BUILTIN_DATA[name]
+
+
+def open_text(path: Path) -> IO[str]:
+    """A text file, decompressed on the fly when its name ends in ``.gz``."""
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path), encoding="utf-8")
+    return path.open(encoding="utf-8")
+
+
+def member(folder: Path, name: str) -> Path:
+    """``folder/name``, or ``folder/name.gz`` when only the compressed copy is there."""
+    path = folder / name
+    gz = path.with_name(path.name + ".gz")
+    return gz if not path.is_file() and gz.is_file() else path
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open() as f:
+    with open_text(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -38,16 +82,18 @@ def _required(row: dict, keys: tuple[str, ...], path: Path, n: int) -> None:
 def read_beir(folder: Path) -> tuple[list[dict], list[dict], dict[str, dict[str, int]]]:
     """(corpus [{id, title, text}], queries [{id, text}], qrels {query_id: {doc_id: score}})."""
     corpus, queries = [], []
-    for n, r in enumerate(read_jsonl(folder / "corpus.jsonl"), 1):
-        _required(r, ("_id", "text"), folder / "corpus.jsonl", n)
+    corpus_path, queries_path = member(folder, "corpus.jsonl"), member(folder, "queries.jsonl")
+    for n, r in enumerate(read_jsonl(corpus_path), 1):
+        _required(r, ("_id", "text"), corpus_path, n)
         corpus.append({"id": str(r["_id"]), "title": r.get("title", ""), "text": r["text"]})
-    for n, r in enumerate(read_jsonl(folder / "queries.jsonl"), 1):
-        _required(r, ("_id", "text"), folder / "queries.jsonl", n)
+    for n, r in enumerate(read_jsonl(queries_path), 1):
+        _required(r, ("_id", "text"), queries_path, n)
         queries.append({"id": str(r["_id"]), "text": r["text"]})
     qrels: dict[str, dict[str, int]] = {}
-    with (folder / "qrels" / "test.tsv").open() as f:
+    qrels_path = member(folder / "qrels", "test.tsv")
+    with open_text(qrels_path) as f:
         for n, row in enumerate(csv.DictReader(f, delimiter="\t"), 2):
-            _required(row, ("query-id", "corpus-id", "score"), folder / "qrels" / "test.tsv", n)
+            _required(row, ("query-id", "corpus-id", "score"), qrels_path, n)
             qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
     return corpus, queries, qrels
 
@@ -69,7 +115,8 @@ def read_labelled(path: Path) -> list[dict[str, Any]]:
 
 
 def verify_checksums(folder: Path) -> list[str]:
-    """Check every file under ``folder`` that a ``SHA256SUMS`` in it or its parent lists.
+    """Check every file under ``folder`` that a ``SHA256SUMS`` in it or its parent lists; a file
+    shipped gzipped (``name.gz``) is checked by its decompressed bytes.
 
     Returns the checked paths; raises ``ValueError`` naming the first file whose hash differs.
     No SHA256SUMS means nothing to check (a user's own data).
@@ -82,10 +129,11 @@ def verify_checksums(folder: Path) -> list[str]:
     checked = []
     for line in sums.read_text().splitlines():
         digest, _, name = line.strip().partition("  ")
-        path = sums.parent / name
+        path = member(sums.parent, name)
         if not name or folder.resolve() not in path.resolve().parents:
             continue
-        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
             raise ValueError(f"{path}: SHA-256 differs from {sums}; use the published files as they are")
         checked.append(name)
     return checked

@@ -49,7 +49,7 @@ def resolve_model(spec: str, run_dir: Path | None = None) -> str:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"model {spec}: no model folder at {path} yet (the align stage makes it: "
-                "`speed-ray align CONFIG`, with align.enabled: true)"
+                "`speed-ray align CONFIG`, or `align` in run.stages)"
             )
         return str(path)
     if spec == "all-minilm-l6-v2":

@@ -47,10 +47,7 @@ PAPER_CALLS = {"seed": 25_000, "judgments": 10_000, "revisions": 10_000}
 
 
 def run(cfg: SpeedRayConfig) -> dict:
-    ac, out = cfg.align, cfg.run_dir / "align"
-    if not ac.enabled:
-        log("align: align.enabled is false, skipped")
-        return {}
+    out = cfg.run_dir / "align"
     m: dict[str, Any] = {}
     m |= seed_steps(cfg, out)
     m["junior"] = step(out / "junior", "align/junior (SFT)", lambda: train_step(cfg, "junior", out))
@@ -207,11 +204,11 @@ USER_DATA = {
 
 def user_step(cfg: SpeedRayConfig, out: Path, name: str) -> dict:
     """The user's own rows for a teacher step, checked and stored in the step's schema."""
-    from speed_ray.data import read_chat_rows
+    from speed_ray.data import locate, read_chat_rows
 
     started = time.time()
     key, columns, schema = USER_DATA[name]
-    path = Path(getattr(cfg.align, key))
+    path = locate(getattr(cfg.align, key))
     try:
         rows = read_chat_rows(path, columns)
     except ValueError as e:

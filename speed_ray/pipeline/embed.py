@@ -28,7 +28,7 @@ def run(cfg: SpeedRayConfig) -> dict:
 def training_data(cfg: SpeedRayConfig):
     """(data, info): what the trainer draws its batches from (``train.embed.Rows`` or
     ``CorpusPairs``), from ``embed.data.source``, and what was made of the input."""
-    from speed_ray.data import nested_sample, read_corpus, read_pairs
+    from speed_ray.data import locate, nested_sample, read_corpus, read_pairs
     from speed_ray.pairs import CropRule, build_pairs
     from speed_ray.train.embed import CorpusPairs, Rows
 
@@ -56,12 +56,12 @@ def training_data(cfg: SpeedRayConfig):
                 "positive": r["positive"],
                 "negatives": r["negatives"],
             }
-            for r in read_pairs(Path(str(d.path)))
+            for r in read_pairs(locate(str(d.path)))
         ]
         kept = nested_sample(rows, d.max_rows, cfg.run.seed)
         return Rows(kept), {"source": "pairs", "path": d.path, "rows_available": len(rows)}
     rule = CropRule(d.crop_min_chars, d.crop_max_chars, d.sentences_per_crop, d.min_crops)
-    docs = read_corpus(Path(str(d.path)))
+    docs = read_corpus(locate(str(d.path)))
     held_out = 0
     if d.holdout_fraction:
         from speed_ray.evaluation import holdout_ids

@@ -42,7 +42,7 @@ class TaskSpec:
 
 def task_specs(cfg: SpeedRayConfig) -> list[TaskSpec]:
     """The configured tasks, data read and checked now (before any model loads)."""
-    from speed_ray.data import read_beir, verify_checksums
+    from speed_ray.data import locate, read_beir, verify_checksums
     from speed_ray.evaluation import (
         clustering_task,
         holdout_ids,
@@ -56,7 +56,7 @@ def task_specs(cfg: SpeedRayConfig) -> list[TaskSpec]:
     ev = cfg.eval
     specs: list[TaskSpec] = []
     if ev.retrieval.path is not None:
-        folder = Path(ev.retrieval.path)
+        folder = locate(ev.retrieval.path)
         _checked(folder, verify_checksums)
         corpus = read_beir(folder)[0]
         r = ev.retrieval
@@ -71,11 +71,11 @@ def task_specs(cfg: SpeedRayConfig) -> list[TaskSpec]:
     for kind, tc in (("knn", ev.knn), ("clustering", ev.clustering)):
         if tc.path is None:
             continue
-        path = Path(tc.path)
+        path = locate(tc.path)
         _checked(path.parent, verify_checksums)
         all_rows = read_labelled(path, tc.text_field, tc.label_field)
         rows = sample_rows(all_rows, tc.max_docs, ev.seed)
-        name = tc.name or path.stem.title().replace("_", "").replace("-", "") + (
+        name = tc.name or path.name.split(".")[0].title().replace("_", "").replace("-", "") + (
             "KNN" if kind == "knn" else "Clustering"
         )
         if kind == "knn":

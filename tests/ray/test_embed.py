@@ -72,7 +72,7 @@ def test_embed_on_corpus_crops_last_block_only(tmp_path, tiny_bert, beir_tiny, r
     from speed_ray.pipeline import embed
     from tests.conftest import DEBIAN
 
-    docs = read_labelled(DEBIAN / "labelled.jsonl")[:300]
+    docs = read_labelled(DEBIAN / "labelled.jsonl.gz")[:300]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
     want_pairs, want_skipped = build_pairs(docs, "crops")

@@ -60,9 +60,9 @@ def test_bad_align_settings_name_the_key(override, message):
 
 
 def test_disabled_align_engines_are_not_checked():
-    # quickstart-style configs turn the stage off; its engines then need no GPU, model or key
-    cfg = load_config(None, ["align.enabled=false", "align.teacher.kind=openai"])
-    assert cfg.align.enabled is False
+    # quickstart-style configs leave the stage out; its engines then need no GPU, model or key
+    cfg = load_config(None, ["run.stages=[synth, embed]", "align.teacher.kind=openai"])
+    assert "align" not in cfg.run.stages
     with pytest.raises(ConfigError, match="align.teacher.base_url: expected an http"):
         load_config(None, ["align.teacher.kind=openai"])
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from speed_ray.config import load_config
+from speed_ray.data import open_text
 from tests.conftest import DEBIAN
 
 
@@ -18,7 +19,7 @@ def labelled(tmp_path_factory) -> Path:
     """60 Debian package descriptions, 20 from each of three sections."""
     want = {"games": 20, "science": 20, "libs": 20}
     rows = []
-    for line in (DEBIAN / "labelled.jsonl").open():
+    for line in open_text(DEBIAN / "labelled.jsonl.gz"):
         r = json.loads(line)
         if want.get(r["label"], 0) > 0:
             want[r["label"]] -= 1
