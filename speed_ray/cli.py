@@ -6,8 +6,9 @@
     speed-ray experiment CONFIG [key.sub=value ...]   train the config's variants, score them, write the section
     speed-ray doctor [CONFIG]                     what this machine offers, and what a run would use
 
-Exit codes: 0 done, 2 something to fix on your side (bad config, missing input, full disk, unwritable
-folder), 1 anything else (a bug: the traceback shows where).
+Exit codes: 0 done, 2 something to fix on your side (bad config, a bad row in a data file, missing
+input, full disk, unwritable folder: one line that names it), 1 anything else (a bug: the traceback
+shows where).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from speed_ray import storage
 from speed_ray.config import ConfigError, SpeedRayConfig, load_config, save_config
+from speed_ray.data import DataError
 from speed_ray.pipeline import STAGES, stage_module
 
 # Nothing downloads from a model hub at run time (set before any HF library is imported).
@@ -107,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {cfg.run_dir / 'report.md'}")
             return 0
         run_stages(cfg)
-    except (ConfigError, OSError) as e:
-        # Something to fix on the user's side: a config, a missing file, a full disk, a folder that
-        # cannot be written (the message names it). Exit 1 with a traceback is a bug in speed-ray.
+    except (ConfigError, DataError, OSError) as e:
+        # Something to fix on the user's side: a config, a bad row in a data file, a missing file, a
+        # full disk, a folder that cannot be written (the message names it). Exit 1 with a traceback
+        # is a bug in speed-ray. jobs/*.py come through here too (jobs/_common.py).
         print(f"speed-ray: error: {e}", file=sys.stderr)
         return 2
     return 0

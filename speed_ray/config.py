@@ -894,8 +894,90 @@ def _check_files(cfg: SpeedRayConfig) -> None:
     _check_eval(cfg.eval)
     models = {f"{k}.model": e.model for k, e in _engines(cfg).items() if e.kind != "openai"}
     for key, spec in {**models, "align.model": cfg.align.model, "embed.model": cfg.embed.model}.items():
-        if _looks_like_path(spec) and not Path(spec).is_dir():
-            raise ConfigError(f"{key}: model folder {spec} not found")
+        _check_model(key, spec)
+    _check_eval_models(cfg)
+    _check_data(cfg)
+
+
+EVAL_NAMES = ("base", "trained", "tfidf", "bm25")
+
+
+def _check_eval_models(cfg: SpeedRayConfig) -> None:
+    """Every entry but a baseline or an experiment variant's name is a model spec checked as the other
+    models are; a labelled path or hub name (``label=path``) is left alone, as an experiment may
+    train that folder first."""
+    for i, entry in enumerate(cfg.eval.models):
+        _, named, spec = entry.partition("=")
+        if named and ("/" in spec or _looks_like_path(spec)):
+            continue
+        spec = spec if named else entry
+        if spec not in (*EVAL_NAMES, *cfg.experiment.variants):
+            _check_model(f"eval.models[{i}]", spec)
+
+
+def _check_model(key: str, spec: str) -> None:
+    from speed_ray.models import spec_problem
+
+    problem = spec_problem(spec)
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
+
+
+# A user's alignment data per align key: the text columns besides ``messages``.
+ALIGN_DATA_COLUMNS = {
+    "seed_data": ("completion",),
+    "pairs_data": ("chosen", "rejected"),
+    "revision_data": ("completion",),
+}
+
+# Data files already read and found sound in this process, by reader and file stamp: a config loaded
+# again (the saved one, an experiment's variants) does not read them again.
+_SOUND_DATA: set[tuple[Any, ...]] = set()
+
+
+def _check_data(cfg: SpeedRayConfig) -> None:
+    """Every row of the data files the config names, read now with the stage's own reader, so a bad
+    row fails at once, naming the file, the line and the field, not after hours of earlier stages
+    (the stage reads the file again: a second read, but no rows held in memory meanwhile)."""
+    from speed_ray import data
+
+    d, ev = cfg.embed.data, cfg.eval
+    checks: list[tuple[str, str | None, str, Any]] = [
+        *(
+            (
+                f"align.{key}",
+                getattr(cfg.align, key) if "align" in cfg.run.stages else None,
+                "read_chat_rows",
+                (cols,),
+            )
+            for key, cols in ALIGN_DATA_COLUMNS.items()
+        ),
+        ("embed.data.path", d.path if d.source == "pairs" else None, "read_pairs", ()),
+        ("embed.data.path", d.path if d.source == "corpus" else None, "read_corpus", ()),
+        ("eval.retrieval.path", ev.retrieval.path, "read_beir", ()),
+        *(
+            (f"{key}.path", task.path, "read_labelled", (task.text_field, task.label_field))
+            for key, task in (("eval.knn", ev.knn), ("eval.clustering", ev.clustering))
+        ),
+    ]
+    for key, path, reader, args in checks:
+        if path is None:
+            continue
+        located = _locate(key, path)
+        seen = (reader, args, *_stamp(located))
+        if seen in _SOUND_DATA:
+            continue
+        try:
+            getattr(data, reader)(located, *args)
+        except data.DataError as e:
+            raise ConfigError(f"{key}: {e}") from None
+        _SOUND_DATA.add(seen)
+
+
+def _stamp(path: Path) -> tuple[Any, ...]:
+    """A file's (or a folder's files') path, size and modification time."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
 def _check_eval(ev: EvalConfig) -> None:

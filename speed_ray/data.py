@@ -23,6 +23,12 @@ import random
 from pathlib import Path
 from typing import IO, Any
 
+
+class DataError(ValueError):
+    """A user's data file that cannot be used as it is: the message names the file, the line (or row),
+    the field and what was expected. The CLI prints it as one line and exits with status 2."""
+
+
 BUILTIN = "builtin:"
 DATA_DIR = Path(__file__).parent / "data"
 # Built-in data name -> its file or folder under DATA_DIR.
@@ -34,13 +40,13 @@ BUILTIN_DATA = {
 
 def locate(spec: str) -> Path:
     """The file or folder a data spec names: a built-in name (``builtin:debian/retrieval``) or a
-    path. An unknown built-in name raises ``ValueError`` with the closest names."""
+    path. An unknown built-in name raises ``DataError`` with the closest names."""
     if not spec.startswith(BUILTIN):
         return Path(spec)
     name = spec.removeprefix(BUILTIN)
     if name not in BUILTIN_DATA:
         close = difflib.get_close_matches(name, BUILTIN_DATA, n=3, cutoff=0.4) or list(BUILTIN_DATA)
-        raise ValueError(
+        raise DataError(
             f"{spec}: no such built-in data set (closest: {', '.join(BUILTIN + c for c in close)})"
         )
     return DATA_DIR / BUILTIN_DATA[name]
@@ -60,65 +66,153 @@ def member(folder: Path, name: str) -> Path:
     return gz if not path.is_file() and gz.is_file() else path
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _numbered_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) for every non-blank line; each must be a JSON object."""
     rows = []
-    with open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    n = 0
+    try:
+        with open_text(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno}); "
+                        "expected one JSON object per line"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{n}: expected a JSON object, got {_shown(row)}")
+                rows.append((n, row))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{n + 1}: not UTF-8 text ({e.reason}); expected JSON lines") from None
     return rows
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [row for _, row in _numbered_jsonl(path)]
+
+
+def _shown(value: Any) -> str:
+    """A value as a JSON file spells it (null, 3, "", [..]), cut short, for error messages."""
+    if isinstance(value, dict | list):
+        kind = "an object" if isinstance(value, dict) else "a list"
+        return f"{kind} {_cut(json.dumps(value, default=str))}"
+    return _cut(json.dumps(value, default=str))
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _required(row: dict, keys: tuple[str, ...], path: Path, n: int) -> None:
     missing = [k for k in keys if k not in row]
     if missing:
-        raise ValueError(f"{path}:{n}: missing keys {missing} (expected {list(keys)})")
+        raise DataError(f"{path}:{n}: missing keys {missing} (expected {list(keys)})")
+
+
+def _text(row: dict, key: str, path: Path, n: int, optional: bool = False) -> str | None:
+    """``row[key]`` as a non-empty string (``optional``: a missing, null or empty one is None)."""
+    if key not in row and not optional:
+        raise DataError(f"{path}:{n}: missing keys [{key!r}] (expected a non-empty string in {key!r})")
+    value = row.get(key)
+    if value is None or value == "":
+        if optional:
+            return None
+        got = "null" if value is None else '""'
+        raise DataError(f"{path}:{n}: {key}: expected a non-empty string, got {got}")
+    if not isinstance(value, str):
+        raise DataError(f"{path}:{n}: {key}: expected a string, got {type(value).__name__} {_shown(value)}")
+    if not optional and not value.strip():
+        raise DataError(f"{path}:{n}: {key}: expected a non-empty string, got {_shown(value)}")
+    return value
+
+
+def _scalar(row: dict, key: str, path: Path, n: int) -> str:
+    """``row[key]`` (an id or a label) as a string: a non-empty string or a number."""
+    value = row.get(key)
+    if key not in row:
+        raise DataError(f"{path}:{n}: missing keys [{key!r}] (expected a string or number in {key!r})")
+    if value is None or value == "" or isinstance(value, dict | list):
+        raise DataError(f"{path}:{n}: {key}: expected a string or number, got {_shown(value)}")
+    return str(value)
+
+
+def _some(rows: list, path: Path) -> None:
+    if not rows:
+        raise DataError(f"{path}: no rows (expected one JSON object per line)")
 
 
 def read_beir(folder: Path) -> tuple[list[dict], list[dict], dict[str, dict[str, int]]]:
     """(corpus [{id, title, text}], queries [{id, text}], qrels {query_id: {doc_id: score}})."""
     corpus, queries = [], []
-    corpus_path, queries_path = member(folder, "corpus.jsonl"), member(folder, "queries.jsonl")
-    for n, r in enumerate(read_jsonl(corpus_path), 1):
-        _required(r, ("_id", "text"), corpus_path, n)
-        corpus.append({"id": str(r["_id"]), "title": r.get("title", ""), "text": r["text"]})
-    for n, r in enumerate(read_jsonl(queries_path), 1):
-        _required(r, ("_id", "text"), queries_path, n)
-        queries.append({"id": str(r["_id"]), "text": r["text"]})
+    path = member(folder, "corpus.jsonl")
+    for n, r in _numbered_jsonl(path):
+        _required(r, ("_id", "text"), path, n)
+        title = _text(r, "title", path, n, optional=True) or ""
+        corpus.append({"id": _scalar(r, "_id", path, n), "title": title, "text": _text(r, "text", path, n)})
+    _some(corpus, path)
+    path = member(folder, "queries.jsonl")
+    for n, r in _numbered_jsonl(path):
+        _required(r, ("_id", "text"), path, n)
+        queries.append({"id": _scalar(r, "_id", path, n), "text": _text(r, "text", path, n)})
+    _some(queries, path)
+    return corpus, queries, _read_qrels(member(folder / "qrels", "test.tsv"))
+
+
+def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    columns = ("query-id", "corpus-id", "score")
     qrels: dict[str, dict[str, int]] = {}
-    qrels_path = member(folder / "qrels", "test.tsv")
-    with open_text(qrels_path) as f:
-        for n, row in enumerate(csv.DictReader(f, delimiter="\t"), 2):
-            _required(row, ("query-id", "corpus-id", "score"), qrels_path, n)
-            qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
-    return corpus, queries, qrels
+    with open_text(path) as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(
+                f"{path}:1: missing columns {missing} (expected a tab-separated header: {', '.join(columns)})"
+            )
+        for row in reader:
+            n = reader.line_num
+            for c in columns:
+                if not (row.get(c) or "").strip():
+                    raise DataError(f"{path}:{n}: {c}: expected a value (3 tab-separated columns), got none")
+            try:
+                score = int(row["score"])
+            except ValueError:
+                raise DataError(f"{path}:{n}: score: expected an integer, got {row['score']!r}") from None
+            qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = score
+    if not qrels:
+        raise DataError(f"{path}: no rows (expected query-id, corpus-id, score lines after the header)")
+    return qrels
 
 
 def read_corpus(path: Path) -> list[dict[str, Any]]:
     """[{id, text}] from an unlabelled JSONL corpus (extra keys such as ``label`` are ignored)."""
-    rows = read_jsonl(path)
-    for n, r in enumerate(rows, 1):
+    rows = []
+    for n, r in _numbered_jsonl(path):
         _required(r, ("id", "text"), path, n)
-    return [{"id": str(r["id"]), "text": r["text"]} for r in rows]
+        rows.append({"id": _scalar(r, "id", path, n), "text": _text(r, "text", path, n)})
+    _some(rows, path)
+    return rows
 
 
-def read_labelled(path: Path) -> list[dict[str, Any]]:
-    """[{id, text, label}] from a labelled JSONL file."""
-    rows = read_jsonl(path)
-    for n, r in enumerate(rows, 1):
-        _required(r, ("id", "text", "label"), path, n)
-    return [{"id": str(r["id"]), "text": r["text"], "label": r["label"]} for r in rows]
+def read_labelled(path: Path, text_field: str = "text", label_field: str = "label") -> list[dict[str, Any]]:
+    """[{id, text, label}] from a labelled JSONL file: a non-empty string in ``text_field`` and a
+    string or number in ``label_field`` (kept as a string) per row; ``id`` defaults to the line number."""
+    rows = []
+    for n, r in _numbered_jsonl(path):
+        _required(r, (text_field, label_field), path, n)
+        text, label = _text(r, text_field, path, n), _scalar(r, label_field, path, n)
+        rows.append({"id": _scalar(r, "id", path, n) if "id" in r else str(n), "text": text, "label": label})
+    _some(rows, path)
+    return rows
 
 
 def verify_checksums(folder: Path) -> list[str]:
     """Check every file under ``folder`` that a ``SHA256SUMS`` in it or its parent lists; a file
     shipped gzipped (``name.gz``) is checked by its decompressed bytes.
 
-    Returns the checked paths; raises ``ValueError`` naming the first file whose hash differs.
+    Returns the checked paths; raises ``DataError`` naming the first file whose hash differs.
     No SHA256SUMS means nothing to check (a user's own data).
     """
     for sums in (folder / "SHA256SUMS", folder.parent / "SHA256SUMS"):
@@ -134,25 +228,34 @@ def verify_checksums(folder: Path) -> list[str]:
             continue
         data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
         if hashlib.sha256(data).hexdigest() != digest:
-            raise ValueError(f"{path}: SHA-256 differs from {sums}; use the published files as they are")
+            raise DataError(f"{path}: SHA-256 differs from {sums}; use the published files as they are")
         checked.append(name)
     return checked
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a parquet file, a JSONL file or a ``datasets`` folder saved with ``save_to_disk``."""
+    return [row for _, row in _numbered_rows(path)]
+
+
+def _numbered_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(n, row): n is the line of a JSONL file, the row (from 1) of a table."""
     if path.is_dir():
         from datasets import load_from_disk
 
-        rows = load_from_disk(str(path)).to_list()
+        rows = list(enumerate(load_from_disk(str(path)).to_list(), 1))
     elif path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        try:
+            rows = list(enumerate(pq.read_table(path).to_pylist(), 1))
+        except pa.ArrowInvalid as e:
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
     else:
-        rows = read_jsonl(path)
+        rows = _numbered_jsonl(path)
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows")
     return rows
 
 
@@ -160,17 +263,15 @@ def read_pairs(path: Path) -> list[dict[str, Any]]:
     """Pairs in the sentence-transformers convention: ``anchor``, ``positive`` and optional hard
     negatives in ``negative`` / ``negative_1``, ``negative_2``... columns (empty ones are skipped),
     from parquet, JSONL or a ``datasets`` folder saved with ``save_to_disk``."""
-    rows = read_rows(path)
-    columns = {k for r in rows for k in r if k.startswith("negative")}  # JSONL rows may omit some
+    rows = _numbered_rows(path)
+    columns = {k for _, r in rows for k in r if k.startswith("negative")}  # JSONL rows may omit some
     negatives = sorted(columns, key=_negative_order)
     out = []
-    for n, r in enumerate(rows, 1):
+    for n, r in rows:
         _required(r, ("anchor", "positive"), path, n)
-        for k in ("anchor", "positive", *negatives):
-            if r.get(k) is not None and not isinstance(r[k], str):
-                raise ValueError(f"{path}:{n}: {k}: expected a string, got {type(r[k]).__name__}")
-        negs = [r[k] for k in negatives if r.get(k)]
-        out.append({"anchor": r["anchor"], "positive": r["positive"], "negatives": negs})
+        anchor, positive = _text(r, "anchor", path, n), _text(r, "positive", path, n)
+        negs = [_text(r, k, path, n, optional=True) for k in negatives]
+        out.append({"anchor": anchor, "positive": positive, "negatives": [x for x in negs if x]})
     return out
 
 
@@ -195,23 +296,23 @@ def read_chat_rows(path: Path, text_keys: tuple[str, ...]) -> list[dict[str, Any
     """A user's alignment data: ``messages`` (a chat prompt: a list of ``{role, content}`` objects, or
     its JSON) plus the non-empty string columns ``text_keys``; ``messages`` comes back as JSON."""
     out = []
-    for n, r in enumerate(read_rows(path), 1):
+    for n, r in _numbered_rows(path):
         _required(r, ("messages", *text_keys), path, n)
         msgs = r["messages"]
         if isinstance(msgs, str):
             try:
                 msgs = json.loads(msgs)
             except json.JSONDecodeError:
-                raise ValueError(f"{path}:{n}: messages is a string but not JSON") from None
+                raise DataError(f"{path}:{n}: messages is a string but not JSON") from None
         if not (
             isinstance(msgs, list)
             and msgs
             and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs)
         ):
-            raise ValueError(f"{path}:{n}: messages: expected a non-empty list of {{role, content}} objects")
+            raise DataError(f"{path}:{n}: messages: expected a non-empty list of {{role, content}} objects")
         for k in text_keys:
             if not isinstance(r[k], str) or not r[k].strip():
-                raise ValueError(f"{path}:{n}: {k}: expected a non-empty string, got {r[k]!r}")
+                raise DataError(f"{path}:{n}: {k}: expected a non-empty string, got {_shown(r[k])}")
         msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
         out.append({"messages": json.dumps(msgs)} | {k: r[k] for k in text_keys})
     return out

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from speed_ray import synthesis
-from speed_ray.config import AlignTrainConfig, ConfigError, SpeedRayConfig
+from speed_ray.config import ALIGN_DATA_COLUMNS, AlignTrainConfig, ConfigError, SpeedRayConfig
 from speed_ray.pipeline.common import log, step
 from speed_ray.pipeline.synth import generate_step, sampling_params
 from speed_ray.schemas import (
@@ -196,9 +196,9 @@ def revision_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
 
 # User data replacing a teacher step: file key, columns, schema of the step's folder.
 USER_DATA = {
-    "seed": ("seed_data", ("completion",), GENERATIONS),
-    "pairs": ("pairs_data", ("chosen", "rejected"), PREFERENCE_PAIRS),
-    "revisions": ("revision_data", ("completion",), GENERATIONS),
+    "seed": ("seed_data", ALIGN_DATA_COLUMNS["seed_data"], GENERATIONS),
+    "pairs": ("pairs_data", ALIGN_DATA_COLUMNS["pairs_data"], PREFERENCE_PAIRS),
+    "revisions": ("revision_data", ALIGN_DATA_COLUMNS["revision_data"], GENERATIONS),
 }
 
 

@@ -42,13 +42,12 @@ class TaskSpec:
 
 def task_specs(cfg: SpeedRayConfig) -> list[TaskSpec]:
     """The configured tasks, data read and checked now (before any model loads)."""
-    from speed_ray.data import locate, read_beir, verify_checksums
+    from speed_ray.data import locate, read_beir, read_labelled, verify_checksums
     from speed_ray.evaluation import (
         clustering_task,
         holdout_ids,
         knn_task,
         named_tasks,
-        read_labelled,
         retrieval_task,
         sample_rows,
     )

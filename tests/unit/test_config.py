@@ -154,6 +154,7 @@ def test_paths_in_a_file_resolve_against_its_folder_and_overrides_against_the_cu
     conf = tmp_path / "conf"
     (conf / "models" / "m").mkdir(parents=True)
     (conf / "models" / "m" / "config.json").write_text("{}")
+    (conf / "models" / "m" / "model.safetensors").write_bytes(b"")
     (tmp_path / "pairs.jsonl").write_text('{"anchor": "a", "positive": "p"}\n')
     (tmp_path / "topics.txt").write_text("A/B\n")
     path = conf / "c.yaml"
