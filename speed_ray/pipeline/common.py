@@ -46,7 +46,8 @@ def step(
                 then = "redoing it and the steps after it" if clean else "redoing what changed"
                 log(f"{name}: stale: {changes}; {then}")
             else:
-                log(f"{name}: an unfinished earlier run had other settings: {changes}; starting over")
+                then = "starting over" if clean else "redoing what changed"
+                log(f"{name}: an unfinished earlier run had other settings: {changes}; {then}")
             if clean:
                 for path in (out_dir, *state):
                     remove(path)

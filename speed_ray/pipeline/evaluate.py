@@ -68,6 +68,7 @@ MODEL_KEYS = {
     "bm25": (),
     "other": ("embed.pooling", "eval.max_seq_length", "eval.retrieval.query_instruction"),
 }
+DATA = {"retrieval": "eval.retrieval.path", "knn": "eval.knn.path", "clustering": "eval.clustering.path"}
 
 
 def unit_fingerprints(
@@ -76,6 +77,8 @@ def unit_fingerprints(
     """``{(label, task): fingerprint}`` for every score this config asks for (the layer analysis is
     task ``layers``)."""
     flat = flatten(cfg)
+    data = {kind: {key: path_hash(flat[key])} for kind, key in DATA.items() if flat[key] is not None}
+    data[LAYERS] = data.get("knn", {})
     units = {}
     for label, spec in models:
         model_keys = MODEL_KEYS.get(spec, MODEL_KEYS["other"])
@@ -89,9 +92,7 @@ def unit_fingerprints(
             task_config = {"task": name} | select(
                 flat, TASK_KEYS[kind], (*RUNTIME_KEYS, "eval.retrieval.query_instruction")
             )
-            section = TASK_KEYS[kind][-1] if TASK_KEYS[kind] else None
-            data = {f"{section}.path": path_hash(flat[f"{section}.path"])} if section else {}
-            units[(label, name)] = fingerprint(task_config | model_config, data | model_inputs)
+            units[(label, name)] = fingerprint(task_config | model_config, data.get(kind, {}) | model_inputs)
     return units
 
 
