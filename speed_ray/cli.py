@@ -47,24 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _differs(saved, cfg: SpeedRayConfig) -> bool:
-    try:
-        return load_config(saved) != cfg
-    except ConfigError:  # the old config no longer loads (a file moved, a key was renamed)
-        return True
-
-
 def run_stages(cfg: SpeedRayConfig) -> None:
-    """The config's stages (``run.stages``) in pipeline order."""
+    """The config's stages (``run.stages``) in pipeline order. A config that differs from the
+    saved one needs no note here: each step compares its own fingerprint and says which step is
+    stale and why (speed_ray.pipeline.common.step)."""
     stages = [s for s in STAGES if s in cfg.run.stages]
     saved = cfg.run_dir / "config.yaml"
-    if saved.is_file() and _differs(saved, cfg):
-        # Finished steps are still skipped: say so, since their outputs came from the older config.
-        print(
-            f"speed-ray: note: {saved} differs from this config; finished steps keep their outputs "
-            "(delete a step's folder, or use a new run.name, to redo it)",
-            file=sys.stderr,
-        )
     save_config(cfg, saved)
     remote = f"{cfg.run.upload_to.rstrip('/')}/{cfg.run.name}" if cfg.run.upload_to else None
     if remote:

@@ -29,6 +29,7 @@ from typing import Any
 
 from speed_ray import synthesis
 from speed_ray.config import ALIGN_DATA_COLUMNS, AlignTrainConfig, ConfigError, SpeedRayConfig
+from speed_ray.fingerprint import of_config, output_hash, path_hash, run_model_inputs
 from speed_ray.pipeline.common import log, step
 from speed_ray.pipeline.synth import generate_step, sampling_params
 from speed_ray.schemas import (
@@ -37,6 +38,7 @@ from speed_ray.schemas import (
     PREFERENCE_PAIRS,
     TASKS,
     cast_rows,
+    read_manifest,
     read_stage,
     write_json_atomic,
     write_stage,
@@ -45,16 +47,97 @@ from speed_ray.schemas import (
 # SPEED §4.5: teacher calls behind each trained model (seed data, judgments, revisions).
 PAPER_CALLS = {"seed": 25_000, "judgments": 10_000, "revisions": 10_000}
 
+# What each step's output depends on (``speed_ray.fingerprint``): config keys, as dotted prefixes,
+# besides the outputs of the steps it reads (named where it runs). Prompts and sampling are synth's.
+SAMPLING = ("synth.sampling.temperature", "synth.sampling.top_p")
+PROMPTS = ("run.seed", "synth.sampling.max_field_chars")
+TRAINING = (
+    "run.seed",
+    "align.max_length",
+    "align.finetune",
+    "align.lora_r",
+    "align.lora_alpha",
+    "align.lora_dropout",
+    "align.lora_target_modules",
+    "align.deepspeed_stage",
+    "align.resources.workers",  # workers x batch_size is the global batch
+    "align.trl",
+    "synth.sampling.max_tokens",  # with SAMPLING: the exported generation_config.json
+    *SAMPLING,
+)
+KEYS = {
+    "tasks": (
+        *PROMPTS,
+        "synth.taxonomy",
+        "align.num_topics",
+        "synth.mix",
+        "synth.sampling.brainstorm_max_tokens",
+        "align.teacher",
+        *SAMPLING,
+    ),
+    "seed": (*PROMPTS, "align.examples_per_task", "synth.sampling.max_tokens", "align.teacher", *SAMPLING),
+    "root": (
+        *PROMPTS,
+        "align.examples_per_task",
+        "align.samples_per_prompt",
+        "synth.sampling.max_tokens",
+        "align.generator",
+        *SAMPLING,
+    ),
+    "judgments": (*PROMPTS, "synth.sampling.judge_max_tokens", "synth.sampling.top_p", "align.teacher"),
+    "pairs": ("align.without_verdict",),
+    "revisions": (*PROMPTS, "synth.sampling.revise_max_tokens", "align.teacher", *SAMPLING),
+    "junior": (*TRAINING, "align.model", "align.junior"),
+    "senior": (*TRAINING, "align.senior", "align.beta"),  # starts from the junior
+    "revisor": (*TRAINING, "align.model", "align.revisor"),
+}
+# A step the user's own file replaces depends on that file alone.
+USER_KEYS = {"seed": "align.seed_data", "pairs": "align.pairs_data", "revisions": "align.revision_data"}
+
+
+def fingerprint(cfg: SpeedRayConfig, name: str, reads: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Step ``name``'s fingerprint: its ``KEYS`` (or its user file), the outputs of the steps it
+    ``reads`` and the models of this run it generates with."""
+    out, ac = cfg.run_dir / "align", cfg.align
+    user_key = USER_KEYS.get(name)
+    user_file = getattr(ac, user_key.removeprefix("align.")) if user_key else None
+    if user_key and user_file is not None:
+        return of_config(cfg, (user_key,), {user_key: path_hash(user_file)})
+    inputs = {f"align/{r}": output_hash(read_manifest(out / r)) for r in reads}
+    if name == "root":
+        inputs |= run_model_inputs([ac.generator.model], cfg.run_dir)
+    tax = cfg.synth.taxonomy
+    if name == "tasks" and tax.path is not None and not tax.topics:
+        inputs["synth.taxonomy.path"] = path_hash(tax.path)  # the file's topics
+    keys = (*KEYS[name], *([user_key] if user_key else []))  # null: switching to a file shows
+    return of_config(cfg, keys, inputs)
+
+
+def train_state(cfg: SpeedRayConfig, name: str) -> tuple[Path, ...]:
+    """What a training step leaves besides its model: Ray Train's checkpoints and the data folder
+    with TRL's caches (DPO's reference log-probabilities come from the junior)."""
+    return (cfg.run_dir / "ray" / f"align-{name}", cfg.run_dir / "align" / f"{name}.data")
+
 
 def run(cfg: SpeedRayConfig) -> dict:
     out = cfg.run_dir / "align"
     m: dict[str, Any] = {}
+
+    def trained(name: str, title: str, reads: tuple[str, ...]) -> dict:
+        return step(
+            out / name,
+            f"align/{name} ({title})",
+            lambda: train_step(cfg, name, out),
+            fingerprint(cfg, name, reads),
+            train_state(cfg, name),
+        )
+
     m |= seed_steps(cfg, out)
-    m["junior"] = step(out / "junior", "align/junior (SFT)", lambda: train_step(cfg, "junior", out))
+    m["junior"] = trained("junior", "SFT", ("seed",))
     m |= pair_steps(cfg, out)
-    m["senior"] = step(out / "senior", "align/senior (DPO)", lambda: train_step(cfg, "senior", out))
+    m["senior"] = trained("senior", "DPO", ("junior", "pairs"))
     m |= revision_steps(cfg, out)
-    m["revisor"] = step(out / "revisor", "align/revisor (SFT)", lambda: train_step(cfg, "revisor", out))
+    m["revisor"] = trained("revisor", "SFT", ("revisions",))
     return m
 
 
@@ -78,7 +161,14 @@ def seed_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
     """tasks -> seed: the teacher's own examples, the junior's SFT data (or the user's file)."""
     ac, sc, seed = cfg.align, cfg.synth, cfg.run.seed
     if ac.seed_data is not None:
-        return {"seed": step(out / "seed", "align/seed (your data)", lambda: user_step(cfg, out, "seed"))}
+        return {
+            "seed": step(
+                out / "seed",
+                "align/seed (your data)",
+                lambda: user_step(cfg, out, "seed"),
+                fingerprint(cfg, "seed"),
+            )
+        }
     try:
         topics = synthesis.load_topics(
             sc.taxonomy.path,
@@ -111,9 +201,10 @@ def seed_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
             cfg, "seed", out, rows, GENERATIONS, synthesis.parse_generations, sc.sampling.max_tokens
         )
 
+    tasks_done = step(out / "tasks", "align/tasks (teacher)", tasks, fingerprint(cfg, "tasks"))
     return {
-        "tasks": step(out / "tasks", "align/tasks (teacher)", tasks),
-        "seed": step(out / "seed", "align/seed (teacher)", seed_data),
+        "tasks": tasks_done,
+        "seed": step(out / "seed", "align/seed (teacher)", seed_data, fingerprint(cfg, "seed", ("tasks",))),
     }
 
 
@@ -121,7 +212,14 @@ def pair_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
     """root -> judgments -> pairs: the junior's k outputs per prompt ranked by the teacher (D_DPO)."""
     ac, s = cfg.align, cfg.synth.sampling
     if ac.pairs_data is not None:
-        return {"pairs": step(out / "pairs", "align/pairs (your data)", lambda: user_step(cfg, out, "pairs"))}
+        return {
+            "pairs": step(
+                out / "pairs",
+                "align/pairs (your data)",
+                lambda: user_step(cfg, out, "pairs"),
+                fingerprint(cfg, "pairs"),
+            )
+        }
     if not (out / "tasks").is_dir():
         raise ConfigError(
             "align.pairs_data: the junior's prompts come from align/tasks, which align.seed_data skips; "
@@ -135,7 +233,9 @@ def pair_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
             cfg, ac.generator, out / "root", GENERATIONS, rows, params, synthesis.parse_generations
         )
 
-    m = {"root": step(out / "root", "align/root (junior samples)", root)}
+    m = {
+        "root": step(out / "root", "align/root (junior samples)", root, fingerprint(cfg, "root", ("tasks",)))
+    }
     groups = synthesis.group_samples(read_stage(out / "root", GENERATIONS))
 
     def judgments() -> dict:
@@ -163,8 +263,10 @@ def pair_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
             )
         return write_stage(out / "pairs", [table], PREFERENCE_PAIRS, extra, started)
 
-    m["judgments"] = step(out / "judgments", "align/judgments (teacher)", judgments)
-    m["pairs"] = step(out / "pairs", "align/pairs", pairs)
+    m["judgments"] = step(
+        out / "judgments", "align/judgments (teacher)", judgments, fingerprint(cfg, "judgments", ("root",))
+    )
+    m["pairs"] = step(out / "pairs", "align/pairs", pairs, fingerprint(cfg, "pairs", ("root", "judgments")))
     return m
 
 
@@ -174,7 +276,10 @@ def revision_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
     if ac.revision_data is not None:
         return {
             "revisions": step(
-                out / "revisions", "align/revisions (your data)", lambda: user_step(cfg, out, "revisions")
+                out / "revisions",
+                "align/revisions (your data)",
+                lambda: user_step(cfg, out, "revisions"),
+                fingerprint(cfg, "revisions"),
             )
         }
     if not (out / "root").is_dir():
@@ -191,7 +296,14 @@ def revision_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
             cfg, "revisions", out, rows, GENERATIONS, synthesis.parse_revisions, s.revise_max_tokens
         )
 
-    return {"revisions": step(out / "revisions", "align/revisions (teacher)", revisions)}
+    return {
+        "revisions": step(
+            out / "revisions",
+            "align/revisions (teacher)",
+            revisions,
+            fingerprint(cfg, "revisions", ("root",)),
+        )
+    }
 
 
 # User data replacing a teacher step: file key, columns, schema of the step's folder.

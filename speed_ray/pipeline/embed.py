@@ -15,14 +15,37 @@ from pathlib import Path
 from typing import Any
 
 from speed_ray.config import ConfigError, SpeedRayConfig, embed_finetune
+from speed_ray.fingerprint import of_config, output_hash, path_hash
 from speed_ray.models import resolve_model
 from speed_ray.pipeline.common import log, step
-from speed_ray.schemas import EXAMPLES, read_stage, write_json_atomic
+from speed_ray.schemas import EXAMPLES, read_manifest, read_stage, write_json_atomic
+
+# What the model depends on (``speed_ray.fingerprint`` leaves out what only places or paces the
+# training): every embed setting, the seed, and the training data (``fingerprint``).
+KEYS = ("run.seed", "embed")
 
 
 def run(cfg: SpeedRayConfig) -> dict:
     out = cfg.run_dir / "embed" / "model"
-    return step(out, "embed", lambda: _train(cfg))
+    # A stale model goes with its curve, snapshots and Ray Train's checkpoints (a rerun resumes from them).
+    state = (
+        cfg.run_dir / "embed" / "metrics.jsonl",
+        cfg.run_dir / "embed" / "snapshots",
+        cfg.run_dir / "ray" / "embed",
+    )
+    return step(out, "embed", lambda: _train(cfg), fingerprint(cfg), state)
+
+
+def fingerprint(cfg: SpeedRayConfig) -> dict:
+    """The embed step's fingerprint: ``KEYS`` and the data it trains on (synth/examples' output, or
+    the pairs or corpus file's content)."""
+    d = cfg.embed.data
+    if d.source == "synth":
+        examples = (Path(d.path).resolve() if d.path else cfg.run_dir) / "synth" / "examples"
+        data = {"synth/examples": output_hash(read_manifest(examples))}
+    else:
+        data = {"embed.data.path": path_hash(d.path)}
+    return of_config(cfg, KEYS, data)
 
 
 def training_data(cfg: SpeedRayConfig):
