@@ -243,8 +243,8 @@ class EmbedDataConfig:
     source: str = "synth"
     """synth (this run's examples) | pairs (a user file) | corpus (unlabelled text -> crops or dropout)."""
     path: str | None = None
-    """synth: another run's folder, to train on its ``synth/examples`` (null: this run's);
-    pairs: parquet, JSONL or a ``datasets`` folder with anchor, positive[, negative*] columns;
+    """synth: another run's folder, to train on its ``synth/train`` (null: this run's);
+    pairs: parquet, JSONL, a step folder or a ``datasets`` folder with anchor, positive[, negative*] columns;
     corpus: a JSONL file with ``id`` and ``text``."""
     max_rows: int = 0
     """synth and pairs: train on this many rows, a seeded sample (0: all). A smaller sample is part

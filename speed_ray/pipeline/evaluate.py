@@ -7,7 +7,8 @@ layer of each model is also scored on the kNN task.
 
 Produces ``<run>/eval/results/`` (mteb's layout: ``results/speed-ray__<label>/<revision>/<Task>.json``,
 the revision being the model's content hash), ``<run>/eval/_manifest.json`` with the scores per model
-and task, and ``<run>/eval/layers.png`` with the layer analysis.
+and task, and ``<run>/eval/layers.png`` with the layer analysis. This run's trained model gets its
+scores in its model card: ``<run>/embed/model/README.md`` is regenerated with them.
 """
 
 from __future__ import annotations
@@ -143,6 +144,27 @@ def load_model(spec: str, cfg: SpeedRayConfig) -> Any:
     return model
 
 
+def card_with_scores(cfg: SpeedRayConfig, model: Any, results: dict[str, tuple[str, str, dict]]) -> None:
+    """Regenerate this run's trained model's README.md (sentence-transformers' model card) with the
+    eval scores added: ``results`` is {task: (kind, main score name, scores)}."""
+    from speed_ray.embedding import write_model_card
+    from speed_ray.schemas import read_manifest
+
+    folder = cfg.run_dir / "embed" / "model"
+    manifest = read_manifest(folder) or {}
+    card = manifest.get("model_card")
+    if card is None:  # a model trained before the card was generated: its README stays
+        return
+    scores = {t: {"kind": k, "main_score": m, "scores": s} for t, (k, m, s) in results.items()}
+    length = model.max_seq_length
+    model.max_seq_length = card["hyperparameters"]["max_seq_length"]  # the saved one, not eval's
+    try:
+        write_model_card(model, folder, card, manifest.get("history", []), scores)
+    finally:
+        model.max_seq_length = length
+    log(f"eval: {folder / 'README.md'}: model card with the scores of {len(scores)} task(s)")
+
+
 def _evaluate(cfg: SpeedRayConfig, out: Path) -> dict:
     from speed_ray.evaluation import as_mteb_model, bm25_model, evaluate, tfidf_encoder
     from speed_ray.models import cache_dir
@@ -151,9 +173,11 @@ def _evaluate(cfg: SpeedRayConfig, out: Path) -> dict:
     started = time.time()
     specs = task_specs(cfg)
     models = [parse_model(m) for m in ev.models]
+    kinds = {s.name: s.kind for s in specs}
     log(f"eval: {len(models)} models x {len(specs)} tasks: {', '.join(s.name for s in specs)}")
     cache_root = cache_dir() / "embeddings" if ev.cache else None
     scores: dict[str, dict[str, Any]] = {}
+    main_scores: dict[str, str] = {}
     layers: dict[str, dict[str, float]] = {}
     for label, spec in models:
         t0 = time.time()
@@ -183,9 +207,12 @@ def _evaluate(cfg: SpeedRayConfig, out: Path) -> dict:
                 ) from e
             s["seconds"] = round(time.time() - t1, 1)
             scores[label][ts.name] = s
+            main_scores[ts.name] = task.metadata.main_score
             log(
                 f"eval: {label}: {ts.name}: {task.metadata.main_score} {s['main_score']:.4f} ({s['seconds']:.0f}s)"
             )
+        if spec == "trained" and st is not None:
+            card_with_scores(cfg, st, {t: (kinds[t], main_scores[t], s) for t, s in scores[label].items()})
         if ev.layers and st is not None:
             from speed_ray.layers import layer_scores
 
