@@ -247,8 +247,8 @@ class EmbedDataConfig:
     source: str = "synth"
     """synth (this run's examples) | pairs (a user file) | corpus (unlabelled text -> crops or dropout)."""
     path: str | None = None
-    """synth: another run's folder, to train on its ``synth/examples`` (null: this run's);
-    pairs: parquet, JSONL or a ``datasets`` folder with anchor, positive[, negative*] columns;
+    """synth: another run's folder, to train on its ``synth/train`` (null: this run's);
+    pairs: parquet, JSONL, a step folder or a ``datasets`` folder with anchor, positive[, negative*] columns;
     corpus: a JSONL file with ``id`` and ``text``."""
     max_rows: int = 0
     """synth and pairs: train on this many rows, a seeded sample (0: all). A smaller sample is part
@@ -524,7 +524,8 @@ def _resolve_model_entry(entry: str, base: Path) -> str:
 def _absolute(value: str, base: Path) -> str:
     if value.startswith("builtin:") or "://" in value:
         return value
-    return os.path.normpath(base / Path(value).expanduser())
+    home = value == "~" or value.startswith("~/")  # not ~user: a name that need not exist
+    return os.path.normpath(base / (Path(value).expanduser() if home else Path(value)))
 
 
 def save_config(cfg: SpeedRayConfig, path: Path) -> None:
@@ -926,7 +927,7 @@ def _check_model(key: str, spec: str) -> None:
 # A user's alignment data per align key: the text columns besides ``messages``.
 ALIGN_DATA_COLUMNS = {
     "seed_data": ("completion",),
-    "pairs_data": ("chosen", "rejected"),
+    "pairs_data": (),  # TRL's prompt / chosen / rejected: data.read_preference_rows
     "revision_data": ("completion",),
 }
 
@@ -947,8 +948,8 @@ def _check_data(cfg: SpeedRayConfig) -> None:
             (
                 f"align.{key}",
                 getattr(cfg.align, key) if "align" in cfg.run.stages else None,
-                "read_chat_rows",
-                (cols,),
+                "read_preference_rows" if key == "pairs_data" else "read_chat_rows",
+                () if key == "pairs_data" else (cols,),
             )
             for key, cols in ALIGN_DATA_COLUMNS.items()
         ),

@@ -23,6 +23,8 @@ import random
 from pathlib import Path
 from typing import IO, Any
 
+from speed_ray.prompts import assistant
+
 
 class DataError(ValueError):
     """A user's data file that cannot be used as it is: the message names the file, the line (or row),
@@ -234,13 +236,20 @@ def verify_checksums(folder: Path) -> list[str]:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a parquet file, a JSONL file or a ``datasets`` folder saved with ``save_to_disk``."""
+    """Rows of a parquet file, a JSONL file, a finished speed-ray step folder (its manifest's parquet
+    shards, such as ``synth/train``) or a ``datasets`` folder saved with ``save_to_disk``."""
     return [row for _, row in _numbered_rows(path)]
 
 
 def _numbered_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(n, row): n is the line of a JSONL file, the row (from 1) of a table."""
-    if path.is_dir():
+    """(n, row): n is the line of a JSONL file, the row (from 1) of a table or step folder."""
+    manifest = path / "_manifest.json"
+    if manifest.is_file():
+        import pyarrow.parquet as pq
+
+        files = [path / f["name"] for f in json.loads(manifest.read_text())["files"]]
+        rows = list(enumerate((r for f in files for r in pq.read_table(f).to_pylist()), 1))
+    elif path.is_dir():
         from datasets import load_from_disk
 
         rows = list(enumerate(load_from_disk(str(path)).to_list(), 1))
@@ -262,7 +271,8 @@ def _numbered_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
 def read_pairs(path: Path) -> list[dict[str, Any]]:
     """Pairs in the sentence-transformers convention: ``anchor``, ``positive`` and optional hard
     negatives in ``negative`` / ``negative_1``, ``negative_2``... columns (empty ones are skipped),
-    from parquet, JSONL or a ``datasets`` folder saved with ``save_to_disk``."""
+    from parquet, JSONL, a step folder (``synth/train``) or a ``datasets`` folder saved with
+    ``save_to_disk``."""
     rows = _numbered_rows(path)
     columns = {k for _, r in rows for k in r if k.startswith("negative")}  # JSONL rows may omit some
     negatives = sorted(columns, key=_negative_order)
@@ -298,21 +308,48 @@ def read_chat_rows(path: Path, text_keys: tuple[str, ...]) -> list[dict[str, Any
     out = []
     for n, r in _numbered_rows(path):
         _required(r, ("messages", *text_keys), path, n)
-        msgs = r["messages"]
-        if isinstance(msgs, str):
-            try:
-                msgs = json.loads(msgs)
-            except json.JSONDecodeError:
-                raise DataError(f"{path}:{n}: messages is a string but not JSON") from None
-        if not (
-            isinstance(msgs, list)
-            and msgs
-            and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs)
-        ):
-            raise DataError(f"{path}:{n}: messages: expected a non-empty list of {{role, content}} objects")
+        msgs = _messages(r["messages"], "messages", path, n)
         for k in text_keys:
-            if not isinstance(r[k], str) or not r[k].strip():
-                raise DataError(f"{path}:{n}: {k}: expected a non-empty string, got {_shown(r[k])}")
-        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+            _text(r, k, path, n)
         out.append({"messages": json.dumps(msgs)} | {k: r[k] for k in text_keys})
     return out
+
+
+def read_preference_rows(path: Path) -> list[dict[str, Any]]:
+    """A user's preference pairs in TRL's conversational preference format: ``prompt`` (a list of
+    ``{role, content}`` messages), ``chosen`` and ``rejected`` (the assistant's answers, as messages).
+
+    Also taken: speed-ray's earlier form, ``messages`` for the prompt (or its JSON) and ``chosen`` /
+    ``rejected`` as plain strings; a string answer becomes one assistant message.
+    """
+    out = []
+    for n, r in _numbered_rows(path):
+        key = "prompt" if "prompt" in r or "messages" not in r else "messages"
+        _required(r, (key, "chosen", "rejected"), path, n)
+        row = {"prompt": _messages(r[key], key, path, n)}
+        for k in ("chosen", "rejected"):
+            if isinstance(r[k], str):
+                row[k] = assistant(str(_text(r, k, path, n)))
+            else:
+                row[k] = _messages(r[k], k, path, n)
+        out.append(row)
+    return out
+
+
+def _messages(value: Any, key: str, path: Path, n: int) -> list[dict[str, str]]:
+    """A chat (a list of ``{role, content}`` objects, or its JSON) as plain ``{role, content}`` dicts."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}:{n}: {key} is a string but not JSON") from None
+    if not (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value
+        )
+    ):
+        raise DataError(f"{path}:{n}: {key}: expected a non-empty list of {{role, content}} objects")
+    return [{"role": m["role"], "content": m["content"]} for m in value]

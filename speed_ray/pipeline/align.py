@@ -7,8 +7,9 @@ Steps under ``<run>/align/``:
 - ``junior/``: the base model fine-tuned (SFT) on the seed data: a merged model folder;
 - ``root/``: the junior samples ``samples_per_prompt`` outputs per prompt (GENERATIONS);
 - ``judgments/``: the teacher picks the best and worst output per prompt (JUDGMENTS);
-- ``pairs/``: (prompt, best, worst) preference pairs; unusable verdicts are dropped, by reason
-  (PREFERENCE_PAIRS); ``align.pairs_data`` replaces root, judgments and pairs;
+- ``pairs/``: (prompt, best, worst) preference pairs in TRL's conversational format; unusable
+  verdicts are dropped, by reason (PREFERENCE_PAIRS); ``align.pairs_data`` replaces root, judgments
+  and pairs;
 - ``senior/``: the junior aligned by DPO on the pairs, against the frozen junior as reference;
 - ``revisions/``: the teacher critiques and rewrites one junior output per prompt (GENERATIONS);
   ``align.revision_data`` replaces it;
@@ -306,7 +307,8 @@ def revision_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
     }
 
 
-# User data replacing a teacher step: file key, columns, schema of the step's folder.
+# User data replacing a teacher step: file key, columns, schema of the step's folder (preference
+# pairs: TRL's conversational columns, read by ``read_preference_rows``).
 USER_DATA = {
     "seed": ("seed_data", ALIGN_DATA_COLUMNS["seed_data"], GENERATIONS),
     "pairs": ("pairs_data", ALIGN_DATA_COLUMNS["pairs_data"], PREFERENCE_PAIRS),
@@ -316,13 +318,13 @@ USER_DATA = {
 
 def user_step(cfg: SpeedRayConfig, out: Path, name: str) -> dict:
     """The user's own rows for a teacher step, checked and stored in the step's schema."""
-    from speed_ray.data import locate, read_chat_rows
+    from speed_ray.data import locate, read_chat_rows, read_preference_rows
 
     started = time.time()
     key, columns, schema = USER_DATA[name]
     path = locate(getattr(cfg.align, key))
     try:
-        rows = read_chat_rows(path, columns)
+        rows = read_preference_rows(path) if name == "pairs" else read_chat_rows(path, columns)
     except ValueError as e:
         raise ConfigError(f"align.{key}: {e}") from None
     for n, r in enumerate(rows):
@@ -348,10 +350,11 @@ TRAINED = {
 
 
 def training_rows(out: Path, name: str) -> list[dict[str, Any]]:
-    """The rows a model trains on: the valid teacher outputs, or the preference pairs."""
+    """The rows a model trains on: the valid teacher outputs, or the preference pairs as they are
+    stored (TRL's conversational prompt, chosen and rejected)."""
     kind, data = TRAINED[name]
     if kind == "dpo":
-        return read_stage(out / data, PREFERENCE_PAIRS).to_pylist()
+        return read_stage(out / data, PREFERENCE_PAIRS).select(["prompt", "chosen", "rejected"]).to_pylist()
     rows = read_stage(out / data, GENERATIONS).to_pylist()
     return [{"messages": r["messages"], "completion": r["raw"]} for r in rows if r["error"] is None]
 
@@ -360,7 +363,7 @@ def train_step(cfg: SpeedRayConfig, name: str, out: Path) -> dict:
     """Train one model of the loop under Ray Train; write its folder, model card and manifest."""
     from speed_ray.models import resolve_model
     from speed_ray.ray_utils import train
-    from speed_ray.train.align import dpo_rows, long_prompts, sft_rows, train_loop
+    from speed_ray.train.align import long_prompts, sft_rows, train_loop
 
     ac, res = cfg.align, cfg.align.resources
     tc: AlignTrainConfig = getattr(ac, name)
@@ -369,7 +372,7 @@ def train_step(cfg: SpeedRayConfig, name: str, out: Path) -> dict:
     # The junior is the senior's starting point and its DPO reference; the revisor starts from the base.
     base = str(out / "junior") if name == "senior" else resolve_model(ac.model)
     read = training_rows(out, name)
-    rows = dpo_rows(read) if kind == "dpo" else sft_rows(read)
+    rows = read if kind == "dpo" else sft_rows(read)
     too_long = set(long_prompts(base, rows, ac.max_length))
     rows = [r for i, r in enumerate(rows) if i not in too_long]
     dropped = {f"prompt of {ac.max_length}+ tokens": len(too_long)} if too_long else {}

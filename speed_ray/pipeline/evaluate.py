@@ -13,6 +13,8 @@ Each (model, task) is scored once per fingerprint: ``<run>/eval/_done/<label>/<t
 its fingerprint (the task's settings and data, the model's spec, settings and, for a trained model,
 its output), its scores and its result files. A rerun reuses every record whose fingerprint holds, so
 adding a model scores that model alone, and a retrained model is scored again while the base is not.
+This run's trained model gets its scores in its model card: ``<run>/embed/model/README.md`` is
+regenerated with them whenever it is scored.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from speed_ray.config import SpeedRayConfig
+from speed_ray.experiments import MAIN_SCORES
 from speed_ray.fingerprint import (
     RUNTIME_KEYS,
     diff,
@@ -227,6 +230,27 @@ def load_model(spec: str, cfg: SpeedRayConfig) -> Any:
     return model
 
 
+def card_with_scores(cfg: SpeedRayConfig, model: Any, results: dict[str, tuple[str, str, dict]]) -> None:
+    """Regenerate this run's trained model's README.md (sentence-transformers' model card) with the
+    eval scores added: ``results`` is {task: (kind, main score name, scores)}."""
+    from speed_ray.embedding import write_model_card
+    from speed_ray.schemas import read_manifest
+
+    folder = cfg.run_dir / "embed" / "model"
+    manifest = read_manifest(folder) or {}
+    card = manifest.get("model_card")
+    if card is None:  # a model trained before the card was generated: its README stays
+        return
+    scores = {t: {"kind": k, "main_score": m, "scores": s} for t, (k, m, s) in results.items()}
+    length = model.max_seq_length
+    model.max_seq_length = card["hyperparameters"]["max_seq_length"]  # the saved one, not eval's
+    try:
+        write_model_card(model, folder, card, manifest.get("history", []), scores)
+    finally:
+        model.max_seq_length = length
+    log(f"eval: {folder / 'README.md'}: model card with the scores of {len(scores)} task(s)")
+
+
 def _evaluate(
     cfg: SpeedRayConfig,
     out: Path,
@@ -283,6 +307,13 @@ def _evaluate(
             _record(out, label, ts.name, units[(label, ts.name)], s, before)
             log(
                 f"eval: {label}: {ts.name}: {task.metadata.main_score} {s['main_score']:.4f} ({s['seconds']:.0f}s)"
+            )
+        if spec == "trained" and st is not None:
+            kinds = {t: next(ts.kind for ts in specs if ts.name == t) for t in scores[label]}
+            card_with_scores(
+                cfg,
+                st,
+                {t: (k, MAIN_SCORES.get(k, "main_score"), scores[label][t]) for t, k in kinds.items()},
             )
         if ev.layers and spec not in BASELINES:
             rec = kept[LAYERS]

@@ -8,7 +8,11 @@ Produces under ``<run>/synth/``, one folder per step, each finished by a ``_mani
 - ``pairs/``: preference pairs for DPO, from the judge or, without one, a rule-based score;
 - ``drafts/``: one example per prompt: the judge's best sample, else the first valid one;
 - ``revisions/``: each draft rewritten once by ``synth.reviser`` (only with a reviser);
-- ``examples/``: the training rows (revision where it parsed, else the draft), near duplicates removed.
+- ``examples/``: the final rows (revision where it parsed, else the draft), near duplicates removed,
+  with their instruction, task type, topic and provenance (EXAMPLES);
+- ``train/``: the same rows as the embedding training set in sentence-transformers' columns, exactly
+  ``anchor`` (``Instruct: {instruction}\nQuery: {query}``), ``positive`` and ``negative`` (TRIPLETS):
+  ``datasets.load_dataset("parquet", ...)`` loads it and ``SentenceTransformerTrainer`` trains on it.
 
 The model-calling steps write fixed shards as they complete (``speed_ray.shards``): a killed run keeps
 them, and the rerun only sends the missing shards' rows to the engine.
@@ -34,6 +38,7 @@ from speed_ray.schemas import (
     JUDGMENTS,
     PREFERENCE_PAIRS,
     TASKS,
+    TRIPLETS,
     read_stage,
     write_stage,
 )
@@ -70,6 +75,7 @@ KEYS = {
         *SAMPLING,
     ),
     "examples": ("run.seed", "synth.dedup"),
+    "train": (),  # the examples alone
 }
 
 
@@ -214,6 +220,12 @@ def run(cfg: SpeedRayConfig) -> dict:
         lambda: examples_step(cfg, out, revisions),
         fingerprint(cfg, "examples", {k: manifests[k] for k in ("drafts", "revisions") if k in manifests}),
     )
+    manifests["train"] = step(
+        out / "train",
+        "synth/train",
+        lambda: training_set_step(out),
+        fingerprint(cfg, "train", {"examples": manifests["examples"]}),
+    )
     return manifests
 
 
@@ -259,6 +271,14 @@ def examples_step(cfg: SpeedRayConfig, out: Path, revisions: pa.Table | None) ->
         extra["dedup"] = stats
         log(f"synth/examples: MinHash dedup removed {stats['removed']} of {stats['input_rows']} rows")
     return write_stage(out / "examples", [rows], EXAMPLES, extra, started)
+
+
+def training_set_step(out: Path) -> dict:
+    """``examples/`` as the embedding training set: the three text columns and nothing else, since
+    sentence-transformers embeds every column of its training dataset."""
+    started = time.time()
+    table = synthesis.training_triplets(read_stage(out / "examples", EXAMPLES))
+    return write_stage(out / "train", [table], TRIPLETS, {"examples": table.num_rows}, started)
 
 
 def generate_step(

@@ -133,7 +133,7 @@ def test_embed_and_eval_declare_what_they_depend_on(tmp_path):
     fp = embed.fingerprint(cfg)
     assert fp["config"]["embed.learning_rate"] == 1e-4 and fp["config"]["run.seed"] == 0
     assert "embed.max_failures" not in fp["config"] and "eval.seed" not in fp["config"]
-    assert fp["inputs"] == {"synth/examples": None}  # synth has not run
+    assert fp["inputs"] == {"synth/train": None}  # synth has not run
 
     specs = [evaluate.TaskSpec("T", "retrieval", lambda: None, lambda: [])]
     models = [("base", "base"), ("trained", "trained"), ("bm25", "bm25")]
