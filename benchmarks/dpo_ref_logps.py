@@ -56,18 +56,18 @@ LOSS_RTOL = 1e-3
 
 
 def pairs(n: int) -> list[dict[str, Any]]:
-    """``n`` preference pairs in the shape ``dpo_rows`` reads (messages as a JSON string)."""
-    from speed_ray.data import read_labelled
+    """``n`` preference pairs as the align stage stores them (TRL's conversational format)."""
+    from speed_ray.data import locate, read_labelled
 
-    rows = [r for r in read_labelled(REPO.parent / "shared/data/debian/labelled.jsonl") if r["text"].strip()]
+    rows = [r for r in read_labelled(locate("builtin:debian/labelled")) if r["text"].strip()]
     rows = rows[: n + 1]
     return [
         {
-            "messages": json.dumps(
-                [{"role": "user", "content": f"Describe the Debian package {r['id']} in a few sentences."}]
-            ),
-            "chosen": r["text"][:TEXT_CHARS],
-            "rejected": nxt["text"][:TEXT_CHARS],
+            "prompt": [
+                {"role": "user", "content": f"Describe the Debian package {r['id']} in a few sentences."}
+            ],
+            "chosen": [{"role": "assistant", "content": r["text"][:TEXT_CHARS]}],
+            "rejected": [{"role": "assistant", "content": nxt["text"][:TEXT_CHARS]}],
         }
         for r, nxt in zip(rows[:n], rows[1 : n + 1], strict=True)
     ]
@@ -183,11 +183,11 @@ def run(
 ):
     """One construction + ``train()`` on a fresh data folder; times, counts and the per-step losses."""
     from speed_ray.pipeline.align import write_dataset
-    from speed_ray.train.align import build_trainer, dpo_rows, load_data
+    from speed_ray.train.align import build_trainer, load_data
 
     with tempfile.TemporaryDirectory(prefix="dpo-ref-bench-") as tmp:
         data_dir = Path(tmp) / "data"
-        write_dataset(dpo_rows(data), data_dir)
+        write_dataset(data, data_dir)
         cfg = config(model, str(data_dir), steps, batch_size, precompute)
         counter.reset()
         t0 = time.perf_counter()
@@ -354,7 +354,7 @@ def main() -> None:
             "datasets": datasets.__version__,
         },
         "model": f"{MODEL} ({backbone}), LoRA r16/alpha32 on q,v,o,gate,up,down; reference = adapter off",
-        "data": f"{len(data)} pairs from shared/data/debian/labelled.jsonl: prompt 'Describe the Debian package "
+        "data": f"{len(data)} pairs from the Debian labelled set: prompt 'Describe the Debian package "
         f"<id> in a few sentences.', chosen = its text, rejected = the next package's, {TEXT_CHARS} chars each",
         "settings": {
             "pairs": len(data),

@@ -30,7 +30,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-RETRIEVAL = REPO.parent / "shared/data/debian/retrieval"
+from speed_ray.data import locate  # noqa: E402
+
+RETRIEVAL = locate("builtin:debian/retrieval")
 for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(var, "1")
 

@@ -35,10 +35,10 @@ SEQ_LEN = 64
 
 
 def _rows(batch: int) -> list[dict]:
-    from speed_ray.data import read_labelled
+    from speed_ray.data import locate, read_labelled
     from speed_ray.pairs import build_pairs
 
-    pairs, _ = build_pairs(read_labelled(REPO.parent / "shared/data/debian/labelled.jsonl"), "crops")
+    pairs, _ = build_pairs(read_labelled(locate("builtin:debian/labelled")), "crops")
     pairs = (pairs * (batch // len(pairs) + 1))[:batch]
     return [{"query": p["anchor"], "positive": p["positive"], "negatives": []} for p in pairs]
 

@@ -33,8 +33,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DATA = REPO.parent / "shared/data/debian/labelled.jsonl"
-RETRIEVAL = REPO.parent / "shared/data/debian/retrieval"
+from speed_ray.data import locate  # noqa: E402
+
+DATA = locate("builtin:debian/labelled")
+RETRIEVAL = locate("builtin:debian/retrieval")
 WARMUP = 2
 ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -197,7 +199,7 @@ def main() -> None:
         f"state from metrics.jsonl (first {WARMUP} steps left out)",
         "settings": {
             "model": "all-MiniLM-L6-v2, mean pooling, normalised",
-            "data": "crop pairs of shared/data/debian/labelled.jsonl, in-batch negatives only",
+            "data": "crop pairs of the Debian labelled set, in-batch negatives only",
             "global_batch": args.global_batch,
             "steps": args.steps,
             "warmup_steps_dropped": WARMUP,

@@ -95,7 +95,7 @@ def run(rows: int, shard_rows: int, batch_size: int, out_dir: Path) -> dict[str,
             f"synth.shard_rows={shard_rows}",
             f"synth.engine.batch_size={batch_size}",
             "synth.engine.max_actors=1",
-            f"eval.retrieval.path={REPO.parent / 'shared/data/debian/retrieval'}",
+            f"eval.retrieval.path={'builtin:debian/retrieval'}",
         ],
     )
     init_ray(cfg)

@@ -110,7 +110,7 @@ def run_ray(args: argparse.Namespace) -> dict[str, Any]:
             f"synth.engine.kv_cache_gib={args.kv_cache_gib}",
             f"synth.engine.batch_size={args.batch_size}",
             f"synth.engine.num_gpus={args.num_gpus}",
-            f"eval.retrieval.path={REPO.parent / 'shared/data/debian/retrieval'}",
+            f"eval.retrieval.path={'builtin:debian/retrieval'}",
         ],
     )
     init_ray(cfg)

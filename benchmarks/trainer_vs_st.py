@@ -45,8 +45,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DATA = REPO.parent / "shared/data/debian/labelled.jsonl"
-RETRIEVAL = REPO.parent / "shared/data/debian/retrieval"
+from speed_ray.data import locate  # noqa: E402
+
+DATA = locate("builtin:debian/labelled")
+RETRIEVAL = locate("builtin:debian/retrieval")
 WARMUP = 2
 ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -298,7 +300,7 @@ def main() -> None:
         "'ratio_vs_st_compute_only' from on_step_begin to on_step_end (tokenisation excluded on ST's side)",
         "settings": {
             "model": "all-MiniLM-L6-v2, mean pooling, normalised",
-            "data": "crop pairs of shared/data/debian/labelled.jsonl (the same texts per step on both sides)",
+            "data": "crop pairs of the Debian labelled set (the same texts per step on both sides)",
             "batch": args.batch,
             "steps": args.steps,
             "warmup_steps_dropped": WARMUP,

@@ -9,15 +9,7 @@ On a Ray cluster:
 
 from __future__ import annotations
 
-from _common import parse_config
-
-from speed_ray.cli import run_stages
-from speed_ray.config import SpeedRayConfig
-
-
-def main(cfg: SpeedRayConfig) -> None:
-    run_stages(cfg, ("align",))
-
+from _common import run_job
 
 if __name__ == "__main__":
-    main(parse_config(__doc__.splitlines()[0]))
+    run_job("align", __doc__.splitlines()[0])

@@ -1,4 +1,4 @@
-"""Every stage of a run in order: align -> synth -> embed -> eval -> report.
+"""The config's stages (run.stages) in order: align -> synth -> embed -> eval -> report.
 
 Local (2 CPUs, no GPU):
     python jobs/pipeline.py --config configs/quickstart.yaml
@@ -9,16 +9,7 @@ On a Ray cluster:
 
 from __future__ import annotations
 
-from _common import parse_config
-
-from speed_ray.cli import run_stages
-from speed_ray.config import SpeedRayConfig
-from speed_ray.pipeline import STAGES
-
-
-def main(cfg: SpeedRayConfig) -> None:
-    run_stages(cfg, STAGES)
-
+from _common import run_job
 
 if __name__ == "__main__":
-    main(parse_config(__doc__.splitlines()[0]))
+    run_job("run", __doc__.splitlines()[0])

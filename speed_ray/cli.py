@@ -9,8 +9,9 @@
 -v/--verbose (debug lines) or -q/--quiet (warnings and errors only, no progress bars), before or after
 the subcommand. Status lines and bars go to stderr; stdout gets the report path (doctor: its report).
 
-Exit codes: 0 done, 2 something to fix on your side (bad config, missing input, full disk, unwritable
-folder), 1 anything else (a bug: the traceback shows where).
+Exit codes: 0 done, 2 something to fix on your side (bad config, a bad row in a data file, missing
+input, full disk, unwritable folder: one line that names it), 1 anything else (a bug: the traceback
+shows where).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from speed_ray import logs, storage
 from speed_ray.config import ConfigError, SpeedRayConfig, load_config, save_config
+from speed_ray.data import DataError
 from speed_ray.pipeline import STAGES, stage_module
 
 # Nothing downloads from a model hub at run time (set before any HF library is imported).
@@ -68,21 +70,12 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     return args
 
 
-def _differs(saved, cfg: SpeedRayConfig) -> bool:
-    try:
-        return load_config(saved) != cfg
-    except ConfigError:  # the old config no longer loads (a file moved, a key was renamed)
-        return True
-
-
-def run_stages(cfg: SpeedRayConfig, stages: tuple[str, ...]) -> None:
+def run_stages(cfg: SpeedRayConfig) -> None:
+    """The config's stages (``run.stages``) in pipeline order. A config that differs from the
+    saved one needs no note here: each step compares its own fingerprint and says which step is
+    stale and why (speed_ray.pipeline.common.step)."""
+    stages = [s for s in STAGES if s in cfg.run.stages]
     saved = cfg.run_dir / "config.yaml"
-    if saved.is_file() and _differs(saved, cfg):
-        # Finished steps are still skipped: say so, since their outputs came from the older config.
-        logger.warning(
-            f"note: {saved} differs from this config; finished steps keep their outputs "
-            "(delete a step's folder, or use a new run.name, to redo it)"
-        )
     save_config(cfg, saved)
     remote = f"{cfg.run.upload_to.rstrip('/')}/{cfg.run.name}" if cfg.run.upload_to else None
     if remote:
@@ -113,22 +106,25 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides) if args.config else None
             print(doctor(cfg))
             return 0
+        # One stage's command is the run with only that stage: `speed-ray embed CONFIG`.
+        only = [] if args.command in ("run", "experiment") else [f"run.stages=[{args.command}]"]
         if args.command == "report" and Path(args.config).is_dir():  # speed-ray report RUN_DIR
             run_dir = Path(args.config).resolve()
             where = [f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"]
-            cfg = load_config(run_dir / "config.yaml", [*args.overrides, *where])
+            cfg = load_config(run_dir / "config.yaml", [*args.overrides, *where, *only])
         else:
-            cfg = load_config(args.config, args.overrides)
+            cfg = load_config(args.config, [*args.overrides, *only])
         if args.command == "experiment":
             from speed_ray.pipeline.experiment import run as run_experiment
 
             run_experiment(cfg, args.config, args.overrides)
             print(f"report: {cfg.run_dir / 'report.md'}")
             return 0
-        run_stages(cfg, STAGES if args.command == "run" else (args.command,))
-    except (ConfigError, OSError) as e:
-        # Something to fix on the user's side: a config, a missing file, a full disk, a folder that
-        # cannot be written (the message names it). Exit 1 with a traceback is a bug in speed-ray.
+        run_stages(cfg)
+    except (ConfigError, DataError, OSError) as e:
+        # Something to fix on the user's side: a config, a bad row in a data file, a missing file, a
+        # full disk, a folder that cannot be written (the message names it). Exit 1 with a traceback
+        # is a bug in speed-ray. jobs/*.py come through here too (jobs/_common.py).
         print(f"speed-ray: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -21,6 +21,9 @@ from typing import Any
 import yaml
 
 TASK_TYPES = ("classification", "sts", "retrieval", "text_matching")
+# The run's stages in order. align comes first: synth can generate with the models it makes
+# (``run:align/senior``).
+STAGES = ("align", "synth", "embed", "eval", "report")
 POOLING_MODES = ("mean", "cls", "lasttoken")
 
 
@@ -32,6 +35,9 @@ class ConfigError(ValueError):
 class RunSection:
     name: str = "quickstart"
     """Run name: the run directory is ``output_dir/name``."""
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    """What ``speed-ray run`` does, taken in the order align, synth, embed, eval, report. A config
+    says what it is for: ``[embed, eval, report]`` trains on a corpus and scores the result."""
     output_dir: str = "runs"
     """Folder that holds run directories (a local path)."""
     seed: int = 0
@@ -180,8 +186,6 @@ class AlignConfig:
     revisor (SFT from the base model). Prompts, task mix and sampling settings are synth's
     (``synth.taxonomy``, ``synth.mix``, ``synth.sampling``), so the models learn the prompts they serve."""
 
-    enabled: bool = True
-    """False: ``speed-ray run`` skips this stage (synth then uses its own engines as configured)."""
     model: str = "smollm2-135m-instruct"
     """Base model of the junior and the revisor (SPEED: LLaMA-3-8B, the base model)."""
     teacher: EngineConfig = field(default_factory=EngineConfig)
@@ -243,8 +247,8 @@ class EmbedDataConfig:
     source: str = "synth"
     """synth (this run's examples) | pairs (a user file) | corpus (unlabelled text -> crops or dropout)."""
     path: str | None = None
-    """synth: another run's folder, to train on its ``synth/examples`` (null: this run's);
-    pairs: parquet, JSONL or a ``datasets`` folder with anchor, positive[, negative*] columns;
+    """synth: another run's folder, to train on its ``synth/train`` (null: this run's);
+    pairs: parquet, JSONL, a step folder or a ``datasets`` folder with anchor, positive[, negative*] columns;
     corpus: a JSONL file with ``id`` and ``text``."""
     max_rows: int = 0
     """synth and pairs: train on this many rows, a seeded sample (0: all). A smaller sample is part
@@ -330,8 +334,9 @@ class EmbedConfig:
 
 @dataclass
 class RetrievalTaskConfig:
-    path: str | None = "../shared/data/debian/retrieval"
-    """A BEIR-layout folder: corpus.jsonl, queries.jsonl, qrels/test.tsv (null: no retrieval task)."""
+    path: str | None = "builtin:debian/retrieval"
+    """A BEIR-layout folder: corpus.jsonl, queries.jsonl, qrels/test.tsv, each plain or gzipped
+    (null: no retrieval task). Default: the Debian retrieval set shipped with speed-ray."""
     name: str = "DebianPackageRetrieval"
     query_instruction: str = "Given a short description of a Debian package, retrieve its full description"
     """The query prompt of models that saved none (decoders with lasttoken pooling use it)."""
@@ -345,7 +350,8 @@ class RetrievalTaskConfig:
 @dataclass
 class LabelledTaskConfig:
     path: str | None = None
-    """A JSONL file with a text and a label per row (null: no such task)."""
+    """A JSONL file (or .jsonl.gz) with a text and a label per row (null: no such task);
+    ``builtin:debian/labelled`` is the Debian set shipped with speed-ray."""
     name: str = ""
     """The mteb task name (results/<model>/<revision>/<name>.json); default: from the file name."""
     text_field: str = "text"
@@ -444,16 +450,82 @@ class SpeedRayConfig:
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> SpeedRayConfig:
-    """Defaults < YAML file at ``path`` < ``key.sub=value`` overrides; validated."""
+    """Defaults < YAML file at ``path`` < ``key.sub=value`` overrides; validated.
+
+    Relative paths in the file resolve against the file's folder, those in overrides against the
+    current folder; both are stored absolute, so the saved config means the same from anywhere."""
     data: dict[str, Any] = {}
     if path is not None:
-        data = _read_yaml(Path(path))
+        data = resolve_paths("", _read_yaml(Path(path)), Path(path).resolve().parent)
     for item in overrides or []:
         key, value = _parse_override(item)
-        _set_dotted(data, key, value)
+        _set_dotted(data, key, resolve_paths(key, value, Path.cwd()))
     cfg = _build(SpeedRayConfig, data, "")
+    cfg.run.output_dir = _absolute(cfg.run.output_dir, Path.cwd())  # the default, ``runs``, too
     cfg.validate()
     return cfg
+
+
+# Keys whose values are local paths (a built-in data name or a URL is left as it is), and keys
+# whose values are model specs, which are paths only when they start like one (``./``, ``/``, ``~``).
+PATH_KEYS = frozenset(
+    {
+        "run.output_dir",
+        "synth.taxonomy.path",
+        "align.seed_data",
+        "align.pairs_data",
+        "align.revision_data",
+        "embed.data.path",
+        "eval.retrieval.path",
+        "eval.knn.path",
+        "eval.clustering.path",
+    }
+)
+ENGINE_KEYS = (
+    "synth.engine",
+    "synth.brainstormer",
+    "synth.judge",
+    "synth.reviser",
+    "align.teacher",
+    "align.generator",
+)
+MODEL_KEYS = frozenset({"align.model", "embed.model", *(f"{k}.model" for k in ENGINE_KEYS)})
+# Sections that map a name to ``{dotted.key: value}`` overrides of the run config.
+OVERRIDE_SECTIONS = ("experiment.prepare", "experiment.variants", "experiment.evals")
+
+
+def resolve_paths(key: str, value: Any, base: Path) -> Any:
+    """``value``, found at dotted ``key`` of a config, with its relative paths made absolute against
+    ``base`` (a config file's folder, or the current folder for a command-line override)."""
+    if isinstance(value, dict) and key in OVERRIDE_SECTIONS:
+        return {
+            name: {k: resolve_paths(k, v, base) for k, v in changes.items()}
+            if isinstance(changes, dict)
+            else changes
+            for name, changes in value.items()
+        }
+    if isinstance(value, dict):
+        return {k: resolve_paths(f"{key}.{k}" if key else k, v, base) for k, v in value.items()}
+    if isinstance(value, str) and (key in PATH_KEYS or (key in MODEL_KEYS and _looks_like_path(value))):
+        return _absolute(value, base)
+    if key == "eval.models" and isinstance(value, list):
+        return [_resolve_model_entry(e, base) if isinstance(e, str) else e for e in value]
+    return value
+
+
+def _resolve_model_entry(entry: str, base: Path) -> str:
+    """An ``eval.models`` entry, ``spec`` or ``label=spec``, with a path spec made absolute."""
+    label, named, spec = entry.partition("=")
+    if not named:
+        label, spec = "", entry
+    return f"{label}{named}{_absolute(spec, base)}" if _looks_like_path(spec) else entry
+
+
+def _absolute(value: str, base: Path) -> str:
+    if value.startswith("builtin:") or "://" in value:
+        return value
+    home = value == "~" or value.startswith("~/")  # not ~user: a name that need not exist
+    return os.path.normpath(base / (Path(value).expanduser() if home else Path(value)))
 
 
 def save_config(cfg: SpeedRayConfig, path: Path) -> None:
@@ -566,6 +638,10 @@ def _scalar(tp: type, value: Any, key: str) -> Any:
 def _check_names(cfg: SpeedRayConfig) -> None:
     if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):
         raise ConfigError(f"run.name: expected a plain folder name, got {cfg.run.name!r}")
+    if not cfg.run.stages or not set(cfg.run.stages) <= set(STAGES):
+        raise ConfigError(
+            f"run.stages: expected a list of stages from {', '.join(STAGES)}, got {cfg.run.stages!r}"
+        )
     for key, eng in _engines(cfg).items():
         _check_engine(key, eng)
     for t, w in cfg.synth.mix.items():
@@ -736,7 +812,7 @@ def _engines(cfg: SpeedRayConfig) -> dict[str, EngineConfig]:
         "synth.judge": cfg.synth.judge,
         "synth.reviser": cfg.synth.reviser,
     }
-    if cfg.align.enabled:
+    if "align" in cfg.run.stages:
         engines |= {"align.teacher": cfg.align.teacher, "align.generator": cfg.align.generator}
     return {k: e for k, e in engines.items() if e is not None}
 
@@ -811,7 +887,7 @@ def _check_files(cfg: SpeedRayConfig) -> None:
         "align.revision_data": cfg.align.revision_data,
     }
     for key, data_path in data_files.items():
-        if data_path is not None and not Path(data_path).exists():
+        if data_path is not None and not _locate(key, data_path).exists():
             raise ConfigError(f"{key}: {data_path} not found")
     tax = cfg.synth.taxonomy
     if tax.path is not None and not tax.topics and not Path(tax.path).is_file():
@@ -819,18 +895,104 @@ def _check_files(cfg: SpeedRayConfig) -> None:
     _check_eval(cfg.eval)
     models = {f"{k}.model": e.model for k, e in _engines(cfg).items() if e.kind != "openai"}
     for key, spec in {**models, "align.model": cfg.align.model, "embed.model": cfg.embed.model}.items():
-        if _looks_like_path(spec) and not Path(spec).is_dir():
-            raise ConfigError(f"{key}: model folder {spec} not found")
+        _check_model(key, spec)
+    _check_eval_models(cfg)
+    _check_data(cfg)
+
+
+EVAL_NAMES = ("base", "trained", "tfidf", "bm25")
+
+
+def _check_eval_models(cfg: SpeedRayConfig) -> None:
+    """Every entry but a baseline or an experiment variant's name is a model spec checked as the other
+    models are; a labelled path or hub name (``label=path``) is left alone, as an experiment may
+    train that folder first."""
+    for i, entry in enumerate(cfg.eval.models):
+        _, named, spec = entry.partition("=")
+        if named and ("/" in spec or _looks_like_path(spec)):
+            continue
+        spec = spec if named else entry
+        if spec not in (*EVAL_NAMES, *cfg.experiment.variants):
+            _check_model(f"eval.models[{i}]", spec)
+
+
+def _check_model(key: str, spec: str) -> None:
+    from speed_ray.models import spec_problem
+
+    problem = spec_problem(spec)
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
+
+
+# A user's alignment data per align key: the text columns besides ``messages``.
+ALIGN_DATA_COLUMNS = {
+    "seed_data": ("completion",),
+    "pairs_data": (),  # TRL's prompt / chosen / rejected: data.read_preference_rows
+    "revision_data": ("completion",),
+}
+
+# Data files already read and found sound in this process, by reader and file stamp: a config loaded
+# again (the saved one, an experiment's variants) does not read them again.
+_SOUND_DATA: set[tuple[Any, ...]] = set()
+
+
+def _check_data(cfg: SpeedRayConfig) -> None:
+    """Every row of the data files the config names, read now with the stage's own reader, so a bad
+    row fails at once, naming the file, the line and the field, not after hours of earlier stages
+    (the stage reads the file again: a second read, but no rows held in memory meanwhile)."""
+    from speed_ray import data
+
+    d, ev = cfg.embed.data, cfg.eval
+    checks: list[tuple[str, str | None, str, Any]] = [
+        *(
+            (
+                f"align.{key}",
+                getattr(cfg.align, key) if "align" in cfg.run.stages else None,
+                "read_preference_rows" if key == "pairs_data" else "read_chat_rows",
+                () if key == "pairs_data" else (cols,),
+            )
+            for key, cols in ALIGN_DATA_COLUMNS.items()
+        ),
+        ("embed.data.path", d.path if d.source == "pairs" else None, "read_pairs", ()),
+        ("embed.data.path", d.path if d.source == "corpus" else None, "read_corpus", ()),
+        ("eval.retrieval.path", ev.retrieval.path, "read_beir", ()),
+        *(
+            (f"{key}.path", task.path, "read_labelled", (task.text_field, task.label_field))
+            for key, task in (("eval.knn", ev.knn), ("eval.clustering", ev.clustering))
+        ),
+    ]
+    for key, path, reader, args in checks:
+        if path is None:
+            continue
+        located = _locate(key, path)
+        seen = (reader, args, *_stamp(located))
+        if seen in _SOUND_DATA:
+            continue
+        try:
+            getattr(data, reader)(located, *args)
+        except data.DataError as e:
+            raise ConfigError(f"{key}: {e}") from None
+        _SOUND_DATA.add(seen)
+
+
+def _stamp(path: Path) -> tuple[Any, ...]:
+    """A file's (or a folder's files') path, size and modification time."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
 def _check_eval(ev: EvalConfig) -> None:
+    from speed_ray.data import member
+
     if ev.retrieval.path is not None:
-        rdir = Path(ev.retrieval.path)
+        rdir = _locate("eval.retrieval.path", ev.retrieval.path)
         for rel in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
-            if not (rdir / rel).is_file():
-                raise ConfigError(f"eval.retrieval.path: expected {rdir / rel} (BEIR layout), not found")
+            if not member(rdir, rel).is_file():
+                raise ConfigError(
+                    f"eval.retrieval.path: expected {rdir / rel} or {rdir / rel}.gz (BEIR layout), not found"
+                )
     for key, task in (("eval.knn", ev.knn), ("eval.clustering", ev.clustering)):
-        if task.path is not None and not Path(task.path).is_file():
+        if task.path is not None and not _locate(f"{key}.path", task.path).is_file():
             raise ConfigError(f"{key}.path: file {task.path} not found")
     if ev.knn.split not in ("cv", "holdout"):
         raise ConfigError(f"eval.knn.split: expected cv or holdout, got {ev.knn.split!r}")
@@ -852,6 +1014,16 @@ def _check_eval(ev: EvalConfig) -> None:
         # A labelled folder may be one an experiment trains first: only bare paths must exist now.
         if _looks_like_path(entry) and not Path(entry).is_dir():
             raise ConfigError(f"eval.models[{i}]: model folder {entry} not found")
+
+
+def _locate(key: str, spec: str) -> Path:
+    """A data spec's path; an unknown built-in name is a ConfigError naming ``key``."""
+    from speed_ray.data import locate
+
+    try:
+        return locate(spec)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -1,77 +1,220 @@
 """Loaders for the project's text data, used as they are (never rebuilt).
 
-``../shared/data/debian/`` holds Debian package descriptions, one per source package:
-``labelled.jsonl`` ({id, text, label, tags}: the Debian section is the label) and ``retrieval/`` in
-the BEIR layout (corpus.jsonl {_id, title, text}, queries.jsonl {_id, text}, qrels/test.tsv).
-``SHA256SUMS`` beside them lets a loader prove it reads the published files.
+The package ships one data set, gzip-compressed, under ``speed_ray/data/debian/`` (its data card is
+the ``README.md`` there): Debian package descriptions, one per source package.
+``builtin:debian/labelled`` ({id, text, label, tags}: the Debian section is the label) and
+``builtin:debian/retrieval`` in the BEIR layout (corpus.jsonl {_id, title, text}, queries.jsonl
+{_id, text}, qrels/test.tsv). ``SHA256SUMS`` beside them holds the checksums of the published,
+uncompressed files, so a loader proves it reads them unchanged.
+
+Any config key that takes a data path also takes a built-in name. Readers open ``.gz`` files
+transparently, and a BEIR folder may hold its files plain or gzipped.
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
+import gzip
 import hashlib
+import io
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from speed_ray.prompts import assistant
+
+
+class DataError(ValueError):
+    """A user's data file that cannot be used as it is: the message names the file, the line (or row),
+    the field and what was expected. The CLI prints it as one line and exits with status 2."""
+
+
+BUILTIN = "builtin:"
+DATA_DIR = Path(__file__).parent / "data"
+# Built-in data name -> its file or folder under DATA_DIR.
+BUILTIN_DATA = {
+    "debian/labelled": "debian/labelled.jsonl.gz",
+    "debian/retrieval": "debian/retrieval",
+}
+
+
+def locate(spec: str) -> Path:
+    """The file or folder a data spec names: a built-in name (``builtin:debian/retrieval``) or a
+    path. An unknown built-in name raises ``DataError`` with the closest names."""
+    if not spec.startswith(BUILTIN):
+        return Path(spec)
+    name = spec.removeprefix(BUILTIN)
+    if name not in BUILTIN_DATA:
+        close = difflib.get_close_matches(name, BUILTIN_DATA, n=3, cutoff=0.4) or list(BUILTIN_DATA)
+        raise DataError(
+            f"{spec}: no such built-in data set (closest: {', '.join(BUILTIN + c for c in close)})"
+        )
+    return DATA_DIR / BUILTIN_DATA[name]
+
+
+def open_text(path: Path) -> IO[str]:
+    """A text file, decompressed on the fly when its name ends in ``.gz``."""
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path), encoding="utf-8")
+    return path.open(encoding="utf-8")
+
+
+def member(folder: Path, name: str) -> Path:
+    """``folder/name``, or ``folder/name.gz`` when only the compressed copy is there."""
+    path = folder / name
+    gz = path.with_name(path.name + ".gz")
+    return gz if not path.is_file() and gz.is_file() else path
+
+
+def _numbered_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) for every non-blank line; each must be a JSON object."""
+    rows = []
+    n = 0
+    try:
+        with open_text(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno}); "
+                        "expected one JSON object per line"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{n}: expected a JSON object, got {_shown(row)}")
+                rows.append((n, row))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{n + 1}: not UTF-8 text ({e.reason}); expected JSON lines") from None
+    return rows
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    return rows
+    return [row for _, row in _numbered_jsonl(path)]
+
+
+def _shown(value: Any) -> str:
+    """A value as a JSON file spells it (null, 3, "", [..]), cut short, for error messages."""
+    if isinstance(value, dict | list):
+        kind = "an object" if isinstance(value, dict) else "a list"
+        return f"{kind} {_cut(json.dumps(value, default=str))}"
+    return _cut(json.dumps(value, default=str))
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _required(row: dict, keys: tuple[str, ...], path: Path, n: int) -> None:
     missing = [k for k in keys if k not in row]
     if missing:
-        raise ValueError(f"{path}:{n}: missing keys {missing} (expected {list(keys)})")
+        raise DataError(f"{path}:{n}: missing keys {missing} (expected {list(keys)})")
+
+
+def _text(row: dict, key: str, path: Path, n: int, optional: bool = False) -> str | None:
+    """``row[key]`` as a non-empty string (``optional``: a missing, null or empty one is None)."""
+    if key not in row and not optional:
+        raise DataError(f"{path}:{n}: missing keys [{key!r}] (expected a non-empty string in {key!r})")
+    value = row.get(key)
+    if value is None or value == "":
+        if optional:
+            return None
+        got = "null" if value is None else '""'
+        raise DataError(f"{path}:{n}: {key}: expected a non-empty string, got {got}")
+    if not isinstance(value, str):
+        raise DataError(f"{path}:{n}: {key}: expected a string, got {type(value).__name__} {_shown(value)}")
+    if not optional and not value.strip():
+        raise DataError(f"{path}:{n}: {key}: expected a non-empty string, got {_shown(value)}")
+    return value
+
+
+def _scalar(row: dict, key: str, path: Path, n: int) -> str:
+    """``row[key]`` (an id or a label) as a string: a non-empty string or a number."""
+    value = row.get(key)
+    if key not in row:
+        raise DataError(f"{path}:{n}: missing keys [{key!r}] (expected a string or number in {key!r})")
+    if value is None or value == "" or isinstance(value, dict | list):
+        raise DataError(f"{path}:{n}: {key}: expected a string or number, got {_shown(value)}")
+    return str(value)
+
+
+def _some(rows: list, path: Path) -> None:
+    if not rows:
+        raise DataError(f"{path}: no rows (expected one JSON object per line)")
 
 
 def read_beir(folder: Path) -> tuple[list[dict], list[dict], dict[str, dict[str, int]]]:
     """(corpus [{id, title, text}], queries [{id, text}], qrels {query_id: {doc_id: score}})."""
     corpus, queries = [], []
-    for n, r in enumerate(read_jsonl(folder / "corpus.jsonl"), 1):
-        _required(r, ("_id", "text"), folder / "corpus.jsonl", n)
-        corpus.append({"id": str(r["_id"]), "title": r.get("title", ""), "text": r["text"]})
-    for n, r in enumerate(read_jsonl(folder / "queries.jsonl"), 1):
-        _required(r, ("_id", "text"), folder / "queries.jsonl", n)
-        queries.append({"id": str(r["_id"]), "text": r["text"]})
+    path = member(folder, "corpus.jsonl")
+    for n, r in _numbered_jsonl(path):
+        _required(r, ("_id", "text"), path, n)
+        title = _text(r, "title", path, n, optional=True) or ""
+        corpus.append({"id": _scalar(r, "_id", path, n), "title": title, "text": _text(r, "text", path, n)})
+    _some(corpus, path)
+    path = member(folder, "queries.jsonl")
+    for n, r in _numbered_jsonl(path):
+        _required(r, ("_id", "text"), path, n)
+        queries.append({"id": _scalar(r, "_id", path, n), "text": _text(r, "text", path, n)})
+    _some(queries, path)
+    return corpus, queries, _read_qrels(member(folder / "qrels", "test.tsv"))
+
+
+def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    columns = ("query-id", "corpus-id", "score")
     qrels: dict[str, dict[str, int]] = {}
-    with (folder / "qrels" / "test.tsv").open() as f:
-        for n, row in enumerate(csv.DictReader(f, delimiter="\t"), 2):
-            _required(row, ("query-id", "corpus-id", "score"), folder / "qrels" / "test.tsv", n)
-            qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
-    return corpus, queries, qrels
+    with open_text(path) as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(
+                f"{path}:1: missing columns {missing} (expected a tab-separated header: {', '.join(columns)})"
+            )
+        for row in reader:
+            n = reader.line_num
+            for c in columns:
+                if not (row.get(c) or "").strip():
+                    raise DataError(f"{path}:{n}: {c}: expected a value (3 tab-separated columns), got none")
+            try:
+                score = int(row["score"])
+            except ValueError:
+                raise DataError(f"{path}:{n}: score: expected an integer, got {row['score']!r}") from None
+            qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = score
+    if not qrels:
+        raise DataError(f"{path}: no rows (expected query-id, corpus-id, score lines after the header)")
+    return qrels
 
 
 def read_corpus(path: Path) -> list[dict[str, Any]]:
     """[{id, text}] from an unlabelled JSONL corpus (extra keys such as ``label`` are ignored)."""
-    rows = read_jsonl(path)
-    for n, r in enumerate(rows, 1):
+    rows = []
+    for n, r in _numbered_jsonl(path):
         _required(r, ("id", "text"), path, n)
-    return [{"id": str(r["id"]), "text": r["text"]} for r in rows]
+        rows.append({"id": _scalar(r, "id", path, n), "text": _text(r, "text", path, n)})
+    _some(rows, path)
+    return rows
 
 
-def read_labelled(path: Path) -> list[dict[str, Any]]:
-    """[{id, text, label}] from a labelled JSONL file."""
-    rows = read_jsonl(path)
-    for n, r in enumerate(rows, 1):
-        _required(r, ("id", "text", "label"), path, n)
-    return [{"id": str(r["id"]), "text": r["text"], "label": r["label"]} for r in rows]
+def read_labelled(path: Path, text_field: str = "text", label_field: str = "label") -> list[dict[str, Any]]:
+    """[{id, text, label}] from a labelled JSONL file: a non-empty string in ``text_field`` and a
+    string or number in ``label_field`` (kept as a string) per row; ``id`` defaults to the line number."""
+    rows = []
+    for n, r in _numbered_jsonl(path):
+        _required(r, (text_field, label_field), path, n)
+        text, label = _text(r, text_field, path, n), _scalar(r, label_field, path, n)
+        rows.append({"id": _scalar(r, "id", path, n) if "id" in r else str(n), "text": text, "label": label})
+    _some(rows, path)
+    return rows
 
 
 def verify_checksums(folder: Path) -> list[str]:
-    """Check every file under ``folder`` that a ``SHA256SUMS`` in it or its parent lists.
+    """Check every file under ``folder`` that a ``SHA256SUMS`` in it or its parent lists; a file
+    shipped gzipped (``name.gz``) is checked by its decompressed bytes.
 
-    Returns the checked paths; raises ``ValueError`` naming the first file whose hash differs.
+    Returns the checked paths; raises ``DataError`` naming the first file whose hash differs.
     No SHA256SUMS means nothing to check (a user's own data).
     """
     for sums in (folder / "SHA256SUMS", folder.parent / "SHA256SUMS"):
@@ -82,47 +225,63 @@ def verify_checksums(folder: Path) -> list[str]:
     checked = []
     for line in sums.read_text().splitlines():
         digest, _, name = line.strip().partition("  ")
-        path = sums.parent / name
+        path = member(sums.parent, name)
         if not name or folder.resolve() not in path.resolve().parents:
             continue
-        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            raise ValueError(f"{path}: SHA-256 differs from {sums}; use the published files as they are")
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise DataError(f"{path}: SHA-256 differs from {sums}; use the published files as they are")
         checked.append(name)
     return checked
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a parquet file, a JSONL file or a ``datasets`` folder saved with ``save_to_disk``."""
-    if path.is_dir():
-        from datasets import load_from_disk
+    """Rows of a parquet file, a JSONL file, a finished speed-ray step folder (its manifest's parquet
+    shards, such as ``synth/train``) or a ``datasets`` folder saved with ``save_to_disk``."""
+    return [row for _, row in _numbered_rows(path)]
 
-        rows = load_from_disk(str(path)).to_list()
-    elif path.suffix == ".parquet":
+
+def _numbered_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(n, row): n is the line of a JSONL file, the row (from 1) of a table or step folder."""
+    manifest = path / "_manifest.json"
+    if manifest.is_file():
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        files = [path / f["name"] for f in json.loads(manifest.read_text())["files"]]
+        rows = list(enumerate((r for f in files for r in pq.read_table(f).to_pylist()), 1))
+    elif path.is_dir():
+        from datasets import load_from_disk
+
+        rows = list(enumerate(load_from_disk(str(path)).to_list(), 1))
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            rows = list(enumerate(pq.read_table(path).to_pylist(), 1))
+        except pa.ArrowInvalid as e:
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
     else:
-        rows = read_jsonl(path)
+        rows = _numbered_jsonl(path)
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows")
     return rows
 
 
 def read_pairs(path: Path) -> list[dict[str, Any]]:
     """Pairs in the sentence-transformers convention: ``anchor``, ``positive`` and optional hard
     negatives in ``negative`` / ``negative_1``, ``negative_2``... columns (empty ones are skipped),
-    from parquet, JSONL or a ``datasets`` folder saved with ``save_to_disk``."""
-    rows = read_rows(path)
-    columns = {k for r in rows for k in r if k.startswith("negative")}  # JSONL rows may omit some
+    from parquet, JSONL, a step folder (``synth/train``) or a ``datasets`` folder saved with
+    ``save_to_disk``."""
+    rows = _numbered_rows(path)
+    columns = {k for _, r in rows for k in r if k.startswith("negative")}  # JSONL rows may omit some
     negatives = sorted(columns, key=_negative_order)
     out = []
-    for n, r in enumerate(rows, 1):
+    for n, r in rows:
         _required(r, ("anchor", "positive"), path, n)
-        for k in ("anchor", "positive", *negatives):
-            if r.get(k) is not None and not isinstance(r[k], str):
-                raise ValueError(f"{path}:{n}: {k}: expected a string, got {type(r[k]).__name__}")
-        negs = [r[k] for k in negatives if r.get(k)]
-        out.append({"anchor": r["anchor"], "positive": r["positive"], "negatives": negs})
+        anchor, positive = _text(r, "anchor", path, n), _text(r, "positive", path, n)
+        negs = [_text(r, k, path, n, optional=True) for k in negatives]
+        out.append({"anchor": anchor, "positive": positive, "negatives": [x for x in negs if x]})
     return out
 
 
@@ -147,23 +306,50 @@ def read_chat_rows(path: Path, text_keys: tuple[str, ...]) -> list[dict[str, Any
     """A user's alignment data: ``messages`` (a chat prompt: a list of ``{role, content}`` objects, or
     its JSON) plus the non-empty string columns ``text_keys``; ``messages`` comes back as JSON."""
     out = []
-    for n, r in enumerate(read_rows(path), 1):
+    for n, r in _numbered_rows(path):
         _required(r, ("messages", *text_keys), path, n)
-        msgs = r["messages"]
-        if isinstance(msgs, str):
-            try:
-                msgs = json.loads(msgs)
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}:{n}: messages is a string but not JSON") from None
-        if not (
-            isinstance(msgs, list)
-            and msgs
-            and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs)
-        ):
-            raise ValueError(f"{path}:{n}: messages: expected a non-empty list of {{role, content}} objects")
+        msgs = _messages(r["messages"], "messages", path, n)
         for k in text_keys:
-            if not isinstance(r[k], str) or not r[k].strip():
-                raise ValueError(f"{path}:{n}: {k}: expected a non-empty string, got {r[k]!r}")
-        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+            _text(r, k, path, n)
         out.append({"messages": json.dumps(msgs)} | {k: r[k] for k in text_keys})
     return out
+
+
+def read_preference_rows(path: Path) -> list[dict[str, Any]]:
+    """A user's preference pairs in TRL's conversational preference format: ``prompt`` (a list of
+    ``{role, content}`` messages), ``chosen`` and ``rejected`` (the assistant's answers, as messages).
+
+    Also taken: speed-ray's earlier form, ``messages`` for the prompt (or its JSON) and ``chosen`` /
+    ``rejected`` as plain strings; a string answer becomes one assistant message.
+    """
+    out = []
+    for n, r in _numbered_rows(path):
+        key = "prompt" if "prompt" in r or "messages" not in r else "messages"
+        _required(r, (key, "chosen", "rejected"), path, n)
+        row = {"prompt": _messages(r[key], key, path, n)}
+        for k in ("chosen", "rejected"):
+            if isinstance(r[k], str):
+                row[k] = assistant(str(_text(r, k, path, n)))
+            else:
+                row[k] = _messages(r[k], k, path, n)
+        out.append(row)
+    return out
+
+
+def _messages(value: Any, key: str, path: Path, n: int) -> list[dict[str, str]]:
+    """A chat (a list of ``{role, content}`` objects, or its JSON) as plain ``{role, content}`` dicts."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}:{n}: {key} is a string but not JSON") from None
+    if not (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value
+        )
+    ):
+        raise DataError(f"{path}:{n}: {key}: expected a non-empty list of {{role, content}} objects")
+    return [{"role": m["role"], "content": m["content"]} for m in value]

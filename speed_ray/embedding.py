@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,11 +20,22 @@ def query_prefix(instruction: str) -> str:
     return f"Instruct: {instruction}\nQuery: "
 
 
+def instructed_query(instruction: str | None, query: str) -> str:
+    """``Instruct: {instruction}\nQuery: {query}`` (SPEED/E5); the bare query without an instruction."""
+    return query_prefix(instruction) + query if instruction else query
+
+
+def split_query(text: str) -> tuple[str | None, str]:
+    """(instruction, query) of an ``instructed_query`` text; (None, text) for a text without one."""
+    head, sep, query = text.partition("\nQuery: ")
+    if sep and head.startswith("Instruct: ") and len(head) > len("Instruct: "):
+        return head.removeprefix("Instruct: "), query
+    return None, text
+
+
 def format_query(instruction: str | None, query: str, pooling: str) -> str:
     """The text a model sees for a query: instruction-prefixed for decoders (lasttoken pooling)."""
-    if pooling == "lasttoken" and instruction:
-        return query_prefix(instruction) + query
-    return query
+    return instructed_query(instruction, query) if pooling == "lasttoken" else query
 
 
 def dropout_settings(model_path: str, p: float) -> dict[str, float]:
@@ -65,6 +77,100 @@ def build_model(
         tok.pad_token = tok.eos_token
     pool = models.Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)
     return SentenceTransformer(modules=[transformer, pool, models.Normalize()], device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model card: sentence-transformers' own (SentenceTransformerModelCardData -> README.md)
+
+# mteb's task kinds as the model card names an evaluator's task.
+TASK_DESCRIPTIONS = {
+    "retrieval": "Information Retrieval",
+    "knn": "Classification",
+    "clustering": "Clustering",
+    "mteb": "MTEB",
+}
+
+
+class TaskScores:
+    """One task's scores from the eval stage (mteb), in the shape sentence-transformers' model card
+    takes an evaluator's results (``set_evaluation_metrics``): name, description, primary metric."""
+
+    greater_is_better = True
+
+    def __init__(self, name: str, kind: str, main_score: str) -> None:
+        self.name, self.kind, self.primary_metric = name, kind, main_score
+
+    @property
+    def description(self) -> str:
+        return TASK_DESCRIPTIONS.get(self.kind, self.kind.title())
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"task": self.name, "evaluated_with": "mteb (speed-ray eval stage)"}
+
+
+def model_card_data(
+    card: dict[str, Any], history: list[dict[str, Any]], scores: dict[str, dict[str, Any]] | None = None
+) -> Any:
+    """sentence-transformers' card data for a trained model: ``card`` (``pipeline.embed.card_info``:
+    base model, training set, loss, hyperparameters), the loss per step from ``history``, and the
+    eval stage's ``scores`` ({task: {"kind", "main_score", "scores"}}) once it has run. Nothing is
+    looked up on the Hub (``local_files_only``): the names are written as given."""
+    from sentence_transformers import SentenceTransformerModelCardData
+
+    data = SentenceTransformerModelCardData(
+        model_name=card["model_name"],
+        train_datasets=[card["dataset"] | {"loss": card["loss"]}],
+        local_files_only=True,
+    )
+    data.add_tags(card.get("tags", []))
+    data.base_model = card["base_model"]
+    data.datasets = [card["dataset"]["name"]]
+    data.all_hyperparameters = dict(card["hyperparameters"])
+    data.training_logs = [
+        {
+            "Epoch": h["epoch"],
+            "Step": h["step"],
+            "Training Loss": round(h["loss"], 4),
+            **({"In-batch Accuracy": round(h["accuracy"], 4)} if "accuracy" in h else {}),
+        }
+        for h in history
+    ]
+    for task, result in (scores or {}).items():
+        # Named as sentence-transformers' evaluators name theirs (``<task>_<metric>``): the card's
+        # tables show the bare metric, its training-log column the task too.
+        evaluator: Any = TaskScores(task, result["kind"], f"{task}_{result['main_score']}")
+        metrics = {f"{task}_{k}": v for k, v in result["scores"].items() if card_metric(k)}
+        data.set_evaluation_metrics(evaluator, metrics, step=history[-1]["step"] if history else 0)
+    return data
+
+
+def card_metric(name: str) -> bool:
+    """A score the model card lists: mteb's metrics, less its calibration diagnostics (``nauc_*``,
+    dozens per task), its ``main_score`` copy and the eval stage's timing."""
+    return name not in ("main_score", "seconds") and not name.startswith("nauc_")
+
+
+def use_card(model: Any, data: Any) -> None:
+    """Make ``data`` (``model_card_data``) the model's card data, which ``model.save`` writes README.md
+    from. Call it once the prompts are set: a model with a query prompt gets the retrieval usage
+    example (``encode_query`` / ``encode_document``)."""
+    model.model_card_data = data
+    data.register_model(model)
+
+
+def write_model_card(model: Any, folder: str | Path, card: dict[str, Any], history, scores=None) -> None:
+    """(Re)write ``folder/README.md`` for ``model`` with sentence-transformers' model card generator,
+    from ``model_card_data(card, history, scores)``; the weights are not touched."""
+    try:
+        from sentence_transformers.base.model_card import generate_model_card
+    except ImportError:  # sentence-transformers 5
+        from sentence_transformers.model_card import generate_model_card  # type: ignore[no-redef]
+
+    from speed_ray.schemas import write_text_atomic
+
+    use_card(model, model_card_data(card, history, scores))
+    model.model_card_data.save_dir = str(folder)
+    write_text_atomic(Path(folder) / "README.md", generate_model_card(model))
 
 
 def pooling_module(model: Any) -> Any:

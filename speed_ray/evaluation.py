@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from speed_ray.data import read_beir, read_jsonl
+from speed_ray.data import read_beir
 
 KNN_SEED = 42
 
@@ -54,21 +54,6 @@ def _metadata(name: str, type_: str, main_score: str, description: str, splits: 
 
 # ----------------------------------------------------------------------------------------------
 # Data: pure functions
-
-
-def read_labelled(path: Path, text_field: str = "text", label_field: str = "label") -> list[dict]:
-    """[{id, text, label}] from a JSONL file; a row without a non-empty text or a label is an error
-    naming the file, the line and the field."""
-    rows = []
-    for n, r in enumerate(read_jsonl(path), 1):
-        for key in (text_field, label_field):
-            value = r.get(key)
-            if value is None or (key == text_field and not (isinstance(value, str) and value.strip())):
-                raise ValueError(f"{path}:{n}: expected a non-empty {key!r} field, got {value!r}")
-        rows.append({"id": str(r.get("id", n)), "text": r[text_field], "label": str(r[label_field])})
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
 
 
 def sample_rows(rows: list[dict], max_rows: int, seed: int) -> list[dict]:

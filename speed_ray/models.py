@@ -6,7 +6,9 @@ A spec is one of:
   ``tiny-llama`` and ``tiny-bert`` (random weights built from config, for tests);
 - ``run:align/junior``, ``run:align/senior``, ``run:align/revisor``: a model this run's align stage made;
 - a local folder;
-- anything else is passed through as a hub name, which works on a machine with network.
+- anything else is passed through as a hub name, which works on a machine with network (config
+  validation, ``spec_problem``, takes a bare name with no ``org/`` for a typo of a built-in name
+  unless the local Hugging Face cache holds it).
 
 Conversions and builds go to a temporary folder renamed into place, so an interrupted build never
 leaves a half-written model behind.
@@ -14,7 +16,9 @@ leaves a half-written model behind.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -37,6 +41,73 @@ def builtin_models() -> dict[str, Callable[[Path], None]]:
     }
 
 
+def builtin_names() -> list[str]:
+    return ["all-minilm-l6-v2", *builtin_models()]
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf")
+
+
+def spec_problem(spec: str) -> str | None:
+    """What is wrong with a model spec, found without loading a model or asking a hub (None: nothing).
+
+    Rule: a built-in name or ``run:`` spec passes; an existing folder needs a ``config.json`` and
+    weights; a spec that starts like a path (``.``, ``/``, ``~``) must be such a folder; ``org/name`` is
+    a hub name, checked when it loads; any other name (no ``/``) must be a model in the local Hugging
+    Face cache (legacy hub ids such as ``bert-base-uncased``), else it is taken for a typo of a built-in
+    name and the closest ones are named.
+    """
+    names = builtin_names()
+    if spec.startswith("run:") or spec in names:
+        return None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return folder_problem(path)
+    if spec.startswith((".", "/", "~")):
+        return f"model folder {spec} not found"
+    if "/" in spec or _in_hub_cache(spec):
+        return None
+    close = difflib.get_close_matches(spec.lower(), names, n=3, cutoff=0.6)
+    return (
+        f"unknown model {spec!r}"
+        + (f"; did you mean {' or '.join(close)}?" if close else "")
+        + f" (expected a built-in name: {', '.join(names)}; a model folder; or a hub name as org/name, "
+        "a name without org/ only if the local Hugging Face cache holds it)"
+    )
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` holds no model transformers could load (None: a config.json and weights). A
+    sentence-transformers folder is checked where its Transformer module lies."""
+    root = folder
+    if (folder / "modules.json").is_file():
+        try:
+            modules = json.loads((folder / "modules.json").read_text())
+            sub = next(m.get("path", "") for m in modules if str(m.get("type", "")).endswith("Transformer"))
+            root = folder / sub
+        except (ValueError, TypeError, AttributeError, StopIteration):
+            pass  # not sentence-transformers' layout: look at the folder itself
+    if not (root / "config.json").is_file():
+        return f"model folder {folder}: no config.json in {root} (expected a saved model: config.json and weights)"
+    weights = [p for pattern in WEIGHT_FILES for p in root.glob(pattern) if p.name != "training_args.bin"]
+    if not weights:
+        return (
+            f"model folder {folder}: no weights in {root} "
+            f"(expected {', '.join(WEIGHT_FILES)} files beside config.json)"
+        )
+    return None
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the local Hugging Face cache holds a model ``name`` (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except (ImportError, ValueError):  # no huggingface_hub, or not a valid repo id
+        return False
+
+
 def resolve_model(spec: str, run_dir: Path | None = None) -> str:
     """Return a local folder (or a hub name) for ``spec``, building a built-in model on first use.
 
@@ -49,7 +120,7 @@ def resolve_model(spec: str, run_dir: Path | None = None) -> str:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"model {spec}: no model folder at {path} yet (the align stage makes it: "
-                "`speed-ray align CONFIG`, with align.enabled: true)"
+                "`speed-ray align CONFIG`, or `align` in run.stages)"
             )
         return str(path)
     if spec == "all-minilm-l6-v2":

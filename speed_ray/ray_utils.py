@@ -1,7 +1,9 @@
 """Ray at the edges: starting or joining Ray, and resource checks before any pool is built.
 
-A vLLM pool that asks for GPUs on a cluster without them waits forever instead of failing
-(../shared/research/stack-on-cpu.md), so every pool and trainer checks ``cluster_resources`` first.
+A vLLM pool that asks for GPUs on a cluster without them waits forever instead of failing (seen with
+Ray 2.60's ``ray.data.llm`` vLLM processor: the autoscaler reports "No available node types can
+fulfill resource request" every ~35 s and the job never errors), so every pool and trainer checks
+``cluster_resources`` first.
 """
 
 from __future__ import annotations

@@ -98,12 +98,30 @@ EXAMPLES = pa.schema(
     ]
 )
 
+# The embedding training set in the sentence-transformers convention: every column is a text the
+# trainer embeds (SentenceTransformerTrainer feeds all columns to the loss), so nothing else is here.
+# ``anchor`` carries the task instruction (``Instruct: {instruction}\nQuery: {query}``); an empty
+# ``negative`` means the row has none.
+TRIPLETS = pa.schema(
+    [
+        pa.field("anchor", pa.string()),
+        pa.field("positive", pa.string()),
+        pa.field("negative", pa.string()),
+    ]
+)
+
+# A chat as TRL's conversational datasets hold it: a list of {role, content} messages.
+MESSAGES = pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())]))
+
+# Preference pairs in TRL's conversational preference format (DPOTrainer takes them as they are and
+# applies the chat template itself): ``prompt`` the chat, ``chosen`` and ``rejected`` one assistant
+# message each. ``id`` and ``reason`` are provenance, which TRL drops (remove_unused_columns).
 PREFERENCE_PAIRS = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
-        pa.field("messages", pa.string()),
-        pa.field("chosen", pa.string()),
-        pa.field("rejected", pa.string()),
+        pa.field("prompt", MESSAGES),
+        pa.field("chosen", MESSAGES),
+        pa.field("rejected", MESSAGES),
         pa.field("reason", pa.string()),
     ]
 )
@@ -207,13 +225,19 @@ def read_manifest(stage_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def read_stage(stage_dir: Path, schema: pa.Schema) -> pa.Table:
-    """All shards of a finished stage, validated; raises if the stage has no manifest."""
+def finished_manifest(stage_dir: Path) -> dict:
+    """The manifest of a finished stage; raises if the stage has none."""
     manifest = read_manifest(stage_dir)
     if manifest is None:
         raise FileNotFoundError(
             f"{stage_dir}: no {MANIFEST}: that step has not finished; run its stage first"
         )
+    return manifest
+
+
+def read_stage(stage_dir: Path, schema: pa.Schema) -> pa.Table:
+    """All shards of a finished stage, validated; raises if the stage has no manifest."""
+    manifest = finished_manifest(stage_dir)
     tables = [
         validate_table(pq.read_table(stage_dir / f["name"]), schema, f["name"]) for f in manifest["files"]
     ]

@@ -18,7 +18,15 @@ import pyarrow as pa
 
 from speed_ray import prompts
 from speed_ray.parsing import parse_judgment, parse_revision, parse_task_list, to_triplet
-from speed_ray.schemas import EXAMPLES, GENERATIONS, JUDGMENTS, PREFERENCE_PAIRS, TASKS, cast_rows
+from speed_ray.schemas import (
+    EXAMPLES,
+    GENERATIONS,
+    JUDGMENTS,
+    PREFERENCE_PAIRS,
+    TASKS,
+    TRIPLETS,
+    cast_rows,
+)
 
 
 def stable_id(*parts: object) -> str:
@@ -296,6 +304,23 @@ def final_rows(drafts: pa.Table, revisions: pa.Table | None) -> pa.Table:
     return cast_rows(out, EXAMPLES)
 
 
+def training_triplets(examples: pa.Table) -> pa.Table:
+    """The embedding training set (TRIPLETS), one row per example: the anchor is the query with its
+    task instruction as SPEED and E5 train it (``Instruct: {instruction}\nQuery: {query}``), the
+    negative '' where the example has none."""
+    from speed_ray.embedding import instructed_query
+
+    out = [
+        {
+            "anchor": instructed_query(r["instruction"], r["query"]),
+            "positive": r["positive"],
+            "negative": r["negative"] or "",
+        }
+        for r in examples.select(["instruction", "query", "positive", "negative"]).to_pylist()
+    ]
+    return cast_rows(out, TRIPLETS)
+
+
 def quality_score(row: dict[str, Any]) -> float:
     """Rule-based preference for the thin run (the teacher judge replaces it): higher is better.
 
@@ -325,8 +350,8 @@ def error_kind(error: str) -> str:
 def preference_pairs(
     groups: dict[str, list[dict[str, Any]]], judgments: pa.Table | None = None, fallback: bool = True
 ) -> tuple[pa.Table, dict[str, int]]:
-    """(prompt, chosen=best, rejected=worst) per prompt (SPEED's D_DPO), and the dropped prompts by
-    reason.
+    """(prompt, chosen=best, rejected=worst) per prompt (SPEED's D_DPO) in TRL's conversational
+    preference format, and the dropped prompts by reason.
 
     The judge decides where its verdict parsed. Elsewhere (no judge, or an unusable verdict) the
     rule-based ``quality_score`` decides when ``fallback`` is on (prompts whose samples tie under it
@@ -360,9 +385,9 @@ def preference_pairs(
         out.append(
             {
                 "id": gid,
-                "messages": best["messages"],
-                "chosen": best["raw"],
-                "rejected": worst["raw"],
+                "prompt": json.loads(best["messages"]),
+                "chosen": prompts.assistant(best["raw"]),
+                "rejected": prompts.assistant(worst["raw"]),
                 "reason": reason,
             }
         )

@@ -23,7 +23,7 @@ TEST_API_KEY_ENV = "SPEED_RAY_TEST_API_KEY"
 os.environ[TEST_API_KEY_ENV] = "sk-test-d0-not-leak-7f3a"
 
 REPO = Path(__file__).resolve().parents[1]
-DEBIAN = REPO.parent / "shared" / "data" / "debian"
+DEBIAN = REPO / "speed_ray" / "data" / "debian"  # the data set speed-ray ships (gzipped)
 
 
 @pytest.fixture(autouse=True)

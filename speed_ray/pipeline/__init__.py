@@ -3,8 +3,9 @@ under ``cfg.run_dir/<stage>/``; a finished step has a ``_manifest.json`` and is 
 
 from __future__ import annotations
 
-# align comes first: synth can generate with the models it makes (``run:align/senior``).
-STAGES = ("align", "synth", "embed", "eval", "report")
+from speed_ray.config import STAGES
+
+__all__ = ["STAGES", "stage_module"]
 
 
 def stage_module(name: str):

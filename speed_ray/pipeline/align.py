@@ -7,8 +7,9 @@ Steps under ``<run>/align/``:
 - ``junior/``: the base model fine-tuned (SFT) on the seed data: a merged model folder;
 - ``root/``: the junior samples ``samples_per_prompt`` outputs per prompt (GENERATIONS);
 - ``judgments/``: the teacher picks the best and worst output per prompt (JUDGMENTS);
-- ``pairs/``: (prompt, best, worst) preference pairs; unusable verdicts are dropped, by reason
-  (PREFERENCE_PAIRS); ``align.pairs_data`` replaces root, judgments and pairs;
+- ``pairs/``: (prompt, best, worst) preference pairs in TRL's conversational format; unusable
+  verdicts are dropped, by reason (PREFERENCE_PAIRS); ``align.pairs_data`` replaces root, judgments
+  and pairs;
 - ``senior/``: the junior aligned by DPO on the pairs, against the frozen junior as reference;
 - ``revisions/``: the teacher critiques and rewrites one junior output per prompt (GENERATIONS);
   ``align.revision_data`` replaces it;
@@ -29,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from speed_ray import synthesis
-from speed_ray.config import AlignTrainConfig, ConfigError, SpeedRayConfig
+from speed_ray.config import ALIGN_DATA_COLUMNS, AlignTrainConfig, ConfigError, SpeedRayConfig
+from speed_ray.fingerprint import of_config, output_hash, path_hash, run_model_inputs
 from speed_ray.pipeline.common import step
 from speed_ray.pipeline.synth import generate_step, sampling_params
 from speed_ray.schemas import (
@@ -38,6 +40,7 @@ from speed_ray.schemas import (
     PREFERENCE_PAIRS,
     TASKS,
     cast_rows,
+    read_manifest,
     read_stage,
     write_json_atomic,
     write_stage,
@@ -48,19 +51,97 @@ logger = logging.getLogger(__name__)
 # SPEED §4.5: teacher calls behind each trained model (seed data, judgments, revisions).
 PAPER_CALLS = {"seed": 25_000, "judgments": 10_000, "revisions": 10_000}
 
+# What each step's output depends on (``speed_ray.fingerprint``): config keys, as dotted prefixes,
+# besides the outputs of the steps it reads (named where it runs). Prompts and sampling are synth's.
+SAMPLING = ("synth.sampling.temperature", "synth.sampling.top_p")
+PROMPTS = ("run.seed", "synth.sampling.max_field_chars")
+TRAINING = (
+    "run.seed",
+    "align.max_length",
+    "align.finetune",
+    "align.lora_r",
+    "align.lora_alpha",
+    "align.lora_dropout",
+    "align.lora_target_modules",
+    "align.deepspeed_stage",
+    "align.resources.workers",  # workers x batch_size is the global batch
+    "align.trl",
+    "synth.sampling.max_tokens",  # with SAMPLING: the exported generation_config.json
+    *SAMPLING,
+)
+KEYS = {
+    "tasks": (
+        *PROMPTS,
+        "synth.taxonomy",
+        "align.num_topics",
+        "synth.mix",
+        "synth.sampling.brainstorm_max_tokens",
+        "align.teacher",
+        *SAMPLING,
+    ),
+    "seed": (*PROMPTS, "align.examples_per_task", "synth.sampling.max_tokens", "align.teacher", *SAMPLING),
+    "root": (
+        *PROMPTS,
+        "align.examples_per_task",
+        "align.samples_per_prompt",
+        "synth.sampling.max_tokens",
+        "align.generator",
+        *SAMPLING,
+    ),
+    "judgments": (*PROMPTS, "synth.sampling.judge_max_tokens", "synth.sampling.top_p", "align.teacher"),
+    "pairs": ("align.without_verdict",),
+    "revisions": (*PROMPTS, "synth.sampling.revise_max_tokens", "align.teacher", *SAMPLING),
+    "junior": (*TRAINING, "align.model", "align.junior"),
+    "senior": (*TRAINING, "align.senior", "align.beta"),  # starts from the junior
+    "revisor": (*TRAINING, "align.model", "align.revisor"),
+}
+# A step the user's own file replaces depends on that file alone.
+USER_KEYS = {"seed": "align.seed_data", "pairs": "align.pairs_data", "revisions": "align.revision_data"}
+
+
+def fingerprint(cfg: SpeedRayConfig, name: str, reads: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Step ``name``'s fingerprint: its ``KEYS`` (or its user file), the outputs of the steps it
+    ``reads`` and the models of this run it generates with."""
+    out, ac = cfg.run_dir / "align", cfg.align
+    user_key = USER_KEYS.get(name)
+    user_file = getattr(ac, user_key.removeprefix("align.")) if user_key else None
+    if user_key and user_file is not None:
+        return of_config(cfg, (user_key,), {user_key: path_hash(user_file)})
+    inputs = {f"align/{r}": output_hash(read_manifest(out / r)) for r in reads}
+    if name == "root":
+        inputs |= run_model_inputs([ac.generator.model], cfg.run_dir)
+    tax = cfg.synth.taxonomy
+    if name == "tasks" and tax.path is not None and not tax.topics:
+        inputs["synth.taxonomy.path"] = path_hash(tax.path)  # the file's topics
+    keys = (*KEYS[name], *([user_key] if user_key else []))  # null: switching to a file shows
+    return of_config(cfg, keys, inputs)
+
+
+def train_state(cfg: SpeedRayConfig, name: str) -> tuple[Path, ...]:
+    """What a training step leaves besides its model: Ray Train's checkpoints and the data folder
+    with TRL's caches (DPO's reference log-probabilities come from the junior)."""
+    return (cfg.run_dir / "ray" / f"align-{name}", cfg.run_dir / "align" / f"{name}.data")
+
 
 def run(cfg: SpeedRayConfig) -> dict:
-    ac, out = cfg.align, cfg.run_dir / "align"
-    if not ac.enabled:
-        logger.info("align: align.enabled is false, skipped")
-        return {}
+    out = cfg.run_dir / "align"
     m: dict[str, Any] = {}
+
+    def trained(name: str, title: str, reads: tuple[str, ...]) -> dict:
+        return step(
+            out / name,
+            f"align/{name} ({title})",
+            lambda: train_step(cfg, name, out),
+            fingerprint(cfg, name, reads),
+            train_state(cfg, name),
+        )
+
     m |= seed_steps(cfg, out)
-    m["junior"] = step(out / "junior", "align/junior (SFT)", lambda: train_step(cfg, "junior", out))
+    m["junior"] = trained("junior", "SFT", ("seed",))
     m |= pair_steps(cfg, out)
-    m["senior"] = step(out / "senior", "align/senior (DPO)", lambda: train_step(cfg, "senior", out))
+    m["senior"] = trained("senior", "DPO", ("junior", "pairs"))
     m |= revision_steps(cfg, out)
-    m["revisor"] = step(out / "revisor", "align/revisor (SFT)", lambda: train_step(cfg, "revisor", out))
+    m["revisor"] = trained("revisor", "SFT", ("revisions",))
     return m
 
 
@@ -84,7 +165,14 @@ def seed_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
     """tasks -> seed: the teacher's own examples, the junior's SFT data (or the user's file)."""
     ac, sc, seed = cfg.align, cfg.synth, cfg.run.seed
     if ac.seed_data is not None:
-        return {"seed": step(out / "seed", "align/seed (your data)", lambda: user_step(cfg, out, "seed"))}
+        return {
+            "seed": step(
+                out / "seed",
+                "align/seed (your data)",
+                lambda: user_step(cfg, out, "seed"),
+                fingerprint(cfg, "seed"),
+            )
+        }
     try:
         topics = synthesis.load_topics(
             sc.taxonomy.path,
@@ -117,9 +205,10 @@ def seed_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
             cfg, "seed", out, rows, GENERATIONS, synthesis.parse_generations, sc.sampling.max_tokens
         )
 
+    tasks_done = step(out / "tasks", "align/tasks (teacher)", tasks, fingerprint(cfg, "tasks"))
     return {
-        "tasks": step(out / "tasks", "align/tasks (teacher)", tasks),
-        "seed": step(out / "seed", "align/seed (teacher)", seed_data),
+        "tasks": tasks_done,
+        "seed": step(out / "seed", "align/seed (teacher)", seed_data, fingerprint(cfg, "seed", ("tasks",))),
     }
 
 
@@ -127,7 +216,14 @@ def pair_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
     """root -> judgments -> pairs: the junior's k outputs per prompt ranked by the teacher (D_DPO)."""
     ac, s = cfg.align, cfg.synth.sampling
     if ac.pairs_data is not None:
-        return {"pairs": step(out / "pairs", "align/pairs (your data)", lambda: user_step(cfg, out, "pairs"))}
+        return {
+            "pairs": step(
+                out / "pairs",
+                "align/pairs (your data)",
+                lambda: user_step(cfg, out, "pairs"),
+                fingerprint(cfg, "pairs"),
+            )
+        }
     if not (out / "tasks").is_dir():
         raise ConfigError(
             "align.pairs_data: the junior's prompts come from align/tasks, which align.seed_data skips; "
@@ -141,7 +237,9 @@ def pair_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
             cfg, ac.generator, out / "root", GENERATIONS, rows, params, synthesis.parse_generations
         )
 
-    m = {"root": step(out / "root", "align/root (junior samples)", root)}
+    m = {
+        "root": step(out / "root", "align/root (junior samples)", root, fingerprint(cfg, "root", ("tasks",)))
+    }
     groups = synthesis.group_samples(read_stage(out / "root", GENERATIONS))
 
     def judgments() -> dict:
@@ -169,8 +267,10 @@ def pair_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
             )
         return write_stage(out / "pairs", [table], PREFERENCE_PAIRS, extra, started)
 
-    m["judgments"] = step(out / "judgments", "align/judgments (teacher)", judgments)
-    m["pairs"] = step(out / "pairs", "align/pairs", pairs)
+    m["judgments"] = step(
+        out / "judgments", "align/judgments (teacher)", judgments, fingerprint(cfg, "judgments", ("root",))
+    )
+    m["pairs"] = step(out / "pairs", "align/pairs", pairs, fingerprint(cfg, "pairs", ("root", "judgments")))
     return m
 
 
@@ -180,7 +280,10 @@ def revision_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
     if ac.revision_data is not None:
         return {
             "revisions": step(
-                out / "revisions", "align/revisions (your data)", lambda: user_step(cfg, out, "revisions")
+                out / "revisions",
+                "align/revisions (your data)",
+                lambda: user_step(cfg, out, "revisions"),
+                fingerprint(cfg, "revisions"),
             )
         }
     if not (out / "root").is_dir():
@@ -197,26 +300,34 @@ def revision_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
             cfg, "revisions", out, rows, GENERATIONS, synthesis.parse_revisions, s.revise_max_tokens
         )
 
-    return {"revisions": step(out / "revisions", "align/revisions (teacher)", revisions)}
+    return {
+        "revisions": step(
+            out / "revisions",
+            "align/revisions (teacher)",
+            revisions,
+            fingerprint(cfg, "revisions", ("root",)),
+        )
+    }
 
 
-# User data replacing a teacher step: file key, columns, schema of the step's folder.
+# User data replacing a teacher step: file key, columns, schema of the step's folder (preference
+# pairs: TRL's conversational columns, read by ``read_preference_rows``).
 USER_DATA = {
-    "seed": ("seed_data", ("completion",), GENERATIONS),
-    "pairs": ("pairs_data", ("chosen", "rejected"), PREFERENCE_PAIRS),
-    "revisions": ("revision_data", ("completion",), GENERATIONS),
+    "seed": ("seed_data", ALIGN_DATA_COLUMNS["seed_data"], GENERATIONS),
+    "pairs": ("pairs_data", ALIGN_DATA_COLUMNS["pairs_data"], PREFERENCE_PAIRS),
+    "revisions": ("revision_data", ALIGN_DATA_COLUMNS["revision_data"], GENERATIONS),
 }
 
 
 def user_step(cfg: SpeedRayConfig, out: Path, name: str) -> dict:
     """The user's own rows for a teacher step, checked and stored in the step's schema."""
-    from speed_ray.data import read_chat_rows
+    from speed_ray.data import locate, read_chat_rows, read_preference_rows
 
     started = time.time()
     key, columns, schema = USER_DATA[name]
-    path = Path(getattr(cfg.align, key))
+    path = locate(getattr(cfg.align, key))
     try:
-        rows = read_chat_rows(path, columns)
+        rows = read_preference_rows(path) if name == "pairs" else read_chat_rows(path, columns)
     except ValueError as e:
         raise ConfigError(f"align.{key}: {e}") from None
     for n, r in enumerate(rows):
@@ -242,10 +353,11 @@ TRAINED = {
 
 
 def training_rows(out: Path, name: str) -> list[dict[str, Any]]:
-    """The rows a model trains on: the valid teacher outputs, or the preference pairs."""
+    """The rows a model trains on: the valid teacher outputs, or the preference pairs as they are
+    stored (TRL's conversational prompt, chosen and rejected)."""
     kind, data = TRAINED[name]
     if kind == "dpo":
-        return read_stage(out / data, PREFERENCE_PAIRS).to_pylist()
+        return read_stage(out / data, PREFERENCE_PAIRS).select(["prompt", "chosen", "rejected"]).to_pylist()
     rows = read_stage(out / data, GENERATIONS).to_pylist()
     return [{"messages": r["messages"], "completion": r["raw"]} for r in rows if r["error"] is None]
 
@@ -254,7 +366,7 @@ def train_step(cfg: SpeedRayConfig, name: str, out: Path) -> dict:
     """Train one model of the loop under Ray Train; write its folder, model card and manifest."""
     from speed_ray.models import resolve_model
     from speed_ray.ray_utils import train
-    from speed_ray.train.align import dpo_rows, long_prompts, sft_rows, train_loop
+    from speed_ray.train.align import long_prompts, sft_rows, train_loop
 
     ac, res = cfg.align, cfg.align.resources
     tc: AlignTrainConfig = getattr(ac, name)
@@ -263,7 +375,7 @@ def train_step(cfg: SpeedRayConfig, name: str, out: Path) -> dict:
     # The junior is the senior's starting point and its DPO reference; the revisor starts from the base.
     base = str(out / "junior") if name == "senior" else resolve_model(ac.model)
     read = training_rows(out, name)
-    rows = dpo_rows(read) if kind == "dpo" else sft_rows(read)
+    rows = read if kind == "dpo" else sft_rows(read)
     too_long = set(long_prompts(base, rows, ac.max_length))
     rows = [r for i, r in enumerate(rows) if i not in too_long]
     dropped = {f"prompt of {ac.max_length}+ tokens": len(too_long)} if too_long else {}

@@ -1,14 +1,18 @@
 """embed: contrastive training (InfoNCE, in-batch + hard negatives) under Ray Train.
 
-Consumes ``<run>/synth/examples``, a user's pairs file or an unlabelled corpus (``embed.data``); produces ``<run>/embed/model/``, a folder that
-``sentence_transformers.SentenceTransformer(path)`` loads (pooling, normalisation and query prompt
-saved), with ``_manifest.json`` and ``metrics.jsonl`` (one line per step).
+Consumes ``<run>/synth/train`` (the synthetic training set), a user's pairs file (both read by
+``speed_ray.data.read_pairs``) or an unlabelled corpus (``embed.data``); produces
+``<run>/embed/model/``, a folder that ``sentence_transformers.SentenceTransformer(path)`` loads
+(pooling, normalisation and query prompt saved) with sentence-transformers' own model card
+(README.md: base model, training set, hyperparameters and losses; the eval stage adds its scores),
+``_manifest.json`` and ``metrics.jsonl`` (one line per step).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import textwrap
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -16,55 +20,70 @@ from pathlib import Path
 from typing import Any
 
 from speed_ray.config import ConfigError, SpeedRayConfig, embed_finetune
+from speed_ray.fingerprint import of_config, output_hash, path_hash
 from speed_ray.models import resolve_model
-from speed_ray.pipeline.common import step
-from speed_ray.schemas import EXAMPLES, read_stage, write_json_atomic
+from speed_ray.pipeline.common import log, step
+from speed_ray.schemas import finished_manifest, read_manifest, write_json_atomic
+
+# What the model depends on (``speed_ray.fingerprint`` leaves out what only places or paces the
+# training): every embed setting, the seed, and the training data (``fingerprint``).
+KEYS = ("run.seed", "embed")
 
 logger = logging.getLogger(__name__)
 
 
 def run(cfg: SpeedRayConfig) -> dict:
     out = cfg.run_dir / "embed" / "model"
-    return step(out, "embed", lambda: _train(cfg))
+    # A stale model goes with its curve, snapshots and Ray Train's checkpoints (a rerun resumes from them).
+    state = (
+        cfg.run_dir / "embed" / "metrics.jsonl",
+        cfg.run_dir / "embed" / "snapshots",
+        cfg.run_dir / "ray" / "embed",
+    )
+    return step(out, "embed", lambda: _train(cfg), fingerprint(cfg), state)
+
+
+def fingerprint(cfg: SpeedRayConfig) -> dict:
+    """The embed step's fingerprint: ``KEYS`` and the data it trains on (synth/train's output, or
+    the pairs or corpus file's content)."""
+    d = cfg.embed.data
+    if d.source == "synth":
+        train = (Path(d.path).resolve() if d.path else cfg.run_dir) / "synth" / "train"
+        data = {"synth/train": output_hash(read_manifest(train))}
+    else:
+        data = {"embed.data.path": path_hash(d.path)}
+    return of_config(cfg, KEYS, data)
 
 
 def training_data(cfg: SpeedRayConfig):
     """(data, info): what the trainer draws its batches from (``train.embed.Rows`` or
     ``CorpusPairs``), from ``embed.data.source``, and what was made of the input."""
-    from speed_ray.data import nested_sample, read_corpus, read_pairs
+    from speed_ray.data import locate, nested_sample, read_corpus, read_pairs
+    from speed_ray.embedding import split_query
     from speed_ray.pairs import CropRule, build_pairs
     from speed_ray.train.embed import CorpusPairs, Rows
 
     d = cfg.embed.data
-    if d.source == "synth":
-        examples = (Path(d.path).resolve() if d.path else cfg.run_dir) / "synth" / "examples"
-        table = read_stage(examples, EXAMPLES)
+    if d.source in ("synth", "pairs"):
+        if d.source == "synth":
+            path = (Path(d.path).resolve() if d.path else cfg.run_dir) / "synth" / "train"
+            finished_manifest(path)  # a step that has not finished is never read
+        else:
+            path = locate(str(d.path))
+        # An anchor in SPEED/E5 form carries its instruction: the trainer applies it as it applies
+        # every instruction (decoders see it, encoders the bare query: ``embedding.format_query``).
         rows = [
-            {
-                "instruction": r["instruction"],
-                "query": r["query"],
-                "positive": r["positive"],
-                "negatives": [r["negative"]] if r["negative"] else [],
-            }
-            for r in table.select(["instruction", "query", "positive", "negative"]).to_pylist()
+            dict(zip(("instruction", "query"), split_query(r["anchor"]), strict=True))
+            | {"positive": r["positive"], "negatives": r["negatives"]}
+            for r in read_pairs(path)
         ]
         kept = nested_sample(rows, d.max_rows, cfg.run.seed)
-        logger.info(f"embed: {len(kept)} of {len(rows)} synthetic rows from {examples}")
-        return Rows(kept), {"source": "synth", "path": str(examples), "rows_available": len(rows)}
-    if d.source == "pairs":
-        rows = [
-            {
-                "instruction": None,
-                "query": r["anchor"],
-                "positive": r["positive"],
-                "negatives": r["negatives"],
-            }
-            for r in read_pairs(Path(str(d.path)))
-        ]
-        kept = nested_sample(rows, d.max_rows, cfg.run.seed)
-        return Rows(kept), {"source": "pairs", "path": d.path, "rows_available": len(rows)}
+        if d.source == "synth":
+            log(f"embed: {len(kept)} of {len(rows)} synthetic rows from {path}")
+        where = str(path) if d.source == "synth" else d.path
+        return Rows(kept), {"source": d.source, "path": where, "rows_available": len(rows)}
     rule = CropRule(d.crop_min_chars, d.crop_max_chars, d.sentences_per_crop, d.min_crops)
-    docs = read_corpus(Path(str(d.path)))
+    docs = read_corpus(locate(str(d.path)))
     held_out = 0
     if d.holdout_fraction:
         from speed_ray.evaluation import holdout_ids
@@ -129,6 +148,7 @@ def _train(cfg: SpeedRayConfig) -> dict:
         )
     negatives = num_negatives(data, ec.hard_negatives)
     config = loop_config(cfg, negatives)
+    config["model_card"] = card_info(cfg, data_info, len(data), negatives)
     init_ray(cfg)
     config["data"] = ray.put(data)  # the object store carries the rows to every node's workers
     out = cfg.run_dir / "embed" / "model"
@@ -151,58 +171,67 @@ def _train(cfg: SpeedRayConfig) -> dict:
         "resumed_from_step": metrics["resumed_from_step"],
         "history": history,
         "probe": metrics["probe"],
+        "model_card": config["model_card"],
         "duration_s": round(time.time() - started, 2),
     }
-    (out / "README.md").write_text(model_card(cfg, manifest))
     write_json_atomic(out / "_manifest.json", manifest)
     logger.info(f"embed: losses {[round(h['loss'], 4) for h in history]}")
     return manifest
 
 
-def model_card(cfg: SpeedRayConfig, m: dict[str, Any]) -> str:
-    """The exported folder's README: what it is, how it was trained, how to use it."""
-    ec = cfg.embed
-    first, last = m["history"][0], m["history"][-1]
-    usage_query = 'model.encode(["how do I resize images?"], prompt_name="query")'
-    return "\n".join(
-        [
-            "---",
-            "library_name: sentence-transformers",
-            "pipeline_tag: sentence-similarity",
-            "tags: [sentence-transformers, speed-ray]",
-            "---",
-            "",
-            f"# {cfg.run.name}: embedding model",
-            "",
-            f"Fine-tuned from `{m['base_model']}` by speed-ray's contrastive trainer (InfoNCE over in-batch "
-            f"and hard negatives, gathered across {m['workers']} worker(s)).",
-            "",
-            "| setting | value |",
-            "|---|---|",
-            f"| data | {m['data']['source']} ({m['train_rows']} rows{', ' + m['data']['pair_mode'] if 'pair_mode' in m['data'] else ''}) |",
-            f"| pooling | {m['pooling']}, L2-normalised |",
-            f"| fine-tuning | {m['finetune']}{f', last {ec.train_last_blocks} blocks' if ec.train_last_blocks else ''}, "
-            f"{m['trainable_params']:,} trainable parameters |",
-            f"| steps, global batch, epochs | {m['steps']}, {m['global_batch']}, {m['epochs']} |",
-            f"| hard negatives per query | {m['hard_negatives']} |",
-            f"| temperature | {ec.temperature}{' (symmetric)' if ec.symmetric else ''} |",
-            f"| learning rate | {ec.learning_rate}, {ec.lr_schedule}, {ec.warmup_steps} warm-up steps, weight decay {ec.weight_decay} |",
-            f"| max sequence length | {ec.max_seq_length} |",
-            f"| loss, first and last step | {first['loss']:.4f} -> {last['loss']:.4f} |",
-            f"| in-batch accuracy, first and last step | {first['accuracy']:.3f} -> {last['accuracy']:.3f} |",
-            "",
-            "## Use",
-            "",
-            "```python",
-            "from sentence_transformers import SentenceTransformer",
-            "",
-            "model = SentenceTransformer(PATH)",
-            f"queries = {usage_query}  # the saved query prompt",
-            'docs = model.encode(["a tool to convert and resize images"])',
-            "scores = queries @ docs.T  # cosine: embeddings are normalised",
-            "```",
-            "",
-            f"Query prompt: `{json.dumps(m['probe'].get('query_prompt', ''))[1:-1]}`; documents get none.",
-            "",
-        ]
-    )
+def card_info(cfg: SpeedRayConfig, data: dict[str, Any], rows: int, negatives: int) -> dict[str, Any]:
+    """What the model card says besides the model itself (plain values, for the workers and the
+    manifest; ``embedding.model_card_data`` turns them into sentence-transformers' card data)."""
+    ec, res = cfg.embed, cfg.embed.resources
+    path = Path(str(data["path"]))
+    if data["source"] == "synth":
+        name = f"{path.parents[1].name}/synth/train"  # <run>/synth/train
+    elif data["source"] == "pairs":
+        name = path.name
+    else:
+        name = f"{path.name} ({data['pair_mode']} pairs)"
+    columns = ["anchor", "positive"] + (["negative"] if data["source"] == "synth" or negatives else [])
+    loss = {
+        "temperature": ec.temperature,
+        "symmetric": ec.symmetric,
+        "hard_negatives": negatives,
+        "negatives": f"in-batch, gathered across {res.workers} worker(s), and hard",
+    }
+    hyperparameters = {
+        k: getattr(ec, k)
+        for k in (
+            "pooling",
+            "train_last_blocks",
+            "steps",
+            "batch_size",
+            "learning_rate",
+            "lr_schedule",
+            "warmup_steps",
+            "weight_decay",
+            "max_grad_norm",
+            "temperature",
+            "symmetric",
+            "max_seq_length",
+            "dropout",
+            "precision",
+            "deepspeed_stage",
+        )
+    }
+    return {
+        "model_name": f"{cfg.run.name}: speed-ray embedding model based on {ec.model}",
+        "base_model": ec.model,
+        "tags": ["speed-ray"],
+        "dataset": {"name": name, "size": rows, "columns": columns},
+        "loss": {
+            "fullname": "speed_ray.losses.info_nce",
+            "config_code": textwrap.indent(f"```json\n{json.dumps(loss, indent=4)}\n```", "  "),
+        },
+        "hyperparameters": hyperparameters
+        | {
+            "finetune": embed_finetune(ec),
+            "workers": res.workers,
+            "global_batch": res.workers * ec.batch_size,
+            "hard_negatives": negatives,
+            "seed": cfg.run.seed,
+        },
+    }

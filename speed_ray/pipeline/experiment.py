@@ -42,7 +42,12 @@ def configs(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> tuple[dict,
                 f"experiment.prepare.{name}.stages: expected a list of stages from {', '.join(STAGES)}, "
                 f"got {stages!r}"
             )
-        args = [f"run.name={cfg.run.name}-{name}", *overrides, *override_args(changes)]
+        args = [
+            f"run.name={cfg.run.name}-{name}",
+            *overrides,
+            *override_args(changes),
+            f"run.stages={json.dumps(stages)}",
+        ]
         prepare[name] = (_load(path, args, f"experiment.prepare.{name}"), stages)
     variants = {}
     for name, changes in ex.variants.items():

@@ -71,7 +71,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
 
 
 # Model-calling steps, in order, and the paper's teacher budget (SPEED §4.5, Table 5).
-SYNTH_STEPS = ("tasks", "generations", "judgments", "pairs", "drafts", "revisions", "examples")
+SYNTH_STEPS = ("tasks", "generations", "judgments", "pairs", "drafts", "revisions", "examples", "train")
 CALL_STEPS = ("tasks", "generations", "judgments", "revisions")
 PAPER_TEACHER = {"calls": 45_000, "tokens": 32_000_000}
 ALIGN_STEPS = ("tasks", "seed", "junior", "root", "judgments", "pairs", "senior", "revisions", "revisor")

@@ -8,7 +8,11 @@ Produces under ``<run>/synth/``, one folder per step, each finished by a ``_mani
 - ``pairs/``: preference pairs for DPO, from the judge or, without one, a rule-based score;
 - ``drafts/``: one example per prompt: the judge's best sample, else the first valid one;
 - ``revisions/``: each draft rewritten once by ``synth.reviser`` (only with a reviser);
-- ``examples/``: the training rows (revision where it parsed, else the draft), near duplicates removed.
+- ``examples/``: the final rows (revision where it parsed, else the draft), near duplicates removed,
+  with their instruction, task type, topic and provenance (EXAMPLES);
+- ``train/``: the same rows as the embedding training set in sentence-transformers' columns, exactly
+  ``anchor`` (``Instruct: {instruction}\nQuery: {query}``), ``positive`` and ``negative`` (TRIPLETS):
+  ``datasets.load_dataset("parquet", ...)`` loads it and ``SentenceTransformerTrainer`` trains on it.
 
 The model-calling steps write fixed shards as they complete (``speed_ray.shards``): a killed run keeps
 them, and the rerun only sends the missing shards' rows to the engine.
@@ -26,20 +30,79 @@ import pyarrow as pa
 
 from speed_ray import synthesis
 from speed_ray.config import ConfigError, EngineConfig, SpeedRayConfig
+from speed_ray.fingerprint import of_config, output_hash, path_hash, run_model_inputs
 from speed_ray.models import resolve_model
-from speed_ray.pipeline.common import step
+from speed_ray.pipeline.common import log, pending, remove, step
 from speed_ray.schemas import (
     EXAMPLES,
     GENERATIONS,
     JUDGMENTS,
     PREFERENCE_PAIRS,
     TASKS,
+    TRIPLETS,
     read_stage,
     write_stage,
 )
 from speed_ray.shards import ShardedWriter, lay_out, with_shard
 
 logger = logging.getLogger(__name__)
+
+# What each step's output depends on (``speed_ray.fingerprint``): config keys, as dotted prefixes,
+# besides the outputs of the steps it reads and its engine's section (named where the step runs).
+SAMPLING = ("synth.sampling.temperature", "synth.sampling.top_p")
+KEYS = {
+    "tasks": (
+        "run.seed",
+        "synth.taxonomy",
+        "synth.num_topics",
+        "synth.mix",
+        "synth.sampling.max_field_chars",
+        "synth.sampling.brainstorm_max_tokens",
+        *SAMPLING,
+    ),
+    "generations": (
+        "run.seed",
+        "synth.examples_per_task",
+        "synth.sampling.max_field_chars",
+        "synth.sampling.max_tokens",
+        "synth.sampling.samples_per_prompt",
+        *SAMPLING,
+    ),
+    "judgments": ("run.seed", "synth.sampling.max_field_chars", "synth.sampling.judge_max_tokens"),
+    "pairs": (),
+    "drafts": (),
+    "revisions": (
+        "run.seed",
+        "synth.sampling.max_field_chars",
+        "synth.sampling.revise_max_tokens",
+        *SAMPLING,
+    ),
+    "examples": ("run.seed", "synth.dedup"),
+    "train": (),  # the examples alone
+}
+
+
+def fingerprint(
+    cfg: SpeedRayConfig, name: str, inputs: dict[str, Any], engine: str | None = None
+) -> dict[str, Any]:
+    """Step ``name``'s fingerprint: its ``KEYS``, the section of the engine it calls (``synth.judge``),
+    the output hashes of the step manifests in ``inputs``, and the models of this run it generates with."""
+    hashes = {f"synth/{k}": output_hash(m) for k, m in inputs.items()}
+    tax = cfg.synth.taxonomy
+    if name == "tasks" and tax.path is not None and not tax.topics:
+        hashes["synth.taxonomy.path"] = path_hash(tax.path)  # the file's topics
+    if engine is not None:
+        spec = engine_at(cfg, engine).model
+        hashes |= run_model_inputs([spec], cfg.run_dir)
+    return of_config(cfg, (*KEYS[name], *([engine] if engine else [])), hashes)
+
+
+def engine_at(cfg: SpeedRayConfig, key: str) -> EngineConfig:
+    """The engine at dotted ``key`` (``synth.judge``)."""
+    section, name = key.split(".")
+    eng = getattr(getattr(cfg, section), name)
+    assert eng is not None, key
+    return eng
 
 
 def run(cfg: SpeedRayConfig) -> dict:
@@ -82,8 +145,16 @@ def run(cfg: SpeedRayConfig) -> dict:
             cfg, sc.engine, out / "generations", GENERATIONS, rows, params, synthesis.parse_generations
         )
 
-    manifests["tasks"] = step(out / "tasks", "synth/tasks", tasks)
-    manifests["generations"] = step(out / "generations", "synth/generations", generations)
+    brainstormer = "synth.brainstormer" if sc.brainstormer is not None else "synth.engine"
+    manifests["tasks"] = step(
+        out / "tasks", "synth/tasks", tasks, fingerprint(cfg, "tasks", {}, brainstormer)
+    )
+    manifests["generations"] = step(
+        out / "generations",
+        "synth/generations",
+        generations,
+        fingerprint(cfg, "generations", {"tasks": manifests["tasks"]}, "synth.engine"),
+    )
     groups = synthesis.group_samples(read_stage(out / "generations", GENERATIONS))
 
     judgments = None
@@ -97,8 +168,15 @@ def run(cfg: SpeedRayConfig) -> dict:
                 cfg, judge, out / "judgments", JUDGMENTS, rows, params, synthesis.parse_judgments
             )
 
-        manifests["judgments"] = step(out / "judgments", "synth/judgments", judge_step)
+        manifests["judgments"] = step(
+            out / "judgments",
+            "synth/judgments",
+            judge_step,
+            fingerprint(cfg, "judgments", {"generations": manifests["generations"]}, "synth.judge"),
+        )
         judgments = read_stage(out / "judgments", JUDGMENTS)
+    else:
+        _no_longer_configured(out / "judgments", "synth/judgments", "synth.judge")
 
     def pairs() -> dict:
         started = time.time()
@@ -112,8 +190,9 @@ def run(cfg: SpeedRayConfig) -> dict:
         table = synthesis.pick_drafts(groups, judgments)
         return write_stage(out / "drafts", [table], GENERATIONS, {"prompts": len(groups)}, started)
 
-    manifests["pairs"] = step(out / "pairs", "synth/pairs", pairs)
-    manifests["drafts"] = step(out / "drafts", "synth/drafts", drafts)
+    picked: dict[str, Any] = {k: manifests[k] for k in ("generations", "judgments") if k in manifests}
+    manifests["pairs"] = step(out / "pairs", "synth/pairs", pairs, fingerprint(cfg, "pairs", picked))
+    manifests["drafts"] = step(out / "drafts", "synth/drafts", drafts, fingerprint(cfg, "drafts", picked))
 
     revisions = None
     if sc.reviser is not None:
@@ -128,13 +207,37 @@ def run(cfg: SpeedRayConfig) -> dict:
                 cfg, reviser, out / "revisions", GENERATIONS, rows, params, synthesis.parse_revisions
             )
 
-        manifests["revisions"] = step(out / "revisions", "synth/revisions", revise_step)
+        manifests["revisions"] = step(
+            out / "revisions",
+            "synth/revisions",
+            revise_step,
+            fingerprint(cfg, "revisions", {"drafts": manifests["drafts"]}, "synth.reviser"),
+        )
         revisions = read_stage(out / "revisions", GENERATIONS)
+    else:
+        _no_longer_configured(out / "revisions", "synth/revisions", "synth.reviser")
 
     manifests["examples"] = step(
-        out / "examples", "synth/examples", lambda: examples_step(cfg, out, revisions)
+        out / "examples",
+        "synth/examples",
+        lambda: examples_step(cfg, out, revisions),
+        fingerprint(cfg, "examples", {k: manifests[k] for k in ("drafts", "revisions") if k in manifests}),
+    )
+    manifests["train"] = step(
+        out / "train",
+        "synth/train",
+        lambda: training_set_step(out),
+        fingerprint(cfg, "train", {"examples": manifests["examples"]}),
     )
     return manifests
+
+
+def _no_longer_configured(out_dir: Path, name: str, key: str) -> None:
+    """An optional step's folder from a run that had it configured: stale, so removed."""
+    if out_dir.exists():
+        log(f"{name}: stale: {key} is null now; removed {out_dir}")
+    for path in (out_dir, pending(out_dir)):
+        remove(path)
 
 
 def sampling_params(max_tokens: int, temperature: float, top_p: float, n: int) -> dict[str, Any]:
@@ -171,6 +274,14 @@ def examples_step(cfg: SpeedRayConfig, out: Path, revisions: pa.Table | None) ->
         extra["dedup"] = stats
         logger.info(f"synth/examples: MinHash dedup removed {stats['removed']} of {stats['input_rows']} rows")
     return write_stage(out / "examples", [rows], EXAMPLES, extra, started)
+
+
+def training_set_step(out: Path) -> dict:
+    """``examples/`` as the embedding training set: the three text columns and nothing else, since
+    sentence-transformers embeds every column of its training dataset."""
+    started = time.time()
+    table = synthesis.training_triplets(read_stage(out / "examples", EXAMPLES))
+    return write_stage(out / "train", [table], TRIPLETS, {"examples": table.num_rows}, started)
 
 
 def generate_step(

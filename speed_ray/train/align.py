@@ -4,7 +4,9 @@
 ``train_loop`` is what every Ray Train worker runs: it loads the step's training data (a ``datasets``
 folder the driver wrote, so TRL's tokenization and reference log-probability caches sit beside it and
 survive a restart), resumes from the last checkpoint Ray Train holds, trains, and (rank 0) reports
-the merged model folder as the final checkpoint.
+the merged model folder as the final checkpoint. DPO trains on the preference pairs as the align
+stage stores them, in TRL's conversational format (TRL applies the chat template itself); SFT rows
+come from ``sft_rows``.
 
 Settings arrive as one plain dict (``loop_config`` in ``speed_ray.pipeline.align``):
 ``kind`` (sft | dpo), ``model``, ``data_dir``, ``steps``, ``learning_rate``, ``batch_size``,
@@ -33,18 +35,6 @@ def sft_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "completion": [{"role": "assistant", "content": r["completion"]}],
         }
         for r in rows
-    ]
-
-
-def dpo_rows(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """DPO data: prompt, chosen (the judge's best) and rejected (its worst) completions."""
-    return [
-        {
-            "prompt": json.loads(p["messages"]),
-            "chosen": [{"role": "assistant", "content": p["chosen"]}],
-            "rejected": [{"role": "assistant", "content": p["rejected"]}],
-        }
-        for p in pairs
     ]
 
 

@@ -408,10 +408,13 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu().clone() for k, v in st.state_dict().items()}
 
 
-def export(state: dict[str, torch.Tensor], config: dict[str, Any], folder: str) -> None:
+def export(
+    state: dict[str, torch.Tensor], config: dict[str, Any], folder: str, history: list[dict] | None = None
+) -> None:
     """A fresh copy of the model with the trained weights, LoRA merged, saved for sentence-transformers
-    with pooling, normalisation and the query/document prompts."""
-    from speed_ray.embedding import build_model, merge_lora, set_prompts
+    with pooling, normalisation, the query/document prompts and sentence-transformers' model card
+    (README.md) from ``config["model_card"]`` and the losses so far (``history``)."""
+    from speed_ray.embedding import build_model, merge_lora, model_card_data, set_prompts, use_card
 
     model = build_model(
         config["model"], config["pooling"], config["max_seq_length"], dropout=config["dropout"]
@@ -421,10 +424,12 @@ def export(state: dict[str, torch.Tensor], config: dict[str, Any], folder: str) 
     model.load_state_dict(state)
     merge_lora(model)
     set_prompts(model, config["query_instruction"], config["pooling"])
+    if config.get("model_card") is not None:
+        use_card(model, model_card_data(config["model_card"], history or []))
     model.save(folder)
 
 
-def snapshot(model, config: dict[str, Any], step: int, rank: int) -> None:
+def snapshot(model, config: dict[str, Any], step: int, rank: int, history: list[dict] | None = None) -> None:
     """Export the model as it is at ``step`` to ``<snapshot_dir>/step_<step>`` (written under a
     temporary name and renamed, so a folder there is whole; a resumed run keeps it)."""
     import shutil
@@ -435,7 +440,7 @@ def snapshot(model, config: dict[str, Any], step: int, rank: int) -> None:
         return
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    export(weights, config, str(tmp))
+    export(weights, config, str(tmp), history)
     tmp.rename(target)
 
 
@@ -515,7 +520,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 wrote = save_state(model, optimizer, scheduler, {"step": step, "history": history}, d, rank)
                 ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(d) if wrote else None)
         if config["snapshot_steps"] and step % config["snapshot_steps"] == 0 and step < steps:
-            snapshot(model, config, step, rank)
+            snapshot(model, config, step, rank, history)
     if bar is not None:
         bar.close()
     weights = full_state_dict(model)
@@ -529,6 +534,6 @@ def train_loop(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:
-            export(weights, config, d)
+            export(weights, config, d, history)
             checkpoint = Checkpoint.from_directory(d)
         ray.train.report(report, checkpoint=checkpoint)

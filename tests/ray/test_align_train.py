@@ -14,7 +14,7 @@ import pytest
 
 from speed_ray.config import TrainResources, load_config
 from speed_ray.pipeline.align import write_dataset
-from speed_ray.train.align import build_trainer, dpo_rows, load_data, sft_rows, train_loop
+from speed_ray.train.align import build_trainer, load_data, sft_rows, train_loop
 from tests.distributed import registered_checkpoint, train_worker_pids
 
 PROMPTS = ["Name a fruit.", "Name a colour.", "Name a tool.", "Name an animal."]
@@ -50,12 +50,17 @@ def loop_config(model: str, data_dir: Path, kind: str, batch_size: int, steps: i
 
 
 def pairs_dir(tmp_path: Path) -> Path:
+    """Preference pairs as the align stage stores and trains on them (TRL's conversational format)."""
     rows = [
-        {"messages": json.dumps([{"role": "user", "content": p}]), "chosen": c, "rejected": r}
+        {
+            "prompt": [{"role": "user", "content": p}],
+            "chosen": [{"role": "assistant", "content": c}],
+            "rejected": [{"role": "assistant", "content": r}],
+        }
         for p, c, r in zip(PROMPTS, CHOSEN, REJECTED, strict=True)
     ]
     path = tmp_path / "pairs.data"
-    write_dataset(dpo_rows(rows), path)
+    write_dataset(rows, path)
     return path
 
 

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from speed_ray.config import load_config
 from speed_ray.schemas import EXAMPLES, cast_rows, read_manifest, write_stage
@@ -23,6 +24,14 @@ def examples(n):
         }
         for i in range(n)
     ]
+
+
+def synth_rows(run_dir, n):
+    """synth/examples, and synth/train made from it by the synth stage's step (what embed reads)."""
+    from speed_ray.pipeline.synth import training_set_step
+
+    write_stage(run_dir / "synth/examples", [cast_rows(examples(n), EXAMPLES)], EXAMPLES, {}, time.time())
+    training_set_step(run_dir / "synth")
 
 
 def test_embed_trains_every_layer_through_gradcache(tmp_path, tiny_bert, beir_tiny, ray_session):
@@ -44,9 +53,7 @@ def test_embed_trains_every_layer_through_gradcache(tmp_path, tiny_bert, beir_ti
             f"eval.retrieval.path={beir_tiny}",
         ],
     )
-    write_stage(
-        cfg.run_dir / "synth/examples", [cast_rows(examples(12), EXAMPLES)], EXAMPLES, {}, time.time()
-    )
+    synth_rows(cfg.run_dir, 12)
     embed.run(cfg)
     manifest = read_manifest(cfg.run_dir / "embed/model")
     assert [h["step"] for h in manifest["history"]] == [1, 2]
@@ -72,7 +79,7 @@ def test_embed_on_corpus_crops_last_block_only(tmp_path, tiny_bert, beir_tiny, r
     from speed_ray.pipeline import embed
     from tests.conftest import DEBIAN
 
-    docs = read_labelled(DEBIAN / "labelled.jsonl")[:300]
+    docs = read_labelled(DEBIAN / "labelled.jsonl.gz")[:300]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
     want_pairs, want_skipped = build_pairs(docs, "crops")
@@ -250,9 +257,7 @@ def test_decoder_lora_last_block_exports_merged_with_its_query_prompt(
             f"eval.retrieval.path={beir_tiny}",
         ],
     )
-    write_stage(
-        cfg.run_dir / "synth/examples", [cast_rows(examples(12), EXAMPLES)], EXAMPLES, {}, time.time()
-    )
+    synth_rows(cfg.run_dir, 12)
     manifest = embed.run(cfg)
     out = cfg.run_dir / "embed/model"
     assert manifest["finetune"] == "lora"
@@ -267,7 +272,11 @@ def test_decoder_lora_last_block_exports_merged_with_its_query_prompt(
     for kw, key in (({}, "embeddings"), ({"prompt_name": "query"}, "query_embeddings")):
         again = model.encode(probe["texts"], **kw)
         torch.testing.assert_close(torch.tensor(again), torch.tensor(probe[key]), rtol=0, atol=1e-5)
-    assert 'prompt_name="query"' in (out / "README.md").read_text()
+    # sentence-transformers' own model card: the base model and the training set in its metadata
+    readme = (out / "README.md").read_text()
+    meta = yaml.safe_load(readme.split("---\n")[1])
+    assert meta["base_model"] == tiny_llama and meta["datasets"] == ["dec/synth/train"]
+    assert "model.encode_query(queries)" in readme  # the saved query prompt, used by encode_query
 
 
 SLOW = pytest.mark.slow  # more DeepSpeed worker groups: minutes on a 2-core box

@@ -20,6 +20,7 @@ from speed_ray.schemas import (
     JUDGMENTS,
     PREFERENCE_PAIRS,
     TASKS,
+    TRIPLETS,
     read_manifest,
     read_stage,
 )
@@ -108,7 +109,13 @@ def check_run(run, capsys) -> None:
     ties = sum("best and worst are the same" in (e or "") for e in judgments["error"].to_pylist())
     assert ties > 0 and dropped["judge: best and worst are the same output"] == ties
     by_id = {(r["id"], r["sample"]): r["raw"] for r in root.to_pylist()}
-    assert all(p["chosen"] == by_id[(p["id"], 1)] and p["rejected"] == by_id[(p["id"], 0)] for p in pairs)
+    # in TRL's conversational preference format, which the senior's DPO trained on as it is
+    assert all(
+        p["chosen"] == [{"role": "assistant", "content": by_id[(p["id"], 1)]}]
+        and p["rejected"] == [{"role": "assistant", "content": by_id[(p["id"], 0)]}]
+        and p["prompt"] == json.loads(next(r["messages"] for r in root.to_pylist() if r["id"] == p["id"]))
+        for p in pairs
+    )
     revisions = read_stage(align / "revisions", GENERATIONS)
     assert set(revisions["prompt_id"].to_pylist()) <= prompts
     from transformers import AutoModelForCausalLM
@@ -145,6 +152,13 @@ def check_run(run, capsys) -> None:
     ex_manifest = read_manifest(run / "synth/examples")
     assert examples.num_rows == drafts.num_rows - ex_manifest["dedup"]["removed"]
     assert set(examples["id"].to_pylist()) <= set(drafts["id"].to_pylist())
+    # the training set: the examples in sentence-transformers' three columns, instruction in the anchor
+    train = read_stage(run / "synth/train", TRIPLETS)
+    assert train.column_names == ["anchor", "positive", "negative"] and train.num_rows == examples.num_rows
+    assert train["anchor"].to_pylist() == [
+        f"Instruct: {e['instruction']}\nQuery: {e['query']}" if e["instruction"] else e["query"]
+        for e in examples.to_pylist()
+    ]
     acc = read_manifest(run / "synth/generations")["accounting"]
     assert acc["calls"] == tasks["error"].null_count
     assert acc["output_tokens"] == sum(gens["num_output_tokens"].to_pylist()) > 0
@@ -162,6 +176,14 @@ def check_run(run, capsys) -> None:
     assert set(ev["scores"]) == {"base", "trained"}
     assert all(0.0 <= s["DebianPackageRetrieval"]["ndcg_at_10"] <= 1.0 for s in ev["scores"].values())
     assert len(list((run / "eval/results/speed-ray__trained").glob("*/DebianPackageRetrieval.json"))) == 1
+    # the trained model's card: sentence-transformers' own, the eval scores added to its metadata
+    card = yaml.safe_load((run / "embed/model/README.md").read_text().split("---\n")[1])
+    assert card["base_model"] == "tiny-bert" and card["datasets"] == ["tiny/synth/train"]
+    [result] = card["model-index"][0]["results"]
+    scores = {m["type"]: m["value"] for m in result["metrics"]}
+    assert scores["ndcg_at_10"] == pytest.approx(
+        ev["scores"]["trained"]["DebianPackageRetrieval"]["ndcg_at_10"]
+    )
     report = (run / "report.md").read_text()
     assert "nDCG@10" in report and "| trained |" in report and (run / "training.png").is_file()
     assert "| generations | vllm:`run:align/senior` |" in report and "MinHash dedup" in report

@@ -93,7 +93,11 @@ def test_synth_through_an_http_teacher(tmp_path, ray_session, capsys, fault_reco
     by_id = {(r["id"], r["sample"]): r["raw"] for r in gens.to_pylist()}
     judged = [p for p in pairs if p["reason"].startswith("judge: ")]
     assert len(judged) == judgments["error"].null_count
-    assert all(p["chosen"] == by_id[(p["id"], 1)] and p["rejected"] == by_id[(p["id"], 0)] for p in judged)
+    assert all(
+        p["chosen"] == [{"role": "assistant", "content": by_id[(p["id"], 1)]}]
+        and p["rejected"] == [{"role": "assistant", "content": by_id[(p["id"], 0)]}]
+        for p in judged
+    )
 
     # reviser: each draft once; a revised row carries the teacher's text
     assert sorted(revisions["prompt_id"].to_pylist()) == sorted(drafts["id"].to_pylist())

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from speed_ray.config import ConfigError, load_config
-from speed_ray.data import read_chat_rows
+from speed_ray.data import read_chat_rows, read_preference_rows
 from speed_ray.models import resolve_model
-from speed_ray.train.align import deepspeed_config, dpo_rows, long_prompts, sft_rows
+from speed_ray.train.align import deepspeed_config, long_prompts, sft_rows
 
 PROMPT = [{"role": "user", "content": "Write a retrieval example."}]
 
@@ -60,9 +60,9 @@ def test_bad_align_settings_name_the_key(override, message):
 
 
 def test_disabled_align_engines_are_not_checked():
-    # quickstart-style configs turn the stage off; its engines then need no GPU, model or key
-    cfg = load_config(None, ["align.enabled=false", "align.teacher.kind=openai"])
-    assert cfg.align.enabled is False
+    # quickstart-style configs leave the stage out; its engines then need no GPU, model or key
+    cfg = load_config(None, ["run.stages=[synth, embed]", "align.teacher.kind=openai"])
+    assert "align" not in cfg.run.stages
     with pytest.raises(ConfigError, match="align.teacher.base_url: expected an http"):
         load_config(None, ["align.teacher.kind=openai"])
 
@@ -101,13 +101,20 @@ def test_user_alignment_data_is_checked_by_row(tmp_path):
     bad = tmp_path / "pairs.jsonl"
     bad.write_text(json.dumps({"messages": PROMPT, "chosen": "a", "rejected": ""}) + "\n")
     with pytest.raises(ValueError, match=r"pairs.jsonl:1: rejected: expected a non-empty string"):
-        read_chat_rows(bad, ("chosen", "rejected"))
+        read_preference_rows(bad)
     bad.write_text(json.dumps({"messages": [{"text": "hi"}], "chosen": "a", "rejected": "b"}) + "\n")
     with pytest.raises(ValueError, match=r"pairs.jsonl:1: messages: expected a non-empty list"):
-        read_chat_rows(bad, ("chosen", "rejected"))
+        read_preference_rows(bad)
     bad.write_text(json.dumps({"messages": PROMPT, "chosen": "a"}) + "\n")
     with pytest.raises(ValueError, match=r"pairs.jsonl:1: missing keys \['rejected'\]"):
-        read_chat_rows(bad, ("chosen", "rejected"))
+        read_preference_rows(bad)
+    # TRL's conversational form: messages on every side
+    bad.write_text(json.dumps({"prompt": PROMPT, "chosen": [{"role": "assistant"}], "rejected": "b"}) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: chosen: expected a non-empty list"):
+        read_preference_rows(bad)
+    bad.write_text(json.dumps({"chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: missing keys \['prompt'\]"):
+        read_preference_rows(bad)
 
 
 def test_training_rows_in_trl_formats():
@@ -116,13 +123,7 @@ def test_training_rows_in_trl_formats():
     assert sft_rows([{"messages": msgs, "completion": '{"a": 1}'}]) == [
         {"prompt": PROMPT, "completion": [{"role": "assistant", "content": '{"a": 1}'}]}
     ]
-    assert dpo_rows([{"messages": msgs, "chosen": "good", "rejected": "bad"}]) == [
-        {
-            "prompt": PROMPT,
-            "chosen": [{"role": "assistant", "content": "good"}],
-            "rejected": [{"role": "assistant", "content": "bad"}],
-        }
-    ]
+    # DPO: the stored pairs are already TRL's conversational preference rows (tests/unit/test_formats.py)
 
 
 def test_deepspeed_config_from_stage():

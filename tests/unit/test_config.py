@@ -71,7 +71,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
             "synth.taxonomy.path: file /nonexistent/topics.txt not found",
         ),
         ("", ["eval.retrieval.path=/nonexistent"], "eval.retrieval.path: expected /nonexistent/corpus.jsonl"),
-        ("", ["embed.model=./no/such/model"], "embed.model: model folder ./no/such/model not found"),
+        ("", ["embed.model=/no/such/model"], "embed.model: model folder /no/such/model not found"),
         ("", ["embed.resources.workers=64"], "embed.resources: 64 workers x 1.0 CPUs = 64.0 CPUs"),
         ("", ["synth.engine.num_gpus=1"], "synth.engine.num_gpus: 1 actors x 1.0 GPUs asked for"),
         ("", ["synth.engine.max_actors=0"], "synth.engine.max_actors: expected >= synth.engine.min_actors"),
@@ -146,3 +146,55 @@ def test_yaml_aliases_are_copies(tmp_path):
     cfg = load_config(write(tmp_path, text), ["synth.judge.model=b"])
     assert (cfg.synth.judge.model, cfg.synth.reviser.model) == ("b", "a")
     assert cfg.synth.brainstormer is None and cfg.synth.reviser.base_url == "http://h/v1"
+
+
+def test_paths_in_a_file_resolve_against_its_folder_and_overrides_against_the_current_one(
+    tmp_path, monkeypatch
+):
+    conf = tmp_path / "conf"
+    (conf / "models" / "m").mkdir(parents=True)
+    (conf / "models" / "m" / "config.json").write_text("{}")
+    (conf / "models" / "m" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "pairs.jsonl").write_text('{"anchor": "a", "positive": "p"}\n')
+    (tmp_path / "topics.txt").write_text("A/B\n")
+    path = conf / "c.yaml"
+    path.write_text(
+        "run: {output_dir: out}\n"
+        "embed: {model: ./models/m, data: {source: pairs, path: ../pairs.jsonl}}\n"
+        "eval: {models: [base, mine=./models/m, all-minilm-l6-v2]}\n"
+        "experiment: {variants: {v: {embed.data.path: ../pairs.jsonl, synth.reviser: {model: ./models/m}}}}\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(path)
+    assert cfg.run.output_dir == str(conf / "out")
+    assert cfg.embed.model == str(conf / "models" / "m")
+    assert cfg.embed.data.path == str(tmp_path / "pairs.jsonl")
+    assert cfg.eval.models == ["base", f"mine={conf / 'models' / 'm'}", "all-minilm-l6-v2"]
+    assert cfg.eval.retrieval.path == "builtin:debian/retrieval"  # a built-in name stays a name
+    assert cfg.experiment.variants["v"] == {
+        "embed.data.path": str(tmp_path / "pairs.jsonl"),
+        "synth.reviser": {"model": str(conf / "models" / "m")},
+    }
+    cfg = load_config(path, ["run.output_dir=out", "synth.taxonomy.path=../topics.txt"])
+    assert cfg.run.output_dir == str(elsewhere / "out")  # an override: from the current folder
+    assert cfg.synth.taxonomy.path == str(tmp_path / "topics.txt")
+    saved = tmp_path / "saved" / "config.yaml"
+    save_config(cfg, saved)
+    assert load_config(saved) == cfg  # absolute in the saved copy: the same from anywhere
+
+
+def test_run_stages(tmp_path):
+    assert load_config(None).run.stages == ["align", "synth", "embed", "eval", "report"]
+    assert load_config(REPO / "configs" / "crops-debian.yaml").run.stages == ["embed", "eval", "report"]
+    assert "align" not in load_config(REPO / "configs" / "quickstart.yaml").run.stages
+    with pytest.raises(
+        ConfigError, match=r"run.stages: expected a list of stages from align, .* got \['train'\]"
+    ):
+        load_config(None, ["run.stages=[train]"])
+    # the align engines are checked only when align runs
+    bad = ["align.teacher.kind=openai", "align.teacher.base_url=null"]
+    assert load_config(None, ["run.stages=[embed]", *bad])
+    with pytest.raises(ConfigError, match="align.teacher.base_url"):
+        load_config(None, bad)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 
-from speed_ray.data import nested_sample, read_beir, read_labelled, verify_checksums
+from speed_ray.data import locate, nested_sample, read_beir, read_labelled, verify_checksums
 from tests.conftest import DEBIAN
 
 
@@ -20,7 +23,7 @@ def test_retrieval_set_as_published():
 
 
 def test_labelled_set_as_published():
-    rows = read_labelled(DEBIAN / "labelled.jsonl")
+    rows = read_labelled(DEBIAN / "labelled.jsonl.gz")
     assert len(rows) == 18357
     assert rows[0]["id"] == "0ad" and rows[0]["label"] == "games"
 
@@ -33,10 +36,11 @@ def test_checksums(tmp_path):
     ]
     copy = tmp_path / "debian"
     shutil.copytree(DEBIAN, copy)
-    (copy / "retrieval" / "queries.jsonl").chmod(0o644)
-    with (copy / "retrieval" / "queries.jsonl").open("a") as f:
+    queries = copy / "retrieval" / "queries.jsonl.gz"
+    queries.chmod(0o644)
+    with gzip.open(queries, "at") as f:
         f.write('{"_id": "q:extra", "text": "x"}\n')
-    with pytest.raises(ValueError, match="queries.jsonl: SHA-256 differs"):
+    with pytest.raises(ValueError, match="queries.jsonl.gz: SHA-256 differs"):
         verify_checksums(copy / "retrieval")
     assert verify_checksums(tmp_path) == []  # no SHA256SUMS: a user's own data
 
@@ -59,3 +63,34 @@ def test_nested_samples_keep_input_order_and_lie_inside_larger_ones():
     assert nested_sample(rows, 8, seed=3) == small  # reproducible
     assert nested_sample(rows, 8, seed=4) != small
     assert nested_sample(rows, 0, seed=3) == rows == nested_sample(rows, 60, seed=3)
+
+
+def test_builtin_names_locate_the_shipped_files():
+    assert locate("builtin:debian/retrieval") == DEBIAN / "retrieval"
+    assert locate("builtin:debian/labelled") == DEBIAN / "labelled.jsonl.gz"
+    assert locate("some/file.jsonl") == Path("some/file.jsonl")
+    with pytest.raises(
+        ValueError,
+        match=r"builtin:debian/labeled: no such built-in data set \(closest: builtin:debian/labelled",
+    ):
+        locate("builtin:debian/labeled")
+
+
+def test_plain_and_gzipped_files_read_alike(tmp_path):
+    rows = [{"id": "a", "text": "first", "label": "x"}, {"id": "b", "text": "zweite é", "label": "y"}]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    (tmp_path / "l.jsonl").write_text(text, encoding="utf-8")
+    with gzip.open(tmp_path / "l.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    assert read_labelled(tmp_path / "l.jsonl") == read_labelled(tmp_path / "l.jsonl.gz") == rows
+
+
+def test_no_file_refers_outside_the_repository():
+    """The project stands alone: nothing tracked points at a folder beside the checkout."""
+    import subprocess
+
+    from tests.conftest import REPO
+
+    needle = "../" + "shared"  # spelled in two parts so that this test does not find itself
+    hits = subprocess.run(["git", "grep", "-n", "-F", needle], cwd=REPO, capture_output=True, text=True)
+    assert hits.returncode == 1 and hits.stdout == "", hits.stdout

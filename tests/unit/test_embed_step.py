@@ -139,7 +139,7 @@ def test_corpus_pairs_are_cropped_anew_each_epoch():
     from speed_ray.data import read_labelled
     from tests.conftest import DEBIAN
 
-    docs = read_labelled(DEBIAN / "labelled.jsonl")[:200]
+    docs = read_labelled(DEBIAN / "labelled.jsonl.gz")[:200]
     data = CorpusPairs(docs, "crops", CropRule(), seed=0)
     pairs, skipped = build_pairs(docs, "crops", CropRule(), seed=0)
     assert len(data) == len(pairs) and len(pairs) + len(skipped) == 200 and skipped

@@ -109,6 +109,7 @@ def test_training_on_another_runs_synthetic_rows_and_a_sample_of_them(tmp_path):
 
     from speed_ray.config import load_config
     from speed_ray.pipeline.embed import training_data
+    from speed_ray.pipeline.synth import training_set_step
     from speed_ray.schemas import EXAMPLES, cast_rows, write_stage
 
     rows = [
@@ -121,18 +122,32 @@ def test_training_on_another_runs_synthetic_rows_and_a_sample_of_them(tmp_path):
         }
         for i in range(10)
     ]
-    write_stage(
-        tmp_path / "synth-run" / "synth" / "examples", [cast_rows(rows, EXAMPLES)], EXAMPLES, {}, time.time()
-    )
+    synth = tmp_path / "synth-run" / "synth"
+    write_stage(synth / "examples", [cast_rows(rows, EXAMPLES)], EXAMPLES, {}, time.time())
+    training_set_step(synth)  # synth/train: what embed reads
     base = [f"run.output_dir={tmp_path}", "run.name=embed-run", f"embed.data.path={tmp_path / 'synth-run'}"]
     data, info = training_data(load_config(None, base))
     assert [r["query"] for r in data.rows] == [f"q{i}" for i in range(10)]
     assert data.rows[1] == {"instruction": "i1", "query": "q1", "positive": "p1", "negatives": ["n1"]}
     assert data.rows[0]["negatives"] == []
-    assert info["rows_available"] == 10 and info["path"] == str(tmp_path / "synth-run" / "synth" / "examples")
+    assert info["rows_available"] == 10 and info["path"] == str(synth / "train")
     small, _ = training_data(load_config(None, [*base, "embed.data.max_rows=3"]))
     larger, _ = training_data(load_config(None, [*base, "embed.data.max_rows=6"]))
     assert len(small.rows) == 3 and len(larger.rows) == 6
     assert all(r in larger.rows for r in small.rows)
-    with pytest.raises(FileNotFoundError, match=r"nowhere/synth/examples: no _manifest.json"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere/synth/train: no _manifest.json"):
         training_data(load_config(None, [*base[:2], f"embed.data.path={tmp_path / 'nowhere'}"]))
+
+
+def test_an_instructed_query_splits_back_into_its_instruction_and_query():
+    from speed_ray.embedding import format_query, instructed_query, split_query
+
+    text = instructed_query("Find the package", "resize images\nfast")
+    assert text == "Instruct: Find the package\nQuery: resize images\nfast"
+    assert split_query(text) == ("Find the package", "resize images\nfast")
+    # decoders see the anchor as written, encoders the bare query (the project's rule for instructions)
+    assert format_query(*split_query(text), "lasttoken") == text
+    assert format_query(*split_query(text), "mean") == "resize images\nfast"
+    for plain in ("resize images", "Instruct: \nQuery: x", "Query: x", ""):
+        assert split_query(plain) == (None, plain)
+    assert instructed_query(None, "q") == instructed_query("", "q") == "q"

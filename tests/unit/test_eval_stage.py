@@ -4,12 +4,14 @@ results layout, the baselines, the layer analysis and the embeddings cache."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from speed_ray.config import load_config
+from speed_ray.data import open_text
 from tests.conftest import DEBIAN
 
 
@@ -18,7 +20,7 @@ def labelled(tmp_path_factory) -> Path:
     """60 Debian package descriptions, 20 from each of three sections."""
     want = {"games": 20, "science": 20, "libs": 20}
     rows = []
-    for line in (DEBIAN / "labelled.jsonl").open():
+    for line in open_text(DEBIAN / "labelled.jsonl.gz"):
         r = json.loads(line)
         if want.get(r["label"], 0) > 0:
             want[r["label"]] -= 1
@@ -164,3 +166,61 @@ def test_models_keep_their_saved_prompts_and_others_get_the_configured_one(tmp_p
     assert plain.prompts == base.prompts
     assert parse_model("mine=/a/b/model") == ("mine", "/a/b/model")
     assert parse_model("/a/b/model/") == ("model", "/a/b/model/")
+
+
+def test_eval_scores_only_what_changed_per_model_and_task(
+    tmp_path, tiny_bert, beir_tiny, monkeypatch, caplog
+):
+    """Adding a model scores that model alone; a retrained model is scored again, the base is not;
+    a model dropped from eval.models takes its results with it."""
+    caplog.set_level(logging.INFO, logger="speed_ray")
+    from speed_ray.embedding import build_model
+    from speed_ray.pipeline import evaluate
+    from speed_ray.schemas import read_manifest, write_json_atomic
+
+    loaded: list[str] = []
+    load = evaluate.load_model
+    monkeypatch.setattr(evaluate, "load_model", lambda spec, cfg: loaded.append(spec) or load(spec, cfg))
+
+    def run(models: str) -> dict:
+        args = [f"run.output_dir={tmp_path}", "run.name=ev", f"embed.model={tiny_bert}"]
+        args += [f"eval.models={models}", f"eval.retrieval.path={beir_tiny}", "eval.batch_size=16"]
+        return evaluate.run(load_config(None, args))
+
+    def result(label: str) -> Path:
+        (path,) = (tmp_path / "ev/eval/results" / f"speed-ray__{label}").glob("*/DebianPackageRetrieval.json")
+        return path
+
+    def train(pooling: str, steps: int) -> None:  # stands in for the embed step
+        model = tmp_path / "ev/embed/model"
+        build_model(tiny_bert, pooling, 64).save(str(model))
+        write_json_atomic(model / "_manifest.json", {"steps": steps, "pooling": pooling})
+
+    first = run("[base]")
+    base_result, base_stamp = result("base"), result("base").stat().st_mtime_ns
+    assert loaded == ["base"]
+
+    both = run(f"[base, tiny={tiny_bert}]")  # a model added: that model alone is loaded and scored
+    assert loaded == ["base", tiny_bert]
+    assert result("base").stat().st_mtime_ns == base_stamp
+    assert both["scores"]["base"] == first["scores"]["base"] and set(both["scores"]) == {"base", "tiny"}
+    assert "eval: base: DebianPackageRetrieval: unchanged since it was scored, kept" in caplog.text
+    run(f"[base, tiny={tiny_bert}]")
+    assert len(loaded) == 2 and "eval: already finished, skipped" in caplog.text
+
+    train("mean", 1)
+    run("[base, trained]")
+    old_trained = result("trained")
+    assert loaded[2:] == ["trained"]
+    assert not (tmp_path / "ev/eval/results/speed-ray__tiny").exists()  # dropped from eval.models
+    assert set(read_manifest(tmp_path / "ev/eval")["scores"]) == {"base", "trained"}
+
+    train("cls", 2)  # retrained: other weights, another manifest
+    caplog.clear()
+    m = run("[base, trained]")
+    err = caplog.text
+    assert loaded[3:] == ["trained"] and result("base") == base_result
+    assert result("base").stat().st_mtime_ns == base_stamp
+    assert "eval: trained: DebianPackageRetrieval: stale: input embed " in err and "scoring it again" in err
+    assert result("trained") != old_trained and not old_trained.exists()  # the stale result is gone
+    assert m["scores"]["base"] == first["scores"]["base"]

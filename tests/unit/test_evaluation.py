@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from speed_ray.data import read_labelled
 from speed_ray.evaluation import (
     clustering_task,
     evaluate,
     holdout_ids,
     knn_task,
-    read_labelled,
     retrieval_task,
     sample_corpus,
     sample_queries,
@@ -156,10 +156,10 @@ def test_samples_and_splits_are_seeded(tmp_path):
 def test_labelled_file_errors_name_the_row(tmp_path):
     path = tmp_path / "l.jsonl"
     path.write_text('{"id": "a", "text": "fine", "label": "x"}\n{"id": "b", "text": "", "label": "y"}\n')
-    with pytest.raises(ValueError, match=r"l.jsonl:2: expected a non-empty 'text'"):
+    with pytest.raises(ValueError, match=r'l.jsonl:2: text: expected a non-empty string, got ""'):
         read_labelled(path)
     path.write_text('{"id": "a", "text": "fine"}\n')
-    with pytest.raises(ValueError, match=r"l.jsonl:1: expected a non-empty 'label'"):
+    with pytest.raises(ValueError, match=r"l.jsonl:1: missing keys \['label'\]"):
         read_labelled(path)
 
 

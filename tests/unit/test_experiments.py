@@ -68,7 +68,7 @@ def test_speed_experiment_aligns_once_and_trains_on_each_set_at_two_sizes():
     }
     for name, v in variants.items():
         source = name.rsplit("-", 1)[0]
-        assert v.embed.data.source == "synth" and v.embed.data.path == f"runs/exp-c-{source}"
+        assert v.embed.data.source == "synth" and v.embed.data.path == str(runs[source].run_dir)
         assert v.embed.data.max_rows == (16 if name.endswith("-16") else 0)
     assert evals["main"].eval.models[0] == "base" and len(evals["main"].eval.models) == 7
 

@@ -13,13 +13,13 @@ from speed_ray import logs
 from speed_ray.cli import main
 from tests.conftest import DEBIAN
 
-SKIPPED = re.compile(r"^\[speed-ray \d\d:\d\d:\d\d\] align: align\.enabled is false, skipped$")
+WROTE = re.compile(r"^\[speed-ray \d\d:\d\d:\d\d\] report: .*/report\.md \(and report\.html\)$")
 
 
-def align(tmp_path, *flags: str) -> list[str]:
-    """The cheapest path through the CLI: the align stage of the quickstart, where align is off."""
+def report(tmp_path, *flags: str) -> list[str]:
+    """The cheapest path through the CLI: the report stage of a run that has no other output."""
     return [
-        "align",
+        "report",
         "configs/quickstart.yaml",
         *flags,
         f"run.output_dir={tmp_path}",
@@ -38,26 +38,26 @@ def align(tmp_path, *flags: str) -> list[str]:
     ],
 )
 def test_verbosity_flags_set_the_speed_ray_level_before_or_after_the_subcommand(tmp_path, argv, level):
-    assert main([*argv, *align(tmp_path)]) == 0  # before the subcommand
+    assert main([*argv, *report(tmp_path)]) == 0  # before the subcommand
     assert logging.getLogger("speed_ray").level == level
     logging.getLogger("speed_ray").setLevel(logging.NOTSET)
-    assert main(align(tmp_path, *argv)) == 0  # after it, between the overrides
+    assert main(report(tmp_path, *argv)) == 0  # after it, between the overrides
     assert logging.getLogger("speed_ray").level == level
     assert (tmp_path / "quickstart" / "config.yaml").is_file()  # the override after the flag applied
 
 
 def test_a_status_line_is_printed_once_on_stderr(tmp_path, capfd):
     for _ in range(2):  # a second run in the same process adds no second handler
-        assert main(align(tmp_path)) == 0
+        assert main(report(tmp_path)) == 0
         out, err = capfd.readouterr()
-        assert out == f"run directory: {tmp_path / 'quickstart'}\n"  # the program's output: stdout
-        assert len(err.splitlines()) == 1 and SKIPPED.match(err.splitlines()[0]), err
+        assert out == f"report: {tmp_path / 'quickstart' / 'report.md'}\n"  # the program's output: stdout
+        assert len(err.splitlines()) == 1 and WROTE.match(err.splitlines()[0]), err
 
 
 def test_quiet_prints_no_status_line_and_no_bars(tmp_path, capfd):
-    assert main(align(tmp_path, "-q")) == 0
+    assert main(report(tmp_path, "-q")) == 0
     out, err = capfd.readouterr()
-    assert err == "" and out == f"run directory: {tmp_path / 'quickstart'}\n"
+    assert err == "" and out == f"report: {tmp_path / 'quickstart' / 'report.md'}\n"
     assert not logs.bars() and logs.library_level() == "WARNING"
     logs.configure(logging.DEBUG)
     assert logs.bars() and logs.library_level() == "INFO"
@@ -67,7 +67,7 @@ def test_lines_do_not_reach_the_root_logger_twice(tmp_path, capfd):
     root = logging.StreamHandler()  # what a library's logging.basicConfig would add
     logging.getLogger().addHandler(root)
     try:
-        assert main(align(tmp_path)) == 0
+        assert main(report(tmp_path)) == 0
     finally:
         logging.getLogger().removeHandler(root)
     assert len(capfd.readouterr().err.splitlines()) == 1

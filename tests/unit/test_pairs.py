@@ -11,7 +11,7 @@ from tests.conftest import DEBIAN
 
 @pytest.fixture(scope="module")
 def docs():
-    return read_labelled(DEBIAN / "labelled.jsonl")
+    return read_labelled(DEBIAN / "labelled.jsonl.gz")
 
 
 def test_crops_of_a_real_document_by_hand(docs):

@@ -119,12 +119,13 @@ def test_rule_scored_pairs_best_vs_worst_and_ties_dropped():
     assert pairs.schema == PREFERENCE_PAIRS
     assert dropped == {"rule scores tie": 1}  # b: two equal samples
     # GOOD: valid (1) + all letters and spaces (1) + positive != query (1) + negative != positive (1) = 4
+    # TRL's conversational preference format: the prompt's messages, one assistant message each side
     assert pairs.to_pylist() == [
         {
             "id": "a",
-            "messages": json.dumps([{"role": "user", "content": "p"}]),
-            "chosen": GOOD,
-            "rejected": "garbage",
+            "prompt": [{"role": "user", "content": "p"}],
+            "chosen": [{"role": "assistant", "content": GOOD}],
+            "rejected": [{"role": "assistant", "content": "garbage"}],
             "reason": "rule score 4.000 > 0.000 (invalid JSON: 'garbage')",
         }
     ]
@@ -194,7 +195,11 @@ def test_judge_requests_pairs_and_drafts():
     pairs, dropped = synthesis.preference_pairs(groups, judgments)
     assert dropped == {"rule scores tie": 1}  # c: one sample
     # a: the judge (against the rule score's choice); b: no usable verdict -> rule score; c: one sample
-    assert [(p["id"], p["chosen"], p["rejected"], p["reason"]) for p in pairs.to_pylist()] == [
+    texts = [
+        (p["id"], p["chosen"][0]["content"], p["rejected"][0]["content"], p["reason"])
+        for p in pairs.to_pylist()
+    ]
+    assert texts == [
         ("a", SOUP, GOOD, "judge: 1 is noise"),
         # SOUP: valid 1 + fluency 1/8 (only the x of "x1@@##$$") + 1 + 1
         ("b", SOUP, "garbage", "rule score 3.125 > 0.000 (invalid JSON: 'garbage')"),
