@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from speed_ray.config import ENGINE_KEYS
+
 VERSION = 1
 
 # Engine settings that size, place or pace a pool, or price its calls: never the text it writes.
@@ -39,14 +41,6 @@ ENGINE_RUNTIME = (
     "price_per_million_input_tokens",
     "price_per_million_output_tokens",
 )
-ENGINES = (
-    "synth.engine",
-    "synth.brainstormer",
-    "synth.judge",
-    "synth.reviser",
-    "align.teacher",
-    "align.generator",
-)
 # Keys that change where or how fast a step runs, never its output: no step is stale for them, even
 # one that declares their section. (Workers are not here: workers x batch_size is the global batch.)
 RUNTIME_KEYS = (
@@ -58,7 +52,7 @@ RUNTIME_KEYS = (
     "run.upload_to",
     "experiment",
     "synth.shard_rows",
-    *(f"{engine}.{key}" for engine in ENGINES for key in ENGINE_RUNTIME),
+    *(f"{engine}.{key}" for engine in ENGINE_KEYS for key in ENGINE_RUNTIME),
     # the same loss and gradients, computed in other pieces or places
     "embed.resources.cpus_per_worker",
     "embed.resources.use_gpu",
