@@ -22,7 +22,7 @@ def args(tmp_path, beir, url: str) -> list[str]:
         str(config),
         f"run.output_dir={tmp_path}",
         "run.name=fp",
-        "align.enabled=false",
+        "run.stages=[synth, embed, eval, report]",
         *[f"synth.engine.{s}" for s in (*engine, "num_cpus=0.25", "max_retries=1", "batch_size=8")],
         "synth.num_topics=8",
         "synth.sampling.samples_per_prompt=1",
