@@ -87,9 +87,11 @@ def run_stages(cfg: SpeedRayConfig) -> None:
     for name in stages:
         stage_module(name).run(cfg)
         if remote:
-            # A stage's folder; the report stage's pages and plots lie at the top of the run.
+            # A stage's folder; the report stage's pages and plots lie at the top of the run, and
+            # eval writes the scores into the trained model's card (embed/model/README.md).
             top = [p for p in cfg.run_dir.iterdir() if p.is_file()] if name == "report" else []
-            for path in [cfg.run_dir / name, *top]:
+            also = [cfg.run_dir / "embed"] if name == "eval" else []
+            for path in [cfg.run_dir / name, *also, *top]:
                 if path.exists():
                     storage.upload(path, f"{remote}/{path.name}")
             logger.info(f"{name}: uploaded to {remote}/")
