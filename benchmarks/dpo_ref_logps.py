@@ -2,7 +2,7 @@
 the reference forward run again in every training step (``False``), for 1, 2 and 3 epochs over the
 same pairs.
 
-Both variants go through the product's own ``speed_ray.train.align.build_trainer`` (TRL's DPOTrainer,
+Both variants go through the product's own ``speed_ray.align.train.build_trainer`` (TRL's DPOTrainer,
 LoRA on SmolLM2-135M-Instruct, so the reference is the base model with the adapter switched off), same
 data, batch, steps and seed, one process, CPU. TRL 1.16 runs the precompute pass inside the DPOTrainer
 constructor, so each run times construction (model load, tokenization, LoRA wrap and, for the
@@ -57,7 +57,7 @@ LOSS_RTOL = 1e-3
 
 def pairs(n: int) -> list[dict[str, Any]]:
     """``n`` preference pairs as the align stage stores them (TRL's conversational format)."""
-    from speed_ray.data import locate, read_labelled
+    from speed_ray.io.data import locate, read_labelled
 
     rows = [r for r in read_labelled(locate("builtin:debian/labelled")) if r["text"].strip()]
     rows = rows[: n + 1]
@@ -182,8 +182,8 @@ def run(
     model: str, data: list[dict[str, Any]], steps: int, batch_size: int, precompute: bool, counter: Counter
 ):
     """One construction + ``train()`` on a fresh data folder; times, counts and the per-step losses."""
-    from speed_ray.pipeline.align import write_dataset
-    from speed_ray.train.align import build_trainer, load_data
+    from speed_ray.align.driver import write_dataset
+    from speed_ray.align.train import build_trainer, load_data
 
     with tempfile.TemporaryDirectory(prefix="dpo-ref-bench-") as tmp:
         data_dir = Path(tmp) / "data"
@@ -238,7 +238,7 @@ def main() -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-    from speed_ray.models import resolve_model
+    from speed_ray.io.models import resolve_model
 
     torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()

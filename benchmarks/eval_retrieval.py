@@ -2,7 +2,7 @@
 all-MiniLM-L6-v2, against the reference: sentence-transformers alone (encode the corpus and the
 queries, cosine top-10, nDCG@10 computed here), side by side in one run.
 
-  (a) ours, cold: ``speed_ray.evaluation`` (the task read from the BEIR folder, mteb's retrieval
+  (a) ours, cold: ``speed_ray.eval.tasks`` (the task read from the BEIR folder, mteb's retrieval
       evaluator, results in mteb's layout), embeddings cache empty;
   (b) ours, warm: the same again, every embedding from the cache;
   (c) reference: ``SentenceTransformer.encode`` + ``sentence_transformers.util.semantic_search``.
@@ -30,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from speed_ray.data import locate  # noqa: E402
+from speed_ray.io.data import locate  # noqa: E402
 
 RETRIEVAL = locate("builtin:debian/retrieval")
 for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -43,7 +43,7 @@ def reference(model, seq_len: int, batch: int) -> tuple[float, float]:
     """(seconds, nDCG@10) with sentence-transformers alone."""
     from sentence_transformers.util import semantic_search
 
-    from speed_ray.data import read_beir
+    from speed_ray.io.data import read_beir
 
     t0 = time.perf_counter()
     corpus, queries, qrels = read_beir(RETRIEVAL)
@@ -65,7 +65,7 @@ def reference(model, seq_len: int, batch: int) -> tuple[float, float]:
 
 
 def ours(model, cache: Path, out: Path, batch: int) -> tuple[float, float]:
-    from speed_ray.evaluation import as_mteb_model, evaluate, retrieval_task
+    from speed_ray.eval.tasks import as_mteb_model, evaluate, retrieval_task
 
     t0 = time.perf_counter()
     s = evaluate(
@@ -86,8 +86,8 @@ def main() -> None:
 
     import torch
 
-    from speed_ray.embedding import build_model
-    from speed_ray.models import resolve_model
+    from speed_ray.embed.model import build_model
+    from speed_ray.io.models import resolve_model
 
     model = build_model(resolve_model("all-minilm-l6-v2"), "mean", args.seq_len)
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,8 +35,8 @@ SEQ_LEN = 64
 
 
 def _rows(batch: int) -> list[dict]:
-    from speed_ray.data import locate, read_labelled
-    from speed_ray.pairs import build_pairs
+    from speed_ray.embed.pairs import build_pairs
+    from speed_ray.io.data import locate, read_labelled
 
     pairs, _ = build_pairs(read_labelled(locate("builtin:debian/labelled")), "crops")
     pairs = (pairs * (batch // len(pairs) + 1))[:batch]
@@ -58,9 +58,9 @@ def _run(mode: str, batch: int, chunk: int, budget_gib: float, last: int, out: m
     import torch
 
     from speed_ray.config import EmbedConfig
-    from speed_ray.embedding import FrozenBlocks, build_model
-    from speed_ray.models import resolve_model
-    from speed_ray.train.embed import train_step
+    from speed_ray.embed.model import FrozenBlocks, build_model
+    from speed_ray.embed.train import train_step
+    from speed_ray.io.models import resolve_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = build_model(resolve_model("all-minilm-l6-v2"), "mean", SEQ_LEN)
@@ -164,7 +164,7 @@ def main() -> None:
             ratios[str(b)] = round(cached / plain, 3)
     result = {
         "benchmark": "gradcache",
-        "what": "one optimizer step of speed_ray.train.embed.train_step (AdamW), crop pairs, no hard negatives",
+        "what": "one optimizer step of speed_ray.embed.train.train_step (AdamW), crop pairs, no hard negatives",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "model": "all-MiniLM-L6-v2, mean pooling",
         "seq_len": SEQ_LEN,

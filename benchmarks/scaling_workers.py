@@ -33,7 +33,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from speed_ray.data import locate  # noqa: E402
+from speed_ray.io.data import locate  # noqa: E402
 
 DATA = locate("builtin:debian/labelled")
 RETRIEVAL = locate("builtin:debian/retrieval")
@@ -104,7 +104,7 @@ def overrides(args: argparse.Namespace, s: dict[str, Any], output_dir: str) -> l
 def train_once(args: argparse.Namespace, workers: int) -> dict[str, Any]:
     """(child process) one training run; its per-step seconds from metrics.jsonl."""
     from speed_ray.config import load_config
-    from speed_ray.pipeline.embed import run
+    from speed_ray.embed.driver import run
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, overrides(args, setting(args, workers), tmp))

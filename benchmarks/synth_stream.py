@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))  # Ray's workers inherit the driver's sys.path: te
 
 def prompt_rows(n: int, seed: int, chunk: int = 1000) -> Iterator[dict[str, Any]]:
     """``n`` example prompts over the task kinds (fixed tasks, seeded placeholders), made lazily."""
-    from speed_ray import synthesis
+    from speed_ray.synth import speed
 
     kinds = ["retrieval", "classification", "sts", "text_matching_short", "text_matching_long"]
     for start in range(0, n, chunk):
@@ -51,7 +51,7 @@ def prompt_rows(n: int, seed: int, chunk: int = 1000) -> Iterator[dict[str, Any]
             }
             for i in range(start, min(start + chunk, n))
         ]
-        yield from synthesis.example_requests(tasks, seed, max_chars=400)
+        yield from speed.example_requests(tasks, seed, max_chars=400)
 
 
 def rss_mib(kind: str = "RssAnon") -> float:
@@ -81,11 +81,11 @@ def run(rows: int, shard_rows: int, batch_size: int, out_dir: Path) -> dict[str,
     """Stream ``rows`` prompts through ``generate_step`` into ``out_dir``; figures and the id check."""
     import pyarrow.parquet as pq
 
-    from speed_ray import synthesis
     from speed_ray.config import load_config
-    from speed_ray.pipeline.synth import generate_step, sampling_params
+    from speed_ray.io.schemas import GENERATIONS, read_manifest
     from speed_ray.ray_utils import init_ray
-    from speed_ray.schemas import GENERATIONS, read_manifest
+    from speed_ray.synth import speed
+    from speed_ray.synth.driver import generate_step, sampling_params
     from tests.fakes import FakeGenerator
 
     cfg = load_config(
@@ -112,7 +112,7 @@ def run(rows: int, shard_rows: int, batch_size: int, out_dir: Path) -> dict[str,
         GENERATIONS,
         prompt_rows(rows, cfg.run.seed),
         sampling_params(64, 1.0, 1.0, 1),
-        synthesis.parse_generations,
+        speed.parse_generations,
         generator=FakeGenerator(),
     )
     elapsed = time.time() - t0

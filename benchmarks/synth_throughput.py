@@ -40,7 +40,7 @@ def requests(n: int, seed: int) -> list[dict[str, Any]]:
 
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
-    from speed_ray.models import resolve_model
+    from speed_ray.io.models import resolve_model
 
     return {
         "model": resolve_model(args.model),
@@ -98,8 +98,8 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
 def run_ray(args: argparse.Namespace) -> dict[str, Any]:
     """(b) the pipeline's own stage: ``engine_pool`` (Ray Data actor pool + parse tasks)."""
     from speed_ray.config import load_config
+    from speed_ray.io.shards import lay_out
     from speed_ray.ray_utils import init_ray
-    from speed_ray.shards import lay_out
 
     s = engine_settings(args)
     cfg = load_config(
@@ -120,13 +120,13 @@ def run_ray(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def pool_figures(cfg: Any, files: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    from speed_ray import synthesis
-    from speed_ray.pipeline.synth import engine_pool
+    from speed_ray.synth import speed
+    from speed_ray.synth.driver import engine_pool
 
     t0 = time.time()
     arrivals = []
     parsed = errors = 0
-    for table in engine_pool(cfg, cfg.synth.engine, files, sampling(args), synthesis.parse_generations):
+    for table in engine_pool(cfg, cfg.synth.engine, files, sampling(args), speed.parse_generations):
         arrivals.append((time.time(), sum(table["num_output_tokens"].to_pylist())))
         parsed += table.num_rows
         errors += table.num_rows - table["error"].null_count

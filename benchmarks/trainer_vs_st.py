@@ -1,15 +1,15 @@
 """speed-ray's embedding trainer against sentence-transformers' own trainer: seconds per optimizer step.
 
-Both sides train all-MiniLM-L6-v2 (mean pooling, the same ``speed_ray.embedding.build_model`` stack)
+Both sides train all-MiniLM-L6-v2 (mean pooling, the same ``speed_ray.embed.model.build_model`` stack)
 on the same crop pairs from the Debian corpus, with the same texts in every step: the ST side gets, in
-order, the global batches ``speed_ray.train.embed.global_batch`` hands our trainer, through a
+order, the global batches ``speed_ray.embed.train.global_batch`` hands our trainer, through a
 sequential batch sampler. Same per-step batch, max_seq_length, learning rate (linear decay, no
 warm-up, no weight decay, no clipping: both still compute the gradient norm), AdamW (ST: transformers'
-default, fused with torch >= 2.8; ours: what ``speed_ray.train.embed.wrap`` builds), in-batch
+default, fused with torch >= 2.8; ours: what ``speed_ray.embed.train.wrap`` builds), in-batch
 negatives only, scale 1/temperature = 20, one worker, CPU, the same torch thread count and
 TOKENIZERS_PARALLELISM=false.
 
-  (a) ours: ``speed_ray.pipeline.embed.run`` under Ray Train, one worker; a step's seconds are the
+  (a) ours: ``speed_ray.embed.driver.run`` under Ray Train, one worker; a step's seconds are the
       ``seconds`` of ``metrics.jsonl`` (measured in the worker: batch selection, tokenisation,
       forward, backward, optimizer and scheduler).
   (b) ST: ``SentenceTransformerTrainer`` + ``losses.MultipleNegativesRankingLoss(scale=20)``, timed
@@ -45,7 +45,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from speed_ray.data import locate  # noqa: E402
+from speed_ray.io.data import locate  # noqa: E402
 
 DATA = locate("builtin:debian/labelled")
 RETRIEVAL = locate("builtin:debian/retrieval")
@@ -114,7 +114,7 @@ def summary(seconds: list[float], batch: int) -> dict[str, Any]:
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     """(a) speed-ray's trainer, one Ray Train worker."""
     from speed_ray.config import load_config
-    from speed_ray.pipeline.embed import run
+    from speed_ray.embed.driver import run
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, overrides(args, tmp))
@@ -138,8 +138,8 @@ def st_dataset(args: argparse.Namespace):
     from datasets import Dataset
 
     from speed_ray.config import load_config
-    from speed_ray.pipeline.embed import training_data
-    from speed_ray.train.embed import global_batch
+    from speed_ray.embed.driver import training_data
+    from speed_ray.embed.train import global_batch
 
     cfg = load_config(None, overrides(args, tempfile.gettempdir()))
     data, _ = training_data(cfg)
@@ -156,8 +156,8 @@ def run_st(args: argparse.Namespace) -> dict[str, Any]:
     from torch.utils.data import BatchSampler, SequentialSampler
     from transformers import TrainerCallback
 
-    from speed_ray.embedding import build_model
-    from speed_ray.models import resolve_model
+    from speed_ray.embed.model import build_model
+    from speed_ray.io.models import resolve_model
 
     torch.set_num_threads(args.cpus)  # what our worker does with cpus_per_worker
     torch.manual_seed(0)

@@ -9,8 +9,8 @@ import logging
 import sys
 from typing import NoReturn
 
-from speed_ray import logs
 from speed_ray.cli import main, parse_args
+from speed_ray.io import logs
 
 
 def run_job(command: str, description: str) -> NoReturn:

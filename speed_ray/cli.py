@@ -22,9 +22,9 @@ import os
 import sys
 from pathlib import Path
 
-from speed_ray import logs, storage
 from speed_ray.config import ConfigError, SpeedRayConfig, load_config, save_config
-from speed_ray.data import DataError
+from speed_ray.io import logs, storage
+from speed_ray.io.data import DataError
 from speed_ray.pipeline import STAGES, stage_module
 
 # Nothing downloads from a model hub at run time (set before any HF library is imported).
@@ -73,7 +73,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 def run_stages(cfg: SpeedRayConfig) -> None:
     """The config's stages (``run.stages``) in pipeline order. A config that differs from the
     saved one needs no note here: each step compares its own fingerprint and says which step is
-    stale and why (speed_ray.pipeline.common.step)."""
+    stale and why (speed_ray.io.steps.step)."""
     stages = [s for s in STAGES if s in cfg.run.stages]
     saved = cfg.run_dir / "config.yaml"
     save_config(cfg, saved)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config, [*args.overrides, *only])
         if args.command == "experiment":
-            from speed_ray.pipeline.experiment import run as run_experiment
+            from speed_ray.eval.experiment import run as run_experiment
 
             run_experiment(cfg, args.config, args.overrides)
             print(f"report: {cfg.run_dir / 'report.md'}")

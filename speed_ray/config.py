@@ -435,7 +435,7 @@ class SpeedRayConfig:
         """Cross-field and file checks that need no Ray and no model."""
         _check_names(self)
         if self.run.upload_to is not None:
-            from speed_ray.storage import check_uri
+            from speed_ray.io.storage import check_uri
 
             try:
                 check_uri(self.run.upload_to)
@@ -529,7 +529,7 @@ def _absolute(value: str, base: Path) -> str:
 
 
 def save_config(cfg: SpeedRayConfig, path: Path) -> None:
-    from speed_ray.schemas import write_text_atomic
+    from speed_ray.io.schemas import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
@@ -917,7 +917,7 @@ def _check_eval_models(cfg: SpeedRayConfig) -> None:
 
 
 def _check_model(key: str, spec: str) -> None:
-    from speed_ray.models import spec_problem
+    from speed_ray.io.models import spec_problem
 
     problem = spec_problem(spec)
     if problem:
@@ -940,7 +940,7 @@ def _check_data(cfg: SpeedRayConfig) -> None:
     """Every row of the data files the config names, read now with the stage's own reader, so a bad
     row fails at once, naming the file, the line and the field, not after hours of earlier stages
     (the stage reads the file again: a second read, but no rows held in memory meanwhile)."""
-    from speed_ray import data
+    from speed_ray.io import data
 
     d, ev = cfg.embed.data, cfg.eval
     checks: list[tuple[str, str | None, str, Any]] = [
@@ -982,7 +982,7 @@ def _stamp(path: Path) -> tuple[Any, ...]:
 
 
 def _check_eval(ev: EvalConfig) -> None:
-    from speed_ray.data import member
+    from speed_ray.io.data import member
 
     if ev.retrieval.path is not None:
         rdir = _locate("eval.retrieval.path", ev.retrieval.path)
@@ -1018,7 +1018,7 @@ def _check_eval(ev: EvalConfig) -> None:
 
 def _locate(key: str, spec: str) -> Path:
     """A data spec's path; an unknown built-in name is a ConfigError naming ``key``."""
-    from speed_ray.data import locate
+    from speed_ray.io.data import locate
 
     try:
         return locate(spec)

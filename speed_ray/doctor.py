@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 from speed_ray.config import SpeedRayConfig, local_gpu_count
-from speed_ray.models import available_offline, cache_dir
+from speed_ray.io.models import available_offline, cache_dir
 from speed_ray.ray_utils import where
 
 PACKAGES = (

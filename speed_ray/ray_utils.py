@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from speed_ray import logs
 from speed_ray.config import ConfigError, SpeedRayConfig, TrainResources
+from speed_ray.io import logs
 
 logger = logging.getLogger(__name__)
 

@@ -47,14 +47,14 @@ def model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama(model_cache) -> str:
-    from speed_ray.models import resolve_model
+    from speed_ray.io.models import resolve_model
 
     return resolve_model("tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_bert(model_cache) -> str:
-    from speed_ray.models import resolve_model
+    from speed_ray.io.models import resolve_model
 
     return resolve_model("tiny-bert")
 
@@ -62,7 +62,7 @@ def tiny_bert(model_cache) -> str:
 @pytest.fixture(scope="session")
 def beir_tiny(tmp_path_factory) -> Path:
     """20 Debian queries, their 20 documents and 20 more documents, in BEIR layout."""
-    from speed_ray.data import read_beir
+    from speed_ray.io.data import read_beir
 
     corpus, queries, qrels = read_beir(DEBIAN / "retrieval")
     queries = queries[:20]

@@ -3,7 +3,7 @@
 Slow but dependable: one request at a time on the CPU, each sampled under its own seed inside a
 forked RNG, so a row's output never depends on the rows beside it and the caller's RNG is left
 alone. It has no constrained decoding, so a request's JSON schema is ignored and callers repair
-the JSON (``speed_ray.parsing``), as they do for any engine.
+the JSON (``speed_ray.synth.parsing``), as they do for any engine.
 """
 
 from __future__ import annotations

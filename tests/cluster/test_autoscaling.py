@@ -138,10 +138,10 @@ class Watcher(threading.Thread):
 def test_the_engine_pool_grows_onto_new_gpu_nodes_and_survives_losing_one(cloud, tmp_path):
     import pyarrow.parquet as pq
 
-    from speed_ray import synthesis
     from speed_ray.config import load_config
-    from speed_ray.pipeline.synth import generate_step, sampling_params
-    from speed_ray.schemas import GENERATIONS
+    from speed_ray.io.schemas import GENERATIONS
+    from speed_ray.synth import speed
+    from speed_ray.synth.driver import generate_step, sampling_params
     from tests.conftest import DEBIAN
     from tests.fakes import FakeGenerator
 
@@ -166,7 +166,7 @@ def test_the_engine_pool_grows_onto_new_gpu_nodes_and_survives_losing_one(cloud,
         | {"task": f"Find package {i}.", "error": None}
         for i in range(240)
     ]
-    rows = synthesis.example_requests(tasks, seed=0, max_chars=100)
+    rows = speed.example_requests(tasks, seed=0, max_chars=100)
     step_dir = tmp_path / "generations"
     step_dir.mkdir()
     watcher = Watcher(ray, step_dir, kill_after=3)
@@ -179,7 +179,7 @@ def test_the_engine_pool_grows_onto_new_gpu_nodes_and_survives_losing_one(cloud,
         GENERATIONS,
         rows,
         sampling_params(32, 1.0, 1.0, 2),
-        synthesis.parse_generations,
+        speed.parse_generations,
         generator=FakeGenerator(seconds_per_request=0.1),
     )
     watcher.stop.set()

@@ -13,21 +13,21 @@ from tests.conftest import DEBIAN
 
 
 def example_rows(n: int) -> list[dict]:
-    from speed_ray import synthesis
+    from speed_ray.synth import speed
 
     tasks = [
         {"id": f"t{i}", "topic": "A/B", "task_type": "retrieval", "kind": "retrieval"}
         | {"task": f"Find package {i}.", "error": None}
         for i in range(n)
     ]
-    return synthesis.example_requests(tasks, seed=0, max_chars=100)
+    return speed.example_requests(tasks, seed=0, max_chars=100)
 
 
 def generate(out: Path, rows: int, generator, shard_rows: int = 10) -> dict:
-    from speed_ray import synthesis
     from speed_ray.config import load_config
-    from speed_ray.pipeline.synth import generate_step, sampling_params
-    from speed_ray.schemas import GENERATIONS
+    from speed_ray.io.schemas import GENERATIONS
+    from speed_ray.synth import speed
+    from speed_ray.synth.driver import generate_step, sampling_params
 
     cfg = load_config(
         None,
@@ -46,7 +46,7 @@ def generate(out: Path, rows: int, generator, shard_rows: int = 10) -> dict:
         GENERATIONS,
         example_rows(rows),
         sampling_params(32, 1.0, 1.0, 2),
-        synthesis.parse_generations,
+        speed.parse_generations,
         generator=generator,
     )
 

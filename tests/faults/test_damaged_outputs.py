@@ -7,9 +7,9 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from speed_ray.pipeline.common import step
-from speed_ray.schemas import read_stage, write_stage
-from speed_ray.shards import ShardedWriter, lay_out
+from speed_ray.io.schemas import read_stage, write_stage
+from speed_ray.io.shards import ShardedWriter, lay_out
+from speed_ray.io.steps import step
 from tests.conftest import rows_figures
 from tests.unit.test_shards import IDS, INPUTS, SCHEMA, outputs, table
 

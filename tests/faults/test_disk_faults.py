@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from speed_ray.cli import main
-from speed_ray.schemas import MANIFEST, read_stage, write_stage
-from speed_ray.shards import ShardedWriter, lay_out
+from speed_ray.io.schemas import MANIFEST, read_stage, write_stage
+from speed_ray.io.shards import ShardedWriter, lay_out
 from tests.conftest import DEBIAN, rows_figures
 from tests.unit.test_shards import IDS, INPUTS, SCHEMA, outputs, table
 

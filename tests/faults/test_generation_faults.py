@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from speed_ray.schemas import GENERATIONS, MANIFEST, read_stage
+from speed_ray.io.schemas import GENERATIONS, MANIFEST, read_stage
 from tests.conftest import rows_figures
 from tests.fakes import DiesOnce, FakeGenerator
 from tests.faults.driver import generate

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from speed_ray.align.driver import write_dataset
+from speed_ray.align.train import build_trainer, load_data, sft_rows, train_loop
 from speed_ray.config import TrainResources, load_config
-from speed_ray.pipeline.align import write_dataset
-from speed_ray.train.align import build_trainer, load_data, sft_rows, train_loop
 from tests.distributed import registered_checkpoint, train_worker_pids
 
 PROMPTS = ["Name a fruit.", "Name a colour.", "Name a tool.", "Name an animal."]

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from speed_ray.dedup import dedup, shingles
+from speed_ray.synth.dedup import dedup, shingles
 
 WORDS = """
 river mountain forest desert ocean island valley canyon glacier volcano meadow prairie swamp lagoon

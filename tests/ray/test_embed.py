@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from speed_ray.config import load_config
-from speed_ray.schemas import EXAMPLES, cast_rows, read_manifest, write_stage
+from speed_ray.io.schemas import EXAMPLES, cast_rows, read_manifest, write_stage
 
 
 def examples(n):
@@ -28,7 +28,7 @@ def examples(n):
 
 def synth_rows(run_dir, n):
     """synth/examples, and synth/train made from it by the synth stage's step (what embed reads)."""
-    from speed_ray.pipeline.synth import training_set_step
+    from speed_ray.synth.driver import training_set_step
 
     write_stage(run_dir / "synth/examples", [cast_rows(examples(n), EXAMPLES)], EXAMPLES, {}, time.time())
     training_set_step(run_dir / "synth")
@@ -37,7 +37,7 @@ def synth_rows(run_dir, n):
 def test_embed_trains_every_layer_through_gradcache(tmp_path, tiny_bert, beir_tiny, ray_session):
     from sentence_transformers import SentenceTransformer
 
-    from speed_ray.pipeline import embed
+    from speed_ray.embed import driver as embed
 
     cfg = load_config(
         None,
@@ -74,9 +74,9 @@ def test_embed_on_corpus_crops_last_block_only(tmp_path, tiny_bert, beir_tiny, r
 
     from sentence_transformers import SentenceTransformer
 
-    from speed_ray.data import read_labelled
-    from speed_ray.pairs import build_pairs
-    from speed_ray.pipeline import embed
+    from speed_ray.embed import driver as embed
+    from speed_ray.embed.pairs import build_pairs
+    from speed_ray.io.data import read_labelled
     from tests.conftest import DEBIAN
 
     docs = read_labelled(DEBIAN / "labelled.jsonl.gz")[:300]
@@ -165,7 +165,7 @@ def test_a_killed_worker_resumes_and_matches_the_uninterrupted_run(
     import signal
     import threading
 
-    from speed_ray.pipeline import embed
+    from speed_ray.embed import driver as embed
     from tests.distributed import registered_checkpoint, train_worker_pids
 
     data = pairs_file(tmp_path / "pairs.jsonl", 40)
@@ -215,7 +215,7 @@ def test_a_killed_worker_resumes_and_matches_the_uninterrupted_run(
 def test_deepspeed_zero2_with_the_gather_and_gradcache_matches_ddp(
     tmp_path, tiny_bert, beir_tiny, ray_session
 ):
-    from speed_ray.pipeline import embed
+    from speed_ray.embed import driver as embed
 
     data = pairs_file(tmp_path / "pairs.jsonl", 16)
     common = ["embed.steps=3", "embed.batch_size=4", "embed.chunk_size=3", f"eval.retrieval.path={beir_tiny}"]
@@ -239,7 +239,7 @@ def test_decoder_lora_last_block_exports_merged_with_its_query_prompt(
 
     from sentence_transformers import SentenceTransformer
 
-    from speed_ray.pipeline import embed
+    from speed_ray.embed import driver as embed
 
     cfg = load_config(
         None,
@@ -294,7 +294,7 @@ SLOW = pytest.mark.slow  # more DeepSpeed worker groups: minutes on a 2-core box
 def test_zero_stages_and_bf16_train_and_export(tmp_path, tiny_bert, beir_tiny, ray_session, stage, precision):
     from sentence_transformers import SentenceTransformer
 
-    from speed_ray.pipeline import embed
+    from speed_ray.embed import driver as embed
 
     data = pairs_file(tmp_path / "pairs.jsonl", 16)
     extra = [f"embed.deepspeed_stage={stage}", f"embed.precision={precision}", "embed.chunk_size=3"]

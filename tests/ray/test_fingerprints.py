@@ -6,7 +6,7 @@ eval scores the new model again and keeps the base's score, and the report is wr
 from __future__ import annotations
 
 from speed_ray.cli import main
-from speed_ray.schemas import read_manifest
+from speed_ray.io.schemas import read_manifest
 from tests.conftest import TEST_API_KEY_ENV
 from tests.fakes import FakeTeacher
 

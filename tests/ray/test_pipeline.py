@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from speed_ray.cli import main
-from speed_ray.schemas import (
+from speed_ray.io.schemas import (
     EXAMPLES,
     GENERATIONS,
     JUDGMENTS,

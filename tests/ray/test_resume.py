@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from speed_ray.schemas import EXAMPLES, GENERATIONS, MANIFEST, TASKS, read_manifest, read_stage
+from speed_ray.io.schemas import EXAMPLES, GENERATIONS, MANIFEST, TASKS, read_manifest, read_stage
 from tests.conftest import rows_figures
 
 # Three synth runs with vLLM start-ups (about 5.5 minutes on 2 CPUs): `make test-slow` runs it, so the

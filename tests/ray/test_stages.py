@@ -5,9 +5,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from speed_ray import synthesis
-from speed_ray.schemas import GENERATIONS
-from speed_ray.stages import GenerateStage
+from speed_ray.io.schemas import GENERATIONS
+from speed_ray.synth import speed
+from speed_ray.synth.stage import GenerateStage
 from tests.fakes import FakeGenerator
 
 SAMPLING = {"max_tokens": 32, "n": 2}
@@ -15,10 +15,10 @@ SAMPLING = {"max_tokens": 32, "n": 2}
 
 def example_rows():
     mix = {"classification": 1, "sts": 1, "retrieval": 1, "text_matching": 1}
-    tasks = synthesis.task_requests([f"A/B{i}" for i in range(8)], mix, 0, 100)
+    tasks = speed.task_requests([f"A/B{i}" for i in range(8)], mix, 0, 100)
     for t in tasks:  # pretend the brainstorm produced one task each
         t.update(task=t.get("task") or f"Task about {t['topic']}", error=None)
-    return synthesis.example_requests(tasks, seed=0, max_chars=100)
+    return speed.example_requests(tasks, seed=0, max_chars=100)
 
 
 def test_stage_called_directly():
@@ -27,11 +27,11 @@ def test_stage_called_directly():
     out = stage(pa.Table.from_pylist(rows))
     assert out.num_rows == 2 * len(rows)  # one row per sample
     assert set(GenerateStage.OUTPUT_COLUMNS) <= set(out.column_names)
-    gens = synthesis.parse_generations(out)
+    gens = speed.parse_generations(out)
     errors = gens["error"].to_pylist()
     assert errors[0::2] == [None] * len(rows)  # sample 0 is canned JSON
     assert all(e.startswith("invalid JSON") for e in errors[1::2])  # sample 1 is "not json"
-    assert synthesis.pick_drafts(synthesis.group_samples(gens)).num_rows == len(rows)
+    assert speed.pick_drafts(speed.group_samples(gens)).num_rows == len(rows)
 
 
 def test_stage_rejects_missing_columns():
@@ -53,7 +53,7 @@ def test_stage_in_a_ray_data_actor_pool(ray_session):
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
         num_cpus=0.5,
-    ).map_batches(synthesis.parse_generations, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+    ).map_batches(speed.parse_generations, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     table = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
     assert table.schema == GENERATIONS
     # every (id, sample) exactly once, none lost, none duplicated
@@ -69,8 +69,8 @@ def test_a_gpu_pool_on_a_cluster_without_gpus_fails_at_once(ray_session, model_c
     import time
 
     from speed_ray.config import ConfigError, load_config
-    from speed_ray.pipeline.synth import engine_pool
-    from speed_ray.shards import lay_out
+    from speed_ray.io.shards import lay_out
+    from speed_ray.synth.driver import engine_pool
     from tests.conftest import DEBIAN
 
     overrides = ["run.ray_address=auto", "synth.engine.model=tiny-llama", "synth.engine.num_gpus=1"]
@@ -80,5 +80,5 @@ def test_a_gpu_pool_on_a_cluster_without_gpus_fails_at_once(ray_session, model_c
         ConfigError, match=r"vllm engine tiny-llama: needs 1.0 GPU\(s\) but the Ray cluster has 0"
     ):
         files = lay_out(tmp_path / "generations", example_rows(), 256).request_files
-        list(engine_pool(cfg, cfg.synth.engine, files, SAMPLING, synthesis.parse_generations))
+        list(engine_pool(cfg, cfg.synth.engine, files, SAMPLING, speed.parse_generations))
     assert time.time() - started < 30

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from speed_ray.cli import main
-from speed_ray.schemas import (
+from speed_ray.io.schemas import (
     EXAMPLES,
     GENERATIONS,
     JUDGMENTS,

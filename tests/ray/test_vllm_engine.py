@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from speed_ray import prompts
 from speed_ray.engines import Request, Sampling
+from speed_ray.synth import prompts
 from tests.engine_contract import chat, seeded_rows_do_not_depend_on_their_batch
 
 pytestmark = pytest.mark.vllm

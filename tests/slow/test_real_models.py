@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from speed_ray import prompts
 from speed_ray.engines import Request, Sampling
+from speed_ray.synth import prompts
 from tests.conftest import DEBIAN
 
 pytestmark = pytest.mark.slow
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_smollm2_generates_schema_valid_json_with_vllm():
     from speed_ray.engines.vllm_engine import VllmGenerator
-    from speed_ray.models import resolve_model
+    from speed_ray.io.models import resolve_model
 
     engine = VllmGenerator(resolve_model("smollm2-135m-instruct"), max_model_len=1024, kv_cache_gib=0.25)
     schema = prompts.synthesis_schema("retrieval", 300)
@@ -28,9 +28,9 @@ def test_smollm2_generates_schema_valid_json_with_vllm():
 
 
 def test_minilm_on_the_debian_retrieval_set(tmp_path):
-    from speed_ray.embedding import build_model
-    from speed_ray.evaluation import evaluate, retrieval_task
-    from speed_ray.models import resolve_model
+    from speed_ray.embed.model import build_model
+    from speed_ray.eval.tasks import evaluate, retrieval_task
+    from speed_ray.io.models import resolve_model
 
     model = build_model(resolve_model("all-minilm-l6-v2"), "mean", 128)
     scores = evaluate(

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from speed_ray.align.train import deepspeed_config, long_prompts, sft_rows
 from speed_ray.config import ConfigError, load_config
-from speed_ray.data import read_chat_rows, read_preference_rows
-from speed_ray.models import resolve_model
-from speed_ray.train.align import deepspeed_config, long_prompts, sft_rows
+from speed_ray.io.data import read_chat_rows, read_preference_rows
+from speed_ray.io.models import resolve_model
 
 PROMPT = [{"role": "user", "content": "Write a retrieval example."}]
 
@@ -148,7 +148,7 @@ def test_long_prompts_counted_with_the_models_chat_template(tiny_llama):
 
 
 def test_align_report_counts_drops_and_budget(tmp_path):
-    from speed_ray.pipeline.report import align_lines
+    from speed_ray.eval.report import align_lines
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}"])
     acc = {"calls": 50, "errors": 5, "input_tokens": 20_000, "output_tokens": 5_000}
@@ -183,8 +183,8 @@ def test_align_report_counts_drops_and_budget(tmp_path):
 
 
 def test_users_own_teacher_data_becomes_the_steps_output(tmp_path):
-    from speed_ray.pipeline.align import training_rows, user_step
-    from speed_ray.schemas import GENERATIONS, read_manifest, read_stage
+    from speed_ray.align.driver import training_rows, user_step
+    from speed_ray.io.schemas import GENERATIONS, read_manifest, read_stage
 
     seed = tmp_path / "seed.jsonl"
     seed.write_text("".join(json.dumps({"messages": PROMPT, "completion": c}) + "\n" for c in ("a", "b")))

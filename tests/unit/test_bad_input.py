@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from speed_ray import cli
-from speed_ray.data import DataError
+from speed_ray.io.data import DataError
 from tests.conftest import REPO
 
 OK = [{"id": "a", "text": "A tool to resize images."}, {"id": "b", "text": "A music player."}]
@@ -236,7 +236,7 @@ def test_a_bad_row_found_during_a_stage_is_exit_2_too(tmp_path, capsys, monkeypa
 
 
 def test_model_spec_rule(tmp_path, monkeypatch):
-    from speed_ray.models import spec_problem
+    from speed_ray.io.models import spec_problem
 
     for good in ("all-minilm-l6-v2", "tiny-bert", "run:align/senior", "BAAI/bge-small-en-v1.5"):
         assert spec_problem(good) is None
@@ -268,8 +268,8 @@ def test_experiment_variant_names_are_eval_models(tmp_path):
 
 
 def test_sound_data_is_read_once_per_process(tmp_path, monkeypatch):
-    from speed_ray import data
     from speed_ray.config import load_config
+    from speed_ray.io import data
 
     path = jsonl(tmp_path / "corpus.jsonl", OK)
     args = ["embed.data.source=corpus", f"embed.data.path={path}", "eval.retrieval.path=null"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from speed_ray.data import locate, nested_sample, read_beir, read_labelled, verify_checksums
+from speed_ray.io.data import locate, nested_sample, read_beir, read_labelled, verify_checksums
 from tests.conftest import DEBIAN
 
 

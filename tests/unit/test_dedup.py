@@ -1,4 +1,4 @@
-"""MinHash LSH pieces of `speed_ray.dedup`, checked by hand and against exact arithmetic (no Ray)."""
+"""MinHash LSH pieces of `speed_ray.synth.dedup`, checked by hand and against exact arithmetic (no Ray)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from speed_ray.dedup import (
+from speed_ray.synth.dedup import (
     EMPTY,
     MERSENNE61,
     band_keys,

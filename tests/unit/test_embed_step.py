@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speed_ray.pairs import CropRule, build_pairs
-from speed_ray.train.embed import (
+from speed_ray.embed.pairs import CropRule, build_pairs
+from speed_ray.embed.train import (
     CorpusPairs,
     Rows,
     batch_texts,
@@ -69,7 +69,7 @@ def step_grads(model, batch, chunk_size, pass_tokens=0):
 
 
 def tiny_model(path):
-    from speed_ray.embedding import build_model
+    from speed_ray.embed.model import build_model
 
     torch.manual_seed(0)
     model = build_model(path, "mean", 32)
@@ -136,7 +136,7 @@ def test_global_batches_walk_seeded_epochs():
 
 
 def test_corpus_pairs_are_cropped_anew_each_epoch():
-    from speed_ray.data import read_labelled
+    from speed_ray.io.data import read_labelled
     from tests.conftest import DEBIAN
 
     docs = read_labelled(DEBIAN / "labelled.jsonl.gz")[:200]
@@ -150,7 +150,7 @@ def test_corpus_pairs_are_cropped_anew_each_epoch():
 
 
 def test_report_lines_and_plot_for_the_embedding_model(tmp_path):
-    from speed_ray.pipeline.report import embed_lines, plot_embed
+    from speed_ray.eval.report import embed_lines, plot_embed
 
     hist = [
         {"step": s, "loss": 2.0 / s, "accuracy": 0.25 * s, "grad_norm": 1.5, "examples_per_s": e}

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from speed_ray.data import read_pairs
-from speed_ray.embedding import build_model, train_last_blocks, transformer_blocks
+from speed_ray.embed.model import build_model, train_last_blocks, transformer_blocks
+from speed_ray.io.data import read_pairs
 
 
 @pytest.mark.parametrize(("fixture", "pooling"), [("tiny_bert", "mean"), ("tiny_llama", "lasttoken")])
@@ -108,9 +108,9 @@ def test_training_on_another_runs_synthetic_rows_and_a_sample_of_them(tmp_path):
     import time
 
     from speed_ray.config import load_config
-    from speed_ray.pipeline.embed import training_data
-    from speed_ray.pipeline.synth import training_set_step
-    from speed_ray.schemas import EXAMPLES, cast_rows, write_stage
+    from speed_ray.embed.driver import training_data
+    from speed_ray.io.schemas import EXAMPLES, cast_rows, write_stage
+    from speed_ray.synth.driver import training_set_step
 
     rows = [
         {
@@ -140,7 +140,7 @@ def test_training_on_another_runs_synthetic_rows_and_a_sample_of_them(tmp_path):
 
 
 def test_an_instructed_query_splits_back_into_its_instruction_and_query():
-    from speed_ray.embedding import format_query, instructed_query, split_query
+    from speed_ray.embed.model import format_query, instructed_query, split_query
 
     text = instructed_query("Find the package", "resize images\nfast")
     assert text == "Instruct: Find the package\nQuery: resize images\nfast"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from speed_ray.config import load_config
-from speed_ray.data import open_text
+from speed_ray.io.data import open_text
 from tests.conftest import DEBIAN
 
 
@@ -51,8 +51,8 @@ def _tfidf_knn_by_hand(path: Path, seed: int) -> float:
 
 
 def test_eval_stage_scores_every_model_on_every_task(tmp_path, tiny_bert, beir_tiny, labelled):
-    from speed_ray.pipeline import evaluate
-    from speed_ray.schemas import read_manifest
+    from speed_ray.eval import driver as evaluate
+    from speed_ray.io.schemas import read_manifest
 
     cfg = load_config(
         None,
@@ -124,8 +124,8 @@ def test_eval_stage_scores_every_model_on_every_task(tmp_path, tiny_bert, beir_t
 
 
 def test_the_embeddings_cache_answers_a_second_run_without_the_model(tmp_path, tiny_bert, beir_tiny):
-    from speed_ray.embedding import build_model
-    from speed_ray.evaluation import as_mteb_model, evaluate, model_key, retrieval_task
+    from speed_ray.embed.model import build_model
+    from speed_ray.eval.tasks import as_mteb_model, evaluate, model_key, retrieval_task
 
     model = build_model(tiny_bert, "mean", 64)
     first = evaluate(
@@ -149,8 +149,8 @@ def test_the_embeddings_cache_answers_a_second_run_without_the_model(tmp_path, t
 
 
 def test_models_keep_their_saved_prompts_and_others_get_the_configured_one(tmp_path, tiny_llama):
-    from speed_ray.embedding import build_model, query_prefix
-    from speed_ray.pipeline.evaluate import load_model, parse_model
+    from speed_ray.embed.model import build_model, query_prefix
+    from speed_ray.eval.driver import load_model, parse_model
 
     saved = build_model(tiny_llama, "lasttoken", 32)
     saved.prompts = {"query": query_prefix("Find the package"), "document": ""}
@@ -174,9 +174,9 @@ def test_eval_scores_only_what_changed_per_model_and_task(
     """Adding a model scores that model alone; a retrained model is scored again, the base is not;
     a model dropped from eval.models takes its results with it."""
     caplog.set_level(logging.INFO, logger="speed_ray")
-    from speed_ray.embedding import build_model
-    from speed_ray.pipeline import evaluate
-    from speed_ray.schemas import read_manifest, write_json_atomic
+    from speed_ray.embed.model import build_model
+    from speed_ray.eval import driver as evaluate
+    from speed_ray.io.schemas import read_manifest, write_json_atomic
 
     loaded: list[str] = []
     load = evaluate.load_model

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from speed_ray.data import read_labelled
-from speed_ray.evaluation import (
+from speed_ray.eval.layers import precomputed_encoder
+from speed_ray.eval.tasks import (
     clustering_task,
     evaluate,
     holdout_ids,
@@ -25,7 +25,7 @@ from speed_ray.evaluation import (
     sample_rows,
     tfidf_encoder,
 )
-from speed_ray.layers import precomputed_encoder
+from speed_ray.io.data import read_labelled
 
 
 def _angle(deg: float) -> np.ndarray:
@@ -164,7 +164,7 @@ def test_labelled_file_errors_name_the_row(tmp_path):
 
 
 def test_standard_tasks_and_benchmarks_by_name():
-    from speed_ray.evaluation import named_tasks
+    from speed_ray.eval.tasks import named_tasks
 
     (task,) = named_tasks(["NanoArguAnaRetrieval"])
     assert task.metadata.name == "NanoArguAnaRetrieval" and task.metadata.type == "Retrieval"

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from speed_ray.config import ConfigError, load_config
-from speed_ray.experiments import (
+from speed_ray.eval.experiment import configs
+from speed_ray.eval.experiments import (
     gain_share,
     override_args,
     score_table,
@@ -16,7 +17,6 @@ from speed_ray.experiments import (
     training_table,
     variant_models,
 )
-from speed_ray.pipeline.experiment import configs
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "configs" / "experiments"
@@ -171,7 +171,7 @@ def test_training_table_reads_the_embed_manifest():
 
 
 def test_report_page_has_the_tables_and_plots_of_the_markdown(tmp_path):
-    from speed_ray.html import write_report
+    from speed_ray.eval.html import write_report
 
     md = "# C. <SPEED>\n\n| model | nDCG@10 |\n|---|---:|\n| base | 81.4 |\n\n![scaling](scaling.png)\n\n<script>x</script>\n"
     write_report(tmp_path / "report.md", md)

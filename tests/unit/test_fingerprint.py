@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from speed_ray.config import load_config
-from speed_ray.fingerprint import diff, fingerprint, flatten, of_config, output_hash, select
-from speed_ray.pipeline.common import pending, step
-from speed_ray.schemas import read_manifest, read_stage
-from speed_ray.shards import ShardedWriter, lay_out
+from speed_ray.io.fingerprint import diff, fingerprint, flatten, of_config, output_hash, select
+from speed_ray.io.schemas import read_manifest, read_stage
+from speed_ray.io.shards import ShardedWriter, lay_out
+from speed_ray.io.steps import pending, step
 from tests.unit.test_shards import IDS, INPUTS, SCHEMA, outputs, table
 
 CONFIG = {
@@ -128,7 +128,8 @@ def test_keys_that_change_no_output_make_no_step_stale(tmp_path):
 
 
 def test_embed_and_eval_declare_what_they_depend_on(tmp_path):
-    from speed_ray.pipeline import embed, evaluate
+    from speed_ray.embed import driver as embed
+    from speed_ray.eval import driver as evaluate
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "embed.learning_rate=1e-4"])
     fp = embed.fingerprint(cfg)
@@ -160,7 +161,7 @@ def test_embed_and_eval_declare_what_they_depend_on(tmp_path):
 
 
 def whole_step(out, rows, log):
-    from speed_ray.schemas import write_stage
+    from speed_ray.io.schemas import write_stage
 
     def build():
         log.append(rows)

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from speed_ray.config import load_config
-from speed_ray.schemas import EXAMPLES, GENERATIONS, PREFERENCE_PAIRS, cast_rows, read_stage, write_stage
+from speed_ray.io.schemas import EXAMPLES, GENERATIONS, PREFERENCE_PAIRS, cast_rows, read_stage, write_stage
 
 INSTRUCTION = "Given a question about software, retrieve the package description that answers it"
 
@@ -50,14 +50,14 @@ def draft(i: int, negative: str | None) -> dict:
 
 def synth_train(tmp_path: Path) -> Path:
     """The synth stage's last steps on hand-made drafts: final rows -> examples -> train."""
-    from speed_ray import synthesis
-    from speed_ray.pipeline.synth import training_set_step
+    from speed_ray.synth import speed
+    from speed_ray.synth.driver import training_set_step
 
     out = tmp_path / "run" / "synth"
     drafts = cast_rows(
         [draft(i, f"a text editor, version {i}" if i % 2 else None) for i in range(8)], GENERATIONS
     )
-    rows = synthesis.final_rows(drafts, None)
+    rows = speed.final_rows(drafts, None)
     write_stage(out / "examples", [rows], EXAMPLES, {}, time.time())
     manifest = training_set_step(out)
     assert manifest["num_rows"] == 8 and manifest["schema"] == ["anchor", "positive", "negative"]
@@ -69,7 +69,7 @@ def test_synthetic_training_set_trains_in_sentence_transformers_as_it_is(tmp_pat
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.losses import MultipleNegativesRankingLoss
 
-    from speed_ray.embedding import build_model, format_query
+    from speed_ray.embed.model import build_model, format_query
 
     train = synth_train(tmp_path)
     files = sorted(str(p) for p in train.glob("*.parquet"))
@@ -105,8 +105,8 @@ def test_synthetic_training_set_trains_in_sentence_transformers_as_it_is(tmp_pat
 
 
 def test_embed_reads_the_synthetic_training_set_through_the_pairs_reader(tmp_path):
-    from speed_ray.data import read_pairs
-    from speed_ray.pipeline.embed import training_data
+    from speed_ray.embed.driver import training_data
+    from speed_ray.io.data import read_pairs
 
     train = synth_train(tmp_path)
     pairs = read_pairs(train)  # the reader of embed.data.source: pairs
@@ -144,8 +144,8 @@ BAD = ["Seven.", "Tuesday.", "Loud.", "Upward."]
 
 def project_pairs(tmp_path: Path) -> Path:
     """align/pairs as the align stage writes it, from hand-made samples and a judge's verdicts."""
-    from speed_ray import synthesis
-    from speed_ray.schemas import JUDGMENTS
+    from speed_ray.io.schemas import JUDGMENTS
+    from speed_ray.synth import speed
 
     samples, verdicts = [], []
     for i, (p, good, bad) in enumerate(zip(PROMPTS, GOOD, BAD, strict=True)):
@@ -155,8 +155,8 @@ def project_pairs(tmp_path: Path) -> Path:
         verdicts.append(
             {"id": f"j{i}", "example_id": f"p{i}", "samples": 2, "best": 1, "worst": 0, "reason": "ok"}
         )
-    groups = synthesis.group_samples(cast_rows(samples, GENERATIONS))
-    table, _ = synthesis.preference_pairs(groups, cast_rows(verdicts, JUDGMENTS))
+    groups = speed.group_samples(cast_rows(samples, GENERATIONS))
+    table, _ = speed.preference_pairs(groups, cast_rows(verdicts, JUDGMENTS))
     out = tmp_path / "align"
     write_stage(out / "pairs", [table], PREFERENCE_PAIRS, {}, time.time())
     return out
@@ -203,8 +203,8 @@ def test_preference_pairs_train_in_trls_dpo_trainer_as_they_are(tmp_path, tiny_l
 
 
 def test_the_align_stages_dpo_glue_takes_the_stored_pairs(tmp_path, tiny_llama):
-    from speed_ray.pipeline.align import training_rows, write_dataset
-    from speed_ray.train.align import build_trainer, load_data
+    from speed_ray.align.driver import training_rows, write_dataset
+    from speed_ray.align.train import build_trainer, load_data
 
     out = project_pairs(tmp_path)
     rows = training_rows(out, "senior")
@@ -241,7 +241,7 @@ def test_the_align_stages_dpo_glue_takes_the_stored_pairs(tmp_path, tiny_llama):
 
 
 def test_users_preference_pairs_in_trls_format_or_the_earlier_one(tmp_path):
-    from speed_ray.pipeline.align import training_rows, user_step
+    from speed_ray.align.driver import training_rows, user_step
 
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]
     trl_row = {
@@ -267,11 +267,11 @@ def test_users_preference_pairs_in_trls_format_or_the_earlier_one(tmp_path):
 def test_model_card_is_sentence_transformers_own_and_gets_the_eval_scores(tmp_path, tiny_llama, beir_tiny):
     from sentence_transformers import SentenceTransformer
 
-    from speed_ray.embedding import build_model
-    from speed_ray.pipeline import evaluate
-    from speed_ray.pipeline.embed import card_info, loop_config
-    from speed_ray.schemas import write_json_atomic
-    from speed_ray.train.embed import export
+    from speed_ray.embed.driver import card_info, loop_config
+    from speed_ray.embed.model import build_model
+    from speed_ray.embed.train import export
+    from speed_ray.eval import driver as evaluate
+    from speed_ray.io.schemas import write_json_atomic
 
     cfg = load_config(
         None,
@@ -303,7 +303,7 @@ def test_model_card_is_sentence_transformers_own_and_gets_the_eval_scores(tmp_pa
     assert meta["library_name"] == "sentence-transformers" and "speed-ray" in meta["tags"]
     assert "model-index" not in meta  # no scores before eval
     readme = (out / "README.md").read_text()
-    assert "speed_ray.losses.info_nce" in readme and "Training Loss" in readme and "1.25" in readme
+    assert "speed_ray.embed.losses.info_nce" in readme and "Training Loss" in readme and "1.25" in readme
     assert "**Maximum Sequence Length:** 40 tokens" in readme
     assert "model.encode_query(queries)" in readme  # the usage example of a model with a query prompt
     model = SentenceTransformer(str(out), device="cpu")

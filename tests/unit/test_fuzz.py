@@ -18,16 +18,16 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from speed_ray.config import ConfigError, SpeedRayConfig, load_config
-from speed_ray.pairs import CropRule, build_pairs, sentence_crops
-from speed_ray.parsing import (
+from speed_ray.embed.pairs import CropRule, build_pairs, sentence_crops
+from speed_ray.io.schemas import EXAMPLES, cast_rows
+from speed_ray.synth.parsing import (
     extract_json,
     parse_judgment,
     parse_revision,
     parse_task_list,
     to_triplet,
 )
-from speed_ray.prompts import FIELDS
-from speed_ray.schemas import EXAMPLES, cast_rows
+from speed_ray.synth.prompts import FIELDS
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

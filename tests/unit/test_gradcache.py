@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from speed_ray.gradcache import cached_backward
-from speed_ray.losses import info_nce
+from speed_ray.embed.gradcache import cached_backward
+from speed_ray.embed.losses import info_nce
 from tests.distributed import run_gloo
 from tests.unit.test_losses import _data, _embed
 
@@ -41,7 +41,7 @@ def texts():
 
 @pytest.fixture
 def model(tiny_bert):
-    from speed_ray.embedding import build_model
+    from speed_ray.embed.model import build_model
 
     torch.manual_seed(0)
     return build_model(tiny_bert, "mean", 32)
@@ -92,7 +92,7 @@ def test_cached_replays_dropout(model):
 
 
 def test_frozen_blocks_run_once_and_give_the_same_gradients(model):
-    from speed_ray.embedding import FrozenBlocks
+    from speed_ray.embed.model import FrozenBlocks
 
     model.train()  # dropout on in every block, frozen or not
     frozen = FrozenBlocks(model, 1)

@@ -9,8 +9,8 @@ from tests.conftest import REPO
 
 CODE = """
 import sys
-import speed_ray, speed_ray.cli, speed_ray.config, speed_ray.stages, speed_ray.engines
-import speed_ray.pipeline.synth, speed_ray.pipeline.align, speed_ray.pipeline.embed, speed_ray.pipeline.evaluate
+import speed_ray, speed_ray.cli, speed_ray.config, speed_ray.synth.stage, speed_ray.engines
+import speed_ray.synth.driver, speed_ray.align.driver, speed_ray.embed.driver, speed_ray.eval.driver
 print(sorted(m for m in ("vllm", "trl", "deepspeed") if m in sys.modules))
 """
 

@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from speed_ray import logs
 from speed_ray.cli import main
+from speed_ray.io import logs
 from tests.conftest import DEBIAN
 
 WROTE = re.compile(r"^\[speed-ray \d\d:\d\d:\d\d\] report: .*/report\.md \(and report\.html\)$")

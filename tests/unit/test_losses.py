@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from speed_ray.losses import all_gather_with_grad, info_nce
+from speed_ray.embed.losses import all_gather_with_grad, info_nce
 from tests.distributed import run_gloo
 
 

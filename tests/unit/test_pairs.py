@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from speed_ray.data import read_labelled
-from speed_ray.pairs import CropRule, build_pairs, sentence_crops
+from speed_ray.embed.pairs import CropRule, build_pairs, sentence_crops
+from speed_ray.io.data import read_labelled
 from tests.conftest import DEBIAN
 
 

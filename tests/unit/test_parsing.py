@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from speed_ray.parsing import extract_json, parse_judgment, parse_revision, parse_task_list, to_triplet
-from speed_ray.prompts import STS_TASK
+from speed_ray.synth.parsing import extract_json, parse_judgment, parse_revision, parse_task_list, to_triplet
+from speed_ray.synth.prompts import STS_TASK
 
 
 @pytest.mark.parametrize(

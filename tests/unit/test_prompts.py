@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from speed_ray import prompts
+from speed_ray.synth import prompts
 
 
 def test_prompts_are_a_function_of_the_seed():

@@ -8,7 +8,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from speed_ray.schemas import EXAMPLES, MANIFEST, cast_rows, read_manifest, read_stage, write_stage
+from speed_ray.io.schemas import EXAMPLES, MANIFEST, cast_rows, read_manifest, read_stage, write_stage
 
 
 def rows(n, start=0):

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from speed_ray.schemas import MANIFEST, read_stage
-from speed_ray.shards import DONE, PLAN, REQUESTS, ShardedWriter, lay_out, with_shard
+from speed_ray.io.schemas import MANIFEST, read_stage
+from speed_ray.io.shards import DONE, PLAN, REQUESTS, ShardedWriter, lay_out, with_shard
 
 SCHEMA = pa.schema(
     [

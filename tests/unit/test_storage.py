@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from speed_ray.config import ConfigError, load_config
-from speed_ray.storage import check_writable, upload
+from speed_ray.io.storage import check_writable, upload
 from tests.conftest import DEBIAN
 
 

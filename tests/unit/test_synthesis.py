@@ -7,30 +7,28 @@ import json
 import pyarrow as pa
 import pytest
 
-from speed_ray import synthesis
-from speed_ray.schemas import EXAMPLES, GENERATIONS, JUDGMENTS, PREFERENCE_PAIRS, TASKS
+from speed_ray.io.schemas import EXAMPLES, GENERATIONS, JUDGMENTS, PREFERENCE_PAIRS, TASKS
+from speed_ray.synth import speed
 
 MIX = {"classification": 7, "sts": 7, "retrieval": 7, "text_matching": 2}
 
 
 def test_mix_is_allocated_by_largest_remainder():
     topics = [f"T/{i}" for i in range(23)]
-    pairs = synthesis.assign_task_types(topics, MIX, seed=0)
+    pairs = speed.assign_task_types(topics, MIX, seed=0)
     counts = {t: sum(1 for _, x in pairs if x == t) for t in MIX}
     assert counts == {"classification": 7, "sts": 7, "retrieval": 7, "text_matching": 2}
     assert [t for t, _ in pairs] == topics  # topics keep their order; types are shuffled
     # 10 topics: quotas 3.04 x3 and 0.87 -> floors 3,3,3,0 and the one left goes to text_matching
-    counts10 = [x for _, x in synthesis.assign_task_types(topics[:10], MIX, seed=0)]
+    counts10 = [x for _, x in speed.assign_task_types(topics[:10], MIX, seed=0)]
     assert sorted(counts10).count("text_matching") == 1 and len(counts10) == 10
-    assert synthesis.assign_task_types(topics, {"sts": 1, "retrieval": 0}, seed=0) == [
-        (t, "sts") for t in topics
-    ]
+    assert speed.assign_task_types(topics, {"sts": 1, "retrieval": 0}, seed=0) == [(t, "sts") for t in topics]
 
 
 def test_task_requests_are_stable_and_complete():
     topics = [f"A/B{i}" for i in range(23)]
-    rows = synthesis.task_requests(topics, MIX, seed=1, max_chars=50)
-    assert rows == synthesis.task_requests(topics, MIX, seed=1, max_chars=50)
+    rows = speed.task_requests(topics, MIX, seed=1, max_chars=50)
+    assert rows == speed.task_requests(topics, MIX, seed=1, max_chars=50)
     assert len(rows) == 23 and len({r["id"] for r in rows}) == 23
     assert sorted(r["topic"] for r in rows) == sorted(topics)  # one task per topic
     sts = [r for r in rows if r["kind"] == "sts"]
@@ -39,21 +37,21 @@ def test_task_requests_are_stable_and_complete():
         "text_matching_short",
         "text_matching_long",
     }
-    other = synthesis.task_requests(topics, MIX, seed=2, max_chars=50)
+    other = speed.task_requests(topics, MIX, seed=2, max_chars=50)
     assert {r["id"] for r in other}.isdisjoint({r["id"] for r in rows})
 
 
 def test_load_topics(tmp_path):
     f = tmp_path / "topics.txt"
     f.write_text("# comment\nA/B/C/D/E/F\nX/Y\n\nX/Y\n")
-    assert sorted(synthesis.load_topics(str(f), [], 2, seed=0)) == ["A/B/E/F", "X/Y"]
-    assert len(synthesis.load_topics(None, ["a", "b", "c"], 2, seed=0)) == 2
+    assert sorted(speed.load_topics(str(f), [], 2, seed=0)) == ["A/B/E/F", "X/Y"]
+    assert len(speed.load_topics(None, ["a", "b", "c"], 2, seed=0)) == 2
     with pytest.raises(ValueError, match="synth.num_topics: 3 asked for, but .* has 2 distinct topics"):
-        synthesis.load_topics(str(f), [], 3, seed=0)
-    assert len(synthesis.load_topics(None, [], 1000, seed=0)) == 1000  # the built-in taxonomy
+        speed.load_topics(str(f), [], 3, seed=0)
+    assert len(speed.load_topics(None, [], 1000, seed=0)) == 1000  # the built-in taxonomy
     f.write_text("# nothing\n")
     with pytest.raises(ValueError, match="topics.txt"):
-        synthesis.load_topics(str(f), [], 10, seed=0)
+        speed.load_topics(str(f), [], 10, seed=0)
 
 
 def _generated(rid, sample, kind, raw, task="Find docs"):
@@ -87,14 +85,14 @@ def test_parse_generations_and_pick_drafts():
             _generated("b", 1, "retrieval", GOOD),
         ]
     )
-    gens = synthesis.parse_generations(batch)
+    gens = speed.parse_generations(batch)
     assert gens.schema == GENERATIONS
     assert [e is None for e in gens["error"].to_pylist()] == [False, True, True, True]
-    drafts = synthesis.pick_drafts(synthesis.group_samples(gens))
+    drafts = speed.pick_drafts(speed.group_samples(gens))
     assert drafts.schema == GENERATIONS
     # no judge: first valid sample per prompt: a -> sample 1, b -> sample 0
     assert [(r["id"], r["sample"]) for r in drafts.to_pylist()] == [("a", 1), ("b", 0)]
-    examples = synthesis.final_rows(drafts, None)
+    examples = speed.final_rows(drafts, None)
     assert examples.schema == EXAMPLES
     assert [(r["id"], r["query"]) for r in examples.to_pylist()] == [("a", "how to bake bread"), ("b", "x1")]
 
@@ -102,8 +100,8 @@ def test_parse_generations_and_pick_drafts():
 def test_quality_score_by_hand():
     row = {"error": None, "query": "ab", "positive": "a1", "negative": None}
     # fluency: letters/spaces in "aba1" = 3/4; +1 valid; +1 positive != query; +1 no negative
-    assert synthesis.quality_score(row) == pytest.approx(1 + 0.75 + 1 + 1)
-    assert synthesis.quality_score({"error": "bad", "query": None, "positive": None, "negative": None}) == 0.0
+    assert speed.quality_score(row) == pytest.approx(1 + 0.75 + 1 + 1)
+    assert speed.quality_score({"error": "bad", "query": None, "positive": None, "negative": None}) == 0.0
 
 
 def test_rule_scored_pairs_best_vs_worst_and_ties_dropped():
@@ -115,7 +113,7 @@ def test_rule_scored_pairs_best_vs_worst_and_ties_dropped():
             _generated("b", 1, "retrieval", GOOD),
         ]
     )
-    pairs, dropped = synthesis.preference_pairs(synthesis.group_samples(synthesis.parse_generations(batch)))
+    pairs, dropped = speed.preference_pairs(speed.group_samples(speed.parse_generations(batch)))
     assert pairs.schema == PREFERENCE_PAIRS
     assert dropped == {"rule scores tie": 1}  # b: two equal samples
     # GOOD: valid (1) + all letters and spaces (1) + positive != query (1) + negative != positive (1) = 4
@@ -136,11 +134,11 @@ def test_parse_tasks_keeps_first_task():
         _generated("t", 0, "retrieval", '["Find papers on A.", "Find papers on B."]') | {"sample": 0},
         _generated("u", 0, "retrieval", "no list"),
     ]
-    tasks = synthesis.parse_tasks(pa.Table.from_pylist(rows))
+    tasks = speed.parse_tasks(pa.Table.from_pylist(rows))
     assert tasks.schema == TASKS
     assert tasks["task"].to_pylist() == ["Find papers on A.", None]
     assert tasks["error"][1].as_py().startswith("invalid JSON")
-    reqs = synthesis.example_requests(tasks.to_pylist(), seed=0, max_chars=40)
+    reqs = speed.example_requests(tasks.to_pylist(), seed=0, max_chars=40)
     assert len(reqs) == 1 and reqs[0]["task"] == "Find papers on A."
 
 
@@ -159,7 +157,7 @@ def _judged(example_id, raw, samples=2, engine_error=None):
 
 
 def test_judge_requests_pairs_and_drafts():
-    gens = synthesis.parse_generations(
+    gens = speed.parse_generations(
         pa.Table.from_pylist(
             [
                 _generated("a", 0, "retrieval", GOOD),
@@ -170,14 +168,14 @@ def test_judge_requests_pairs_and_drafts():
             ]
         )
     )
-    groups = synthesis.group_samples(gens)
-    reqs = synthesis.judge_requests(groups, seed=0, max_chars=100)
+    groups = speed.group_samples(gens)
+    reqs = speed.judge_requests(groups, seed=0, max_chars=100)
     assert [r["example_id"] for r in reqs] == ["a", "b"]  # c has one sample: nothing to judge
     user = json.loads(reqs[0]["messages"])[-1]["content"]
     assert "### Prompt\np" in user and f"[0] {GOOD}" in user and f"[1] {SOUP}" in user
     assert json.loads(reqs[0]["json_schema"])["properties"]["best"] == {"type": "integer", "enum": [0, 1]}
 
-    judgments = synthesis.parse_judgments(
+    judgments = speed.parse_judgments(
         pa.Table.from_pylist(
             [
                 _judged("a", '{"reason": "1 is noise", "best": 1, "worst": 0}'),
@@ -192,7 +190,7 @@ def test_judge_requests_pairs_and_drafts():
         "best and worst are the same output (1)",
         "http 503 after 5 attempts",
     ]
-    pairs, dropped = synthesis.preference_pairs(groups, judgments)
+    pairs, dropped = speed.preference_pairs(groups, judgments)
     assert dropped == {"rule scores tie": 1}  # c: one sample
     # a: the judge (against the rule score's choice); b: no usable verdict -> rule score; c: one sample
     texts = [
@@ -205,20 +203,20 @@ def test_judge_requests_pairs_and_drafts():
         ("b", SOUP, "garbage", "rule score 3.125 > 0.000 (invalid JSON: 'garbage')"),
     ]
     # without the rule fallback (SPEED's own loop), prompts with no usable verdict are dropped, by reason
-    strict, dropped = synthesis.preference_pairs(groups, judgments, fallback=False)
+    strict, dropped = speed.preference_pairs(groups, judgments, fallback=False)
     assert [p["id"] for p in strict.to_pylist()] == ["a"]
     assert dropped == {"judge: best and worst are the same output": 1, "judge: http 503 after 5 attempts": 1}
     # the judge's best wins when it parsed (a -> 1); b's judgment failed -> first valid sample (0)
-    drafts = synthesis.pick_drafts(groups, judgments)
+    drafts = speed.pick_drafts(groups, judgments)
     assert [(r["id"], r["sample"]) for r in drafts.to_pylist()] == [("a", 1), ("b", 0), ("c", 0)]
 
 
 def test_revision_requests_and_final_rows():
-    gens = synthesis.parse_generations(
+    gens = speed.parse_generations(
         pa.Table.from_pylist([_generated("a", 0, "retrieval", GOOD), _generated("b", 0, "retrieval", GOOD)])
     )
-    drafts = synthesis.pick_drafts(synthesis.group_samples(gens))
-    reqs = synthesis.revise_requests(drafts.to_pylist(), seed=0, max_chars=100)
+    drafts = speed.pick_drafts(speed.group_samples(gens))
+    reqs = speed.revise_requests(drafts.to_pylist(), seed=0, max_chars=100)
     user = json.loads(reqs[0]["messages"])[-1]["content"]
     assert json.loads(user.split("### Example\n")[1].split("\n\n")[0]) == json.loads(GOOD)
     revised = '{"reason": "shorter", "revision": {"user_query": "bake bread", "positive_document": "Knead", "hard_negative_document": "Cake"}}'
@@ -226,11 +224,11 @@ def test_revision_requests_and_final_rows():
         r | {"raw": raw, "generator": "reviser", "num_input_tokens": 80, "num_output_tokens": 20}
         for r, raw in zip(reqs, [revised, '{"reason": "x", "revision": {"user_query": "only"}}'], strict=True)
     ]
-    revisions = synthesis.parse_revisions(pa.Table.from_pylist(outs))
+    revisions = speed.parse_revisions(pa.Table.from_pylist(outs))
     assert revisions["prompt_id"].to_pylist() == ["a", "b"]
     assert revisions["reason"][0].as_py() == "shorter"
     assert revisions["error"][1].as_py() == "revision: missing or empty field 'positive_document'"
-    final = synthesis.final_rows(drafts, revisions).to_pylist()
+    final = speed.final_rows(drafts, revisions).to_pylist()
     assert [(r["id"], r["query"], r["negative"], r["generator"], r["round"]) for r in final] == [
         ("a", "bake bread", "Cake", "reviser", "revision"),
         ("b", "how to bake bread", "Bread is old", "g", "examples"),  # failed revision: the draft stays
@@ -238,7 +236,7 @@ def test_revision_requests_and_final_rows():
 
 
 def test_degenerate_rows_are_counted_by_kind():
-    from speed_ray.pipeline.report import degenerate_rows
+    from speed_ray.eval.report import degenerate_rows
 
     rows = [
         {"query": "S1", "positive": "S2", "negative": "S3"},  # a placeholder query

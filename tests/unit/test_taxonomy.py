@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from speed_ray import taxonomy
+from speed_ray.synth import taxonomy
 
 
 def test_default_taxonomy_is_large_valid_and_diverse():

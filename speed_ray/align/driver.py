@@ -16,9 +16,9 @@ Steps under ``<run>/align/``:
 - ``revisor/``: the base model fine-tuned (SFT) to produce the teacher's critique and revision.
 
 The senior and revisor folders load in vLLM; synth uses them as ``run:align/senior`` and
-``run:align/revisor``. Model-calling steps go through ``speed_ray.pipeline.synth.generate_step``
+``run:align/revisor``. Model-calling steps go through ``speed_ray.synth.driver.generate_step``
 (resumable shards, token and call accounting); training steps through Ray Train
-(``speed_ray.train.align``), which checkpoints and resumes.
+(``speed_ray.align.train``), which checkpoints and resumes.
 """
 
 from __future__ import annotations
@@ -29,12 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from speed_ray import synthesis
 from speed_ray.config import ALIGN_DATA_COLUMNS, AlignTrainConfig, ConfigError, SpeedRayConfig
-from speed_ray.fingerprint import of_config, output_hash, path_hash, run_model_inputs
-from speed_ray.pipeline.common import step
-from speed_ray.pipeline.synth import generate_step, sampling_params
-from speed_ray.schemas import (
+from speed_ray.io.fingerprint import of_config, output_hash, path_hash, run_model_inputs
+from speed_ray.io.schemas import (
     GENERATIONS,
     JUDGMENTS,
     PREFERENCE_PAIRS,
@@ -45,13 +42,16 @@ from speed_ray.schemas import (
     write_json_atomic,
     write_stage,
 )
+from speed_ray.io.steps import step
+from speed_ray.synth import speed
+from speed_ray.synth.driver import generate_step, sampling_params
 
 logger = logging.getLogger(__name__)
 
 # SPEED §4.5: teacher calls behind each trained model (seed data, judgments, revisions).
 PAPER_CALLS = {"seed": 25_000, "judgments": 10_000, "revisions": 10_000}
 
-# What each step's output depends on (``speed_ray.fingerprint``): config keys, as dotted prefixes,
+# What each step's output depends on (``speed_ray.io.fingerprint``): config keys, as dotted prefixes,
 # besides the outputs of the steps it reads (named where it runs). Prompts and sampling are synth's.
 SAMPLING = ("synth.sampling.temperature", "synth.sampling.top_p")
 PROMPTS = ("run.seed", "synth.sampling.max_field_chars")
@@ -156,7 +156,7 @@ def teacher_step(cfg: SpeedRayConfig, name: str, out: Path, rows, schema, parse,
 def prompts_rows(cfg: SpeedRayConfig, out: Path) -> list[dict[str, Any]]:
     """The alignment prompts: one synthesis prompt per valid task (``examples_per_task`` each)."""
     tasks = read_stage(out / "tasks", TASKS).to_pylist()
-    return synthesis.example_requests(
+    return speed.example_requests(
         tasks, cfg.run.seed, cfg.synth.sampling.max_field_chars, cfg.align.examples_per_task
     )
 
@@ -174,11 +174,11 @@ def seed_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
             )
         }
     try:
-        topics = synthesis.load_topics(
+        topics = speed.load_topics(
             sc.taxonomy.path,
             sc.taxonomy.topics,
             ac.num_topics,
-            synthesis.stable_seed(seed, "align"),
+            speed.stable_seed(seed, "align"),
             key="align.num_topics",
         )
     except ValueError as e:
@@ -186,23 +186,23 @@ def seed_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
     logger.info(f"align: {len(topics)} topics, teacher {ac.teacher.kind}:{ac.teacher.model}, base {ac.model}")
 
     def tasks() -> dict:
-        rows = synthesis.task_requests(topics, sc.mix, seed, sc.sampling.max_field_chars)
+        rows = speed.task_requests(topics, sc.mix, seed, sc.sampling.max_field_chars)
         return teacher_step(
             cfg,
             "tasks",
             out,
             rows,
             TASKS,
-            synthesis.parse_tasks,
+            speed.parse_tasks,
             sc.sampling.brainstorm_max_tokens,
-            ready=synthesis.is_sts,
-            ready_parse=synthesis.sts_tasks,
+            ready=speed.is_sts,
+            ready_parse=speed.sts_tasks,
         )
 
     def seed_data() -> dict:
         rows = prompts_rows(cfg, out)
         return teacher_step(
-            cfg, "seed", out, rows, GENERATIONS, synthesis.parse_generations, sc.sampling.max_tokens
+            cfg, "seed", out, rows, GENERATIONS, speed.parse_generations, sc.sampling.max_tokens
         )
 
     tasks_done = step(out / "tasks", "align/tasks (teacher)", tasks, fingerprint(cfg, "tasks"))
@@ -234,23 +234,21 @@ def pair_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
         params = sampling_params(s.max_tokens, s.temperature, s.top_p, ac.samples_per_prompt)
         rows = prompts_rows(cfg, out)
         return generate_step(
-            cfg, ac.generator, out / "root", GENERATIONS, rows, params, synthesis.parse_generations
+            cfg, ac.generator, out / "root", GENERATIONS, rows, params, speed.parse_generations
         )
 
     m = {
         "root": step(out / "root", "align/root (junior samples)", root, fingerprint(cfg, "root", ("tasks",)))
     }
-    groups = synthesis.group_samples(read_stage(out / "root", GENERATIONS))
+    groups = speed.group_samples(read_stage(out / "root", GENERATIONS))
 
     def judgments() -> dict:
-        rows = synthesis.judge_requests(groups, cfg.run.seed, s.max_field_chars)
-        return teacher_step(
-            cfg, "judgments", out, rows, JUDGMENTS, synthesis.parse_judgments, s.judge_max_tokens
-        )
+        rows = speed.judge_requests(groups, cfg.run.seed, s.max_field_chars)
+        return teacher_step(cfg, "judgments", out, rows, JUDGMENTS, speed.parse_judgments, s.judge_max_tokens)
 
     def pairs() -> dict:
         started = time.time()
-        table, dropped = synthesis.preference_pairs(
+        table, dropped = speed.preference_pairs(
             groups, read_stage(out / "judgments", JUDGMENTS), fallback=ac.without_verdict == "rule"
         )
         judged = sum(r.startswith("judge: ") for r in table["reason"].to_pylist())
@@ -293,11 +291,11 @@ def revision_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
         )
 
     def revisions() -> dict:
-        groups = synthesis.group_samples(read_stage(out / "root", GENERATIONS))
-        drafts = synthesis.pick_drafts(groups).to_pylist()  # the first valid output of each prompt
-        rows = synthesis.revise_requests(drafts, cfg.run.seed, s.max_field_chars)
+        groups = speed.group_samples(read_stage(out / "root", GENERATIONS))
+        drafts = speed.pick_drafts(groups).to_pylist()  # the first valid output of each prompt
+        rows = speed.revise_requests(drafts, cfg.run.seed, s.max_field_chars)
         return teacher_step(
-            cfg, "revisions", out, rows, GENERATIONS, synthesis.parse_revisions, s.revise_max_tokens
+            cfg, "revisions", out, rows, GENERATIONS, speed.parse_revisions, s.revise_max_tokens
         )
 
     return {
@@ -321,7 +319,7 @@ USER_DATA = {
 
 def user_step(cfg: SpeedRayConfig, out: Path, name: str) -> dict:
     """The user's own rows for a teacher step, checked and stored in the step's schema."""
-    from speed_ray.data import locate, read_chat_rows, read_preference_rows
+    from speed_ray.io.data import locate, read_chat_rows, read_preference_rows
 
     started = time.time()
     key, columns, schema = USER_DATA[name]
@@ -331,7 +329,7 @@ def user_step(cfg: SpeedRayConfig, out: Path, name: str) -> dict:
     except ValueError as e:
         raise ConfigError(f"align.{key}: {e}") from None
     for n, r in enumerate(rows):
-        r["id"] = synthesis.stable_id("user", name, n)
+        r["id"] = speed.stable_id("user", name, n)
         if "completion" in r:
             r["raw"] = r.pop("completion")
     if name == "pairs":
@@ -364,9 +362,9 @@ def training_rows(out: Path, name: str) -> list[dict[str, Any]]:
 
 def train_step(cfg: SpeedRayConfig, name: str, out: Path) -> dict:
     """Train one model of the loop under Ray Train; write its folder, model card and manifest."""
-    from speed_ray.models import resolve_model
+    from speed_ray.align.train import long_prompts, sft_rows, train_loop
+    from speed_ray.io.models import resolve_model
     from speed_ray.ray_utils import train
-    from speed_ray.train.align import long_prompts, sft_rows, train_loop
 
     ac, res = cfg.align, cfg.align.resources
     tc: AlignTrainConfig = getattr(ac, name)
@@ -462,7 +460,7 @@ def write_dataset(rows: list[dict[str, Any]], path: Path) -> None:
 
     from datasets import Dataset
 
-    digest = synthesis.stable_id(json.dumps(rows, sort_keys=True))
+    digest = speed.stable_id(json.dumps(rows, sort_keys=True))
     stamp = path / "_rows.sha1"
     if stamp.is_file() and stamp.read_text() == digest:
         return

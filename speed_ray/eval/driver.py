@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from speed_ray.config import SpeedRayConfig
-from speed_ray.experiments import MAIN_SCORES
-from speed_ray.fingerprint import (
+from speed_ray.eval.experiments import MAIN_SCORES
+from speed_ray.io.fingerprint import (
     RUNTIME_KEYS,
     diff,
     fingerprint,
@@ -40,8 +40,8 @@ from speed_ray.fingerprint import (
     path_hash,
     select,
 )
-from speed_ray.pipeline.common import log, remove, step
-from speed_ray.schemas import read_manifest, write_json_atomic
+from speed_ray.io.schemas import read_manifest, write_json_atomic
+from speed_ray.io.steps import log, remove, step
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def run(cfg: SpeedRayConfig) -> dict:
     return step(out, "eval", lambda: _evaluate(cfg, out, specs, models, units), whole, clean=False)
 
 
-# What a score depends on (``speed_ray.fingerprint``): the task's settings and data, and the model's
+# What a score depends on (``speed_ray.io.fingerprint``): the task's settings and data, and the model's
 # settings; which model a label names (its spec), and what is in it, are inputs of their own.
 TASK_KEYS = {
     "retrieval": ("eval.seed", "eval.retrieval"),
@@ -133,8 +133,7 @@ class TaskSpec:
 
 def task_specs(cfg: SpeedRayConfig) -> list[TaskSpec]:
     """The configured tasks, data read and checked now (before any model loads)."""
-    from speed_ray.data import locate, read_beir, read_labelled, verify_checksums
-    from speed_ray.evaluation import (
+    from speed_ray.eval.tasks import (
         clustering_task,
         holdout_ids,
         knn_task,
@@ -142,6 +141,7 @@ def task_specs(cfg: SpeedRayConfig) -> list[TaskSpec]:
         retrieval_task,
         sample_rows,
     )
+    from speed_ray.io.data import locate, read_beir, read_labelled, verify_checksums
 
     ev = cfg.eval
     specs: list[TaskSpec] = []
@@ -206,8 +206,8 @@ def load_model(spec: str, cfg: SpeedRayConfig) -> Any:
     prompts it saved (a model that saved none gets ``eval.retrieval.query_instruction``)."""
     from sentence_transformers import SentenceTransformer
 
-    from speed_ray.embedding import build_model, pooling_module, set_prompts
-    from speed_ray.models import resolve_model
+    from speed_ray.embed.model import build_model, pooling_module, set_prompts
+    from speed_ray.io.models import resolve_model
 
     ec, ev = cfg.embed, cfg.eval
     pooling = ec.pooling
@@ -236,8 +236,8 @@ def load_model(spec: str, cfg: SpeedRayConfig) -> Any:
 def card_with_scores(cfg: SpeedRayConfig, model: Any, results: dict[str, tuple[str, str, dict]]) -> None:
     """Regenerate this run's trained model's README.md (sentence-transformers' model card) with the
     eval scores added: ``results`` is {task: (kind, main score name, scores)}."""
-    from speed_ray.embedding import write_model_card
-    from speed_ray.schemas import read_manifest
+    from speed_ray.embed.model import write_model_card
+    from speed_ray.io.schemas import read_manifest
 
     folder = cfg.run_dir / "embed" / "model"
     manifest = read_manifest(folder) or {}
@@ -261,8 +261,8 @@ def _evaluate(
     models: list[tuple[str, str]],
     units: dict[tuple[str, str], dict[str, Any]],
 ) -> dict:
-    from speed_ray.evaluation import as_mteb_model, bm25_model, evaluate, tfidf_encoder
-    from speed_ray.models import cache_dir
+    from speed_ray.eval.tasks import as_mteb_model, bm25_model, evaluate, tfidf_encoder
+    from speed_ray.io.models import cache_dir
 
     ev = cfg.eval
     started = time.time()
@@ -323,7 +323,7 @@ def _evaluate(
             if rec is not None:
                 layers[label] = rec["scores"]
             else:
-                from speed_ray.layers import layer_scores
+                from speed_ray.eval.layers import layer_scores
 
                 assert st is not None
                 knn = next(ts for ts in specs if ts.kind == "knn")
@@ -341,7 +341,7 @@ def _evaluate(
         "duration_s": round(time.time() - started, 2),
     }
     if layers:
-        from speed_ray.layers import plot_layers
+        from speed_ray.eval.layers import plot_layers
 
         plot_layers(layers, next(s.name for s in specs if s.kind == "knn"), out / "layers.png")
     write_json_atomic(out / "_manifest.json", manifest)

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from speed_ray.schemas import sha256_file, shard_name, write_json_atomic, write_manifest, write_shard
+from speed_ray.io.schemas import sha256_file, shard_name, write_json_atomic, write_manifest, write_shard
 
 logger = logging.getLogger(__name__)
 

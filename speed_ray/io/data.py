@@ -23,7 +23,7 @@ import random
 from pathlib import Path
 from typing import IO, Any
 
-from speed_ray.prompts import assistant
+from speed_ray.io.schemas import assistant
 
 
 class DataError(ValueError):
@@ -32,7 +32,7 @@ class DataError(ValueError):
 
 
 BUILTIN = "builtin:"
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parents[1] / "data"
 # Built-in data name -> its file or folder under DATA_DIR.
 BUILTIN_DATA = {
     "debian/labelled": "debian/labelled.jsonl.gz",

@@ -12,4 +12,6 @@ def stage_module(name: str):
     """The module that runs stage ``name`` (``eval`` lives in ``evaluate``)."""
     import importlib
 
-    return importlib.import_module(f"speed_ray.pipeline.{'evaluate' if name == 'eval' else name}")
+    return importlib.import_module(
+        f"speed_ray.{'eval' if name == 'report' else name}.{'report' if name == 'report' else 'driver'}"
+    )

@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-from speed_ray.prompts import FIELDS, STS_TASK
+from speed_ray.synth.prompts import FIELDS, STS_TASK
 
 _FENCE = re.compile(r"```(?:json)?", re.IGNORECASE)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from speed_ray.config import SpeedRayConfig
-from speed_ray.html import write_report
-from speed_ray.schemas import EXAMPLES, GENERATIONS, JUDGMENTS, TASKS, read_manifest, read_stage
-from speed_ray.synthesis import error_kind
+from speed_ray.eval.html import write_report
+from speed_ray.io.schemas import EXAMPLES, GENERATIONS, JUDGMENTS, TASKS, read_manifest, read_stage
+from speed_ray.synth.speed import error_kind
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def run(cfg: SpeedRayConfig) -> dict:
     if synth_plot:
         text = text.replace("\n## Synthesis\n", f"\n## Synthesis\n\n![synthesis steps]({synth_plot})\n", 1)
     if m["eval"] is not None and m["eval"].get("tasks"):
-        from speed_ray.experiments import plot_scores
+        from speed_ray.eval.experiments import plot_scores
 
         plot_scores(m["eval"], f"{cfg.run.name}: scores against the baselines", run_dir / "eval.png")
         text = text.replace("\n## Evaluation: ", "\n![scores](eval.png)\n\n## Evaluation: ", 1)
@@ -279,7 +279,7 @@ def render(cfg: SpeedRayConfig, m: dict[str, Any], plot: str | None) -> str:
 
 def eval_lines(ev: dict[str, Any]) -> list[str]:
     """One table per task (models as rows, the task's scores as columns), then the layer analysis."""
-    from speed_ray.experiments import SCORE_COLUMNS
+    from speed_ray.eval.experiments import SCORE_COLUMNS
 
     lines: list[str] = []
     for task, kind in ev["tasks"].items():

@@ -167,8 +167,8 @@ def path_hash(path: str | os.PathLike | None) -> str | None:
     be a built-in data name. None: no path, or nothing there."""
     if path is None:
         return None
-    from speed_ray.data import locate
-    from speed_ray.schemas import sha256_file
+    from speed_ray.io.data import locate
+    from speed_ray.io.schemas import sha256_file
 
     p = locate(str(path))
     if p.is_file():
@@ -184,7 +184,7 @@ def path_hash(path: str | os.PathLike | None) -> str | None:
 def folder_stamp(path: Path) -> str | None:
     """A model folder's identity without reading its weights: the output hash of the manifest
     speed-ray wrote in it, else its files' names, sizes and modification times."""
-    from speed_ray.schemas import read_manifest
+    from speed_ray.io.schemas import read_manifest
 
     if not path.is_dir():
         return None

@@ -41,11 +41,6 @@ def chat(user: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
-def assistant(text: str) -> list[dict[str, str]]:
-    """A completion as TRL's conversational datasets hold it: one assistant message."""
-    return [{"role": "assistant", "content": text}]
-
-
 # ----------------------------------------------------------------------------------------------
 # Brainstorming (one task per topic is kept: SPEED Table 3)
 

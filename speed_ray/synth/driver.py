@@ -14,7 +14,7 @@ Produces under ``<run>/synth/``, one folder per step, each finished by a ``_mani
   ``anchor`` (``Instruct: {instruction}\nQuery: {query}``), ``positive`` and ``negative`` (TRIPLETS):
   ``datasets.load_dataset("parquet", ...)`` loads it and ``SentenceTransformerTrainer`` trains on it.
 
-The model-calling steps write fixed shards as they complete (``speed_ray.shards``): a killed run keeps
+The model-calling steps write fixed shards as they complete (``speed_ray.io.shards``): a killed run keeps
 them, and the rerun only sends the missing shards' rows to the engine.
 """
 
@@ -28,12 +28,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from speed_ray import synthesis
 from speed_ray.config import ConfigError, EngineConfig, SpeedRayConfig
-from speed_ray.fingerprint import of_config, output_hash, path_hash, run_model_inputs
-from speed_ray.models import resolve_model
-from speed_ray.pipeline.common import log, pending, remove, step
-from speed_ray.schemas import (
+from speed_ray.io.fingerprint import of_config, output_hash, path_hash, run_model_inputs
+from speed_ray.io.models import resolve_model
+from speed_ray.io.schemas import (
     EXAMPLES,
     GENERATIONS,
     JUDGMENTS,
@@ -43,11 +41,13 @@ from speed_ray.schemas import (
     read_stage,
     write_stage,
 )
-from speed_ray.shards import ShardedWriter, lay_out, with_shard
+from speed_ray.io.shards import ShardedWriter, lay_out, with_shard
+from speed_ray.io.steps import log, pending, remove, step
+from speed_ray.synth import speed
 
 logger = logging.getLogger(__name__)
 
-# What each step's output depends on (``speed_ray.fingerprint``): config keys, as dotted prefixes,
+# What each step's output depends on (``speed_ray.io.fingerprint``): config keys, as dotted prefixes,
 # besides the outputs of the steps it reads and its engine's section (named where the step runs).
 SAMPLING = ("synth.sampling.temperature", "synth.sampling.top_p")
 KEYS = {
@@ -109,7 +109,7 @@ def run(cfg: SpeedRayConfig) -> dict:
     sc, out = cfg.synth, cfg.run_dir / "synth"
     seed, max_chars, sampling = cfg.run.seed, sc.sampling.max_field_chars, sc.sampling
     try:
-        topics = synthesis.load_topics(sc.taxonomy.path, sc.taxonomy.topics, sc.num_topics, seed)
+        topics = speed.load_topics(sc.taxonomy.path, sc.taxonomy.topics, sc.num_topics, seed)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     logger.info(f"synth: {len(topics)} topics, mix {sc.mix}, generator {sc.engine.kind}:{sc.engine.model}")
@@ -121,7 +121,7 @@ def run(cfg: SpeedRayConfig) -> dict:
     manifests: dict[str, Any] = {}
 
     def tasks() -> dict:
-        rows = synthesis.task_requests(topics, sc.mix, seed, max_chars)
+        rows = speed.task_requests(topics, sc.mix, seed, max_chars)
         params = sampling_params(sampling.brainstorm_max_tokens, sampling.temperature, sampling.top_p, 1)
         return generate_step(
             cfg,
@@ -130,19 +130,19 @@ def run(cfg: SpeedRayConfig) -> dict:
             TASKS,
             rows,
             params,
-            synthesis.parse_tasks,
-            ready=synthesis.is_sts,
-            ready_parse=synthesis.sts_tasks,
+            speed.parse_tasks,
+            ready=speed.is_sts,
+            ready_parse=speed.sts_tasks,
         )
 
     def generations() -> dict:
         task_rows = read_stage(out / "tasks", TASKS).to_pylist()
-        rows = synthesis.example_requests(task_rows, seed, max_chars, sc.examples_per_task)
+        rows = speed.example_requests(task_rows, seed, max_chars, sc.examples_per_task)
         params = sampling_params(
             sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.samples_per_prompt
         )
         return generate_step(
-            cfg, sc.engine, out / "generations", GENERATIONS, rows, params, synthesis.parse_generations
+            cfg, sc.engine, out / "generations", GENERATIONS, rows, params, speed.parse_generations
         )
 
     brainstormer = "synth.brainstormer" if sc.brainstormer is not None else "synth.engine"
@@ -155,17 +155,17 @@ def run(cfg: SpeedRayConfig) -> dict:
         generations,
         fingerprint(cfg, "generations", {"tasks": manifests["tasks"]}, "synth.engine"),
     )
-    groups = synthesis.group_samples(read_stage(out / "generations", GENERATIONS))
+    groups = speed.group_samples(read_stage(out / "generations", GENERATIONS))
 
     judgments = None
     if sc.judge is not None:
         judge = sc.judge
 
         def judge_step() -> dict:
-            rows = synthesis.judge_requests(groups, seed, max_chars)
+            rows = speed.judge_requests(groups, seed, max_chars)
             params = sampling_params(sampling.judge_max_tokens, 0.0, 1.0, 1)  # SPEED App. B: judge at T=0
             return generate_step(
-                cfg, judge, out / "judgments", JUDGMENTS, rows, params, synthesis.parse_judgments
+                cfg, judge, out / "judgments", JUDGMENTS, rows, params, speed.parse_judgments
             )
 
         manifests["judgments"] = step(
@@ -180,14 +180,14 @@ def run(cfg: SpeedRayConfig) -> dict:
 
     def pairs() -> dict:
         started = time.time()
-        table, dropped = synthesis.preference_pairs(groups, judgments)
+        table, dropped = speed.preference_pairs(groups, judgments)
         judged = sum(r.startswith("judge: ") for r in table["reason"].to_pylist())
         extra = {"judged": judged, "rule_scored": table.num_rows - judged, "dropped": dropped}
         return write_stage(out / "pairs", [table], PREFERENCE_PAIRS, extra, started)
 
     def drafts() -> dict:
         started = time.time()
-        table = synthesis.pick_drafts(groups, judgments)
+        table = speed.pick_drafts(groups, judgments)
         return write_stage(out / "drafts", [table], GENERATIONS, {"prompts": len(groups)}, started)
 
     picked: dict[str, Any] = {k: manifests[k] for k in ("generations", "judgments") if k in manifests}
@@ -199,12 +199,10 @@ def run(cfg: SpeedRayConfig) -> dict:
         reviser = sc.reviser
 
         def revise_step() -> dict:
-            rows = synthesis.revise_requests(
-                read_stage(out / "drafts", GENERATIONS).to_pylist(), seed, max_chars
-            )
+            rows = speed.revise_requests(read_stage(out / "drafts", GENERATIONS).to_pylist(), seed, max_chars)
             params = sampling_params(sampling.revise_max_tokens, sampling.temperature, sampling.top_p, 1)
             return generate_step(
-                cfg, reviser, out / "revisions", GENERATIONS, rows, params, synthesis.parse_revisions
+                cfg, reviser, out / "revisions", GENERATIONS, rows, params, speed.parse_revisions
             )
 
         manifests["revisions"] = step(
@@ -247,7 +245,7 @@ def sampling_params(max_tokens: int, temperature: float, top_p: float, n: int) -
 def examples_step(cfg: SpeedRayConfig, out: Path, revisions: pa.Table | None) -> dict:
     """Final rows (revised where possible), then MinHash LSH near-duplicate removal on Ray Data."""
     started = time.time()
-    rows = synthesis.final_rows(read_stage(out / "drafts", GENERATIONS), revisions)
+    rows = speed.final_rows(read_stage(out / "drafts", GENERATIONS), revisions)
     extra: dict[str, Any] = {"drafts": rows.num_rows}
     if revisions is not None:
         extra["revised"] = rows.num_rows - sum(r == "examples" for r in rows["round"].to_pylist())
@@ -255,8 +253,8 @@ def examples_step(cfg: SpeedRayConfig, out: Path, revisions: pa.Table | None) ->
     if dd.enabled and rows.num_rows > 1:
         import ray
 
-        from speed_ray.dedup import dedup
         from speed_ray.ray_utils import init_ray
+        from speed_ray.synth.dedup import dedup
 
         init_ray(cfg)
         kept, stats, _ = dedup(
@@ -280,7 +278,7 @@ def training_set_step(out: Path) -> dict:
     """``examples/`` as the embedding training set: the three text columns and nothing else, since
     sentence-transformers embeds every column of its training dataset."""
     started = time.time()
-    table = synthesis.training_triplets(read_stage(out / "examples", EXAMPLES))
+    table = speed.training_triplets(read_stage(out / "examples", EXAMPLES))
     return write_stage(out / "train", [table], TRIPLETS, {"examples": table.num_rows}, started)
 
 
@@ -361,7 +359,7 @@ def engine_pool(
     import ray
 
     from speed_ray.ray_utils import init_ray, require_resources
-    from speed_ray.stages import GenerateStage
+    from speed_ray.synth.stage import GenerateStage
 
     kwargs = engine_kwargs(eng, cfg.run.seed, cfg.run_dir)
     if eng.kind == "openai" and generator is None:

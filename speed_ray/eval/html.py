@@ -40,7 +40,7 @@ def render_html(markdown: str) -> str:
 
 def write_report(path: Path, markdown: str) -> None:
     """``path`` (report.md) and the page beside it (report.html), each written whole or not at all."""
-    from speed_ray.schemas import write_text_atomic
+    from speed_ray.io.schemas import write_text_atomic
 
     write_text_atomic(path, markdown)
     write_text_atomic(path.with_suffix(".html"), render_html(markdown))

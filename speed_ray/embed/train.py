@@ -1,9 +1,9 @@
 """Contrastive embedding training: the per-worker loop that Ray Train runs (STYLE P9).
 
 Each step embeds the worker's queries, positives and hard negatives, and the InfoNCE loss sees every
-worker's positives and negatives (``speed_ray.losses``), so the negatives per query are the global
+worker's positives and negatives (``speed_ray.embed.losses``), so the negatives per query are the global
 batch; DDP (or DeepSpeed) averages the gradients, which makes them equal to the full-batch gradients.
-With ``chunk_size`` the batch goes through GradCache (``speed_ray.gradcache``): same loss and
+With ``chunk_size`` the batch goes through GradCache (``speed_ray.embed.gradcache``): same loss and
 gradients, one chunk's activations at a time.
 
 Data is deterministic by step: every worker holds the rows (or, for crops, the corpus, re-cropped
@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from speed_ray import logs
-from speed_ray.embedding import format_query
-from speed_ray.pairs import CropRule, build_pairs
+from speed_ray.embed.model import format_query
+from speed_ray.embed.pairs import CropRule, build_pairs
+from speed_ray.io import logs
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +207,8 @@ def train_step(
     pass_tokens, max_grad_norm, precision. ``frozen`` (``embedding.FrozenBlocks``) lets GradCache
     compute the frozen blocks once.
     """
-    from speed_ray.gradcache import cached_backward
-    from speed_ray.losses import info_nce
+    from speed_ray.embed.gradcache import cached_backward
+    from speed_ray.embed.losses import info_nce
 
     k = config["num_negatives"]
     queries, positives, negatives, mask = batch_texts(rows, config["pooling"], k)
@@ -277,7 +277,7 @@ def train_step(
 def setup_model(config: dict[str, Any]):
     """The SentenceTransformer with LoRA / frozen blocks / gradient checkpointing as configured;
     returns (model, frozen or None)."""
-    from speed_ray.embedding import FrozenBlocks, build_model, set_prompts
+    from speed_ray.embed.model import FrozenBlocks, build_model, set_prompts
 
     model = build_model(
         config["model"], config["pooling"], config["max_seq_length"], dropout=config["dropout"]
@@ -300,7 +300,7 @@ def setup_model(config: dict[str, Any]):
 def configured_lora(model, config: dict[str, Any]) -> None:
     """The LoRA adapter of ``config`` (in the last ``train_last_blocks`` blocks when set): the same for
     training and for the fresh copy the export loads the trained weights into."""
-    from speed_ray.embedding import add_lora
+    from speed_ray.embed.model import add_lora
 
     add_lora(
         model,
@@ -414,7 +414,7 @@ def export(
     """A fresh copy of the model with the trained weights, LoRA merged, saved for sentence-transformers
     with pooling, normalisation, the query/document prompts and sentence-transformers' model card
     (README.md) from ``config["model_card"]`` and the losses so far (``history``)."""
-    from speed_ray.embedding import build_model, merge_lora, model_card_data, set_prompts, use_card
+    from speed_ray.embed.model import build_model, merge_lora, model_card_data, set_prompts, use_card
 
     model = build_model(
         config["model"], config["pooling"], config["max_seq_length"], dropout=config["dropout"]

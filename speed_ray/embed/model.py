@@ -166,7 +166,7 @@ def write_model_card(model: Any, folder: str | Path, card: dict[str, Any], histo
     except ImportError:  # sentence-transformers 5
         from sentence_transformers.model_card import generate_model_card  # type: ignore[no-redef]
 
-    from speed_ray.schemas import write_text_atomic
+    from speed_ray.io.schemas import write_text_atomic
 
     use_card(model, model_card_data(card, history, scores))
     model.model_card_data.save_dir = str(folder)

@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from speed_ray.fingerprint import diff
-from speed_ray.schemas import MANIFEST, read_manifest, sha256_file, write_json_atomic
+from speed_ray.io.fingerprint import diff
+from speed_ray.io.schemas import MANIFEST, read_manifest, sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def step(
     clean: bool = True,
 ) -> dict:
     """Run ``build`` unless ``out_dir`` already holds a finished manifest whose files still have their
-    checksums and, given a ``fingerprint`` (``speed_ray.fingerprint``), whose recorded fingerprint is
+    checksums and, given a ``fingerprint`` (``speed_ray.io.fingerprint``), whose recorded fingerprint is
     this one; return the manifest. A damaged step is done again (a generation step keeps its sound
     shards and makes only the damaged ones again).
 

@@ -18,7 +18,7 @@ def layer_embeddings(model: Any, texts: list[str], batch_size: int) -> np.ndarra
     """[layers + 1, len(texts), dim]: each layer's pooled, normalised hidden states."""
     import torch
 
-    from speed_ray.embedding import pooling_module
+    from speed_ray.embed.model import pooling_module
 
     hf, pool = model[0].auto_model, pooling_module(model)
     if pool is None:
@@ -47,7 +47,7 @@ def layer_embeddings(model: Any, texts: list[str], batch_size: int) -> np.ndarra
 
 def precomputed_encoder(name: str, vectors: dict[str, np.ndarray]) -> Any:
     """An mteb encoder that answers each text with a vector computed beforehand."""
-    from speed_ray.evaluation import text_encoder
+    from speed_ray.eval.tasks import text_encoder
 
     return text_encoder(name, "layers", lambda texts: np.stack([vectors[t] for t in texts]))
 
@@ -57,7 +57,7 @@ def layer_scores(
 ) -> dict[str, float]:
     """{layer: kNN accuracy} for every layer of ``model`` on the task ``build_task()`` makes, whose
     texts are ``texts``."""
-    from speed_ray.evaluation import evaluate
+    from speed_ray.eval.tasks import evaluate
 
     label = model.model_card_data.model_name or "model"
     texts = list(dict.fromkeys(texts))

@@ -127,6 +127,11 @@ PREFERENCE_PAIRS = pa.schema(
 )
 
 
+def assistant(text: str) -> list[dict[str, str]]:
+    """A completion as TRL's conversational datasets hold it: one assistant message."""
+    return [{"role": "assistant", "content": text}]
+
+
 def cast_rows(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     """Rows (dicts) -> a table of exactly ``schema``: missing columns become null; an extra column or
     a value of the wrong type is a ValueError that names the column."""

@@ -1,5 +1,5 @@
 """Pure logic of the synth stage: request rows, parsing of generated batches, example selection and
-preference pairs. No Ray, no model: the Ray side is ``speed_ray.pipeline.synth``.
+preference pairs. No Ray, no model: the Ray side is ``speed_ray.synth.driver``.
 
 Row ids and seeds are hashes of (run seed, round, inputs), so a rerun builds the same rows.
 """
@@ -16,17 +16,18 @@ from typing import Any
 
 import pyarrow as pa
 
-from speed_ray import prompts
-from speed_ray.parsing import parse_judgment, parse_revision, parse_task_list, to_triplet
-from speed_ray.schemas import (
+from speed_ray.io.schemas import (
     EXAMPLES,
     GENERATIONS,
     JUDGMENTS,
     PREFERENCE_PAIRS,
     TASKS,
     TRIPLETS,
+    assistant,
     cast_rows,
 )
+from speed_ray.synth import prompts
+from speed_ray.synth.parsing import parse_judgment, parse_revision, parse_task_list, to_triplet
 
 
 def stable_id(*parts: object) -> str:
@@ -42,7 +43,7 @@ def load_topics(
 ) -> list[str]:
     """Topic paths (inline, a file, or the built-in taxonomy), truncated per SPEED App. D.1,
     deduplicated, shuffled with ``seed``; the first ``num_topics``."""
-    from speed_ray import taxonomy
+    from speed_ray.synth import taxonomy
 
     paths = inline or taxonomy.read_taxonomy(path or taxonomy.default_topics_path())
     unique = list(dict.fromkeys(taxonomy.truncate(t) for t in paths))
@@ -308,7 +309,7 @@ def training_triplets(examples: pa.Table) -> pa.Table:
     """The embedding training set (TRIPLETS), one row per example: the anchor is the query with its
     task instruction as SPEED and E5 train it (``Instruct: {instruction}\nQuery: {query}``), the
     negative '' where the example has none."""
-    from speed_ray.embedding import instructed_query
+    from speed_ray.embed.model import instructed_query
 
     out = [
         {
@@ -386,8 +387,8 @@ def preference_pairs(
             {
                 "id": gid,
                 "prompt": json.loads(best["messages"]),
-                "chosen": prompts.assistant(best["raw"]),
-                "rejected": prompts.assistant(worst["raw"]),
+                "chosen": assistant(best["raw"]),
+                "rejected": assistant(worst["raw"]),
                 "reason": reason,
             }
         )

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from speed_ray.config import ConfigError, SpeedRayConfig, load_config, save_config
-from speed_ray.html import write_report
-from speed_ray.schemas import write_json_atomic
+from speed_ray.eval.html import write_report
+from speed_ray.io.schemas import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 def configs(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> tuple[dict, dict, dict]:
     """(prepare runs as (config, stages), variant configs, eval configs), every one loaded and
     validated before anything runs."""
-    from speed_ray.experiments import override_args, variant_models
+    from speed_ray.eval.experiments import override_args, variant_models
     from speed_ray.pipeline import STAGES
 
     ex = cfg.experiment
@@ -96,7 +96,9 @@ def _load(path: str, args: list[str], key: str) -> SpeedRayConfig:
 
 
 def run(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> dict[str, Any]:
-    from speed_ray.pipeline import embed, evaluate, stage_module
+    from speed_ray.embed import driver as embed
+    from speed_ray.eval import driver as evaluate
+    from speed_ray.pipeline import stage_module
 
     started = time.time()
     ex = cfg.experiment
@@ -152,8 +154,8 @@ def _curves(
     <run.name>-curves); step 0 is the base model. Final models hit the embeddings cache."""
     from dataclasses import replace
 
-    from speed_ray.experiments import MAIN_SCORES, snapshot_models
-    from speed_ray.pipeline import evaluate
+    from speed_ray.eval import driver as evaluate
+    from speed_ray.eval.experiments import MAIN_SCORES, snapshot_models
 
     main = cfg
     entries = {
@@ -182,8 +184,14 @@ def _curves(
 
 
 def render(cfg: SpeedRayConfig, result: dict[str, Any], trained: dict[str, dict[str, Any]]) -> str:
-    from speed_ray.experiments import plot_curves, plot_scores, score_table, series_points, training_table
-    from speed_ray.pipeline.report import eval_lines
+    from speed_ray.eval.experiments import (
+        plot_curves,
+        plot_scores,
+        score_table,
+        series_points,
+        training_table,
+    )
+    from speed_ray.eval.report import eval_lines
 
     ex, out = cfg.experiment, cfg.run_dir
     lines = [f"# {ex.title or cfg.run.name}", ""]

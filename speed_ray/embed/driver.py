@@ -1,7 +1,7 @@
 """embed: contrastive training (InfoNCE, in-batch + hard negatives) under Ray Train.
 
 Consumes ``<run>/synth/train`` (the synthetic training set), a user's pairs file (both read by
-``speed_ray.data.read_pairs``) or an unlabelled corpus (``embed.data``); produces
+``speed_ray.io.data.read_pairs``) or an unlabelled corpus (``embed.data``); produces
 ``<run>/embed/model/``, a folder that ``sentence_transformers.SentenceTransformer(path)`` loads
 (pooling, normalisation and query prompt saved) with sentence-transformers' own model card
 (README.md: base model, training set, hyperparameters and losses; the eval stage adds its scores),
@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from speed_ray.config import ConfigError, SpeedRayConfig, embed_finetune
-from speed_ray.fingerprint import of_config, output_hash, path_hash
-from speed_ray.models import resolve_model
-from speed_ray.pipeline.common import log, step
-from speed_ray.schemas import finished_manifest, read_manifest, write_json_atomic
+from speed_ray.io.fingerprint import of_config, output_hash, path_hash
+from speed_ray.io.models import resolve_model
+from speed_ray.io.schemas import finished_manifest, read_manifest, write_json_atomic
+from speed_ray.io.steps import log, step
 
-# What the model depends on (``speed_ray.fingerprint`` leaves out what only places or paces the
+# What the model depends on (``speed_ray.io.fingerprint`` leaves out what only places or paces the
 # training): every embed setting, the seed, and the training data (``fingerprint``).
 KEYS = ("run.seed", "embed")
 
@@ -58,10 +58,10 @@ def fingerprint(cfg: SpeedRayConfig) -> dict:
 def training_data(cfg: SpeedRayConfig):
     """(data, info): what the trainer draws its batches from (``train.embed.Rows`` or
     ``CorpusPairs``), from ``embed.data.source``, and what was made of the input."""
-    from speed_ray.data import locate, nested_sample, read_corpus, read_pairs
-    from speed_ray.embedding import split_query
-    from speed_ray.pairs import CropRule, build_pairs
-    from speed_ray.train.embed import CorpusPairs, Rows
+    from speed_ray.embed.model import split_query
+    from speed_ray.embed.pairs import CropRule, build_pairs
+    from speed_ray.embed.train import CorpusPairs, Rows
+    from speed_ray.io.data import locate, nested_sample, read_corpus, read_pairs
 
     d = cfg.embed.data
     if d.source in ("synth", "pairs"):
@@ -86,7 +86,7 @@ def training_data(cfg: SpeedRayConfig):
     docs = read_corpus(locate(str(d.path)))
     held_out = 0
     if d.holdout_fraction:
-        from speed_ray.evaluation import holdout_ids
+        from speed_ray.eval.tasks import holdout_ids
 
         test = holdout_ids([doc["id"] for doc in docs], d.holdout_fraction, d.holdout_seed)
         docs = [doc for doc in docs if doc["id"] not in test]
@@ -134,8 +134,8 @@ def loop_config(cfg: SpeedRayConfig, negatives: int) -> dict[str, Any]:
 def _train(cfg: SpeedRayConfig) -> dict:
     import ray
 
+    from speed_ray.embed.train import train_loop
     from speed_ray.ray_utils import init_ray, train
-    from speed_ray.train.embed import train_loop
 
     ec, res = cfg.embed, cfg.embed.resources
     started = time.time()
@@ -223,7 +223,7 @@ def card_info(cfg: SpeedRayConfig, data: dict[str, Any], rows: int, negatives: i
         "tags": ["speed-ray"],
         "dataset": {"name": name, "size": rows, "columns": columns},
         "loss": {
-            "fullname": "speed_ray.losses.info_nce",
+            "fullname": "speed_ray.embed.losses.info_nce",
             "config_code": textwrap.indent(f"```json\n{json.dumps(loss, indent=4)}\n```", "  "),
         },
         "hyperparameters": hyperparameters

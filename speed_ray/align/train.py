@@ -8,7 +8,7 @@ the merged model folder as the final checkpoint. DPO trains on the preference pa
 stage stores them, in TRL's conversational format (TRL applies the chat template itself); SFT rows
 come from ``sft_rows``.
 
-Settings arrive as one plain dict (``loop_config`` in ``speed_ray.pipeline.align``):
+Settings arrive as one plain dict (``loop_config`` in ``speed_ray.align.driver``):
 ``kind`` (sft | dpo), ``model``, ``data_dir``, ``steps``, ``learning_rate``, ``batch_size``,
 ``max_length``, ``beta``, ``finetune`` (lora | full), ``lora_*``, ``precompute_ref_log_probs``,
 ``deepspeed_stage``, ``gradient_checkpointing``, ``save_steps``, ``use_gpu``, ``cpus_per_worker``,
@@ -162,11 +162,11 @@ def load_data(data_dir: str):
 
 def progress_callback(kind: str) -> Any:
     """A TrainerCallback in place of transformers' own progress bar, which a Ray worker would show
-    only once it ends: a bar with an ETA drawn by the driver (``speed_ray.logs.worker_bar``) and a line per
+    only once it ends: a bar with an ETA drawn by the driver (``speed_ray.io.logs.worker_bar``) and a line per
     logged step, on the first rank only."""
     from transformers import TrainerCallback
 
-    from speed_ray.logs import worker_bar
+    from speed_ray.io.logs import worker_bar
 
     class Progress(TrainerCallback):
         bar: Any = None

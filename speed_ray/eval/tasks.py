@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from speed_ray.data import read_beir
+from speed_ray.io.data import read_beir
 
 KNN_SEED = 42
 
@@ -302,7 +302,7 @@ def evaluate(model: Any, task: Any, results_dir: Path, batch_size: int) -> dict[
     import mteb
     from mteb.cache import ResultCache
 
-    from speed_ray.logs import bars
+    from speed_ray.io.logs import bars
 
     result = mteb.evaluate(
         model,

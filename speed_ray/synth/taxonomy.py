@@ -22,7 +22,7 @@ MAX_TOPIC_CHARS = 200
 
 def default_topics_path() -> Path:
     """Path of the built-in WordNet-derived taxonomy shipped as package data."""
-    return Path(__file__).parent / "data" / "topics.txt"
+    return Path(__file__).parents[1] / "data" / "topics.txt"
 
 
 def read_taxonomy(path: str | Path) -> list[str]:
