@@ -57,7 +57,7 @@ def _run(mode: str, batch: int, chunk: int, budget_gib: float, last: int, out: m
     all blocks or the last ``last``; ``cached-nocache`` recomputes the frozen blocks on replay."""
     import torch
 
-    from speed_ray.config import EmbedConfig
+    from speed_ray.embed.config import EmbedConfig
     from speed_ray.embed.model import FrozenBlocks, build_model
     from speed_ray.embed.train import train_step
     from speed_ray.io.models import resolve_model

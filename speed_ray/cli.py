@@ -22,9 +22,10 @@ import os
 import sys
 from pathlib import Path
 
-from speed_ray.config import ConfigError, SpeedRayConfig, load_config, save_config
+from speed_ray.config import SpeedRayConfig, load_config, save_config
 from speed_ray.io import logs, storage
 from speed_ray.io.data import DataError
+from speed_ray.io.settings import ConfigError
 from speed_ray.pipeline import STAGES, stage_module
 
 # Nothing downloads from a model hub at run time (set before any HF library is imported).

@@ -13,8 +13,9 @@ import platform
 import subprocess
 import sys
 
-from speed_ray.config import SpeedRayConfig, local_gpu_count
+from speed_ray.config import SpeedRayConfig
 from speed_ray.io.models import available_offline, cache_dir
+from speed_ray.io.settings import local_gpu_count
 from speed_ray.ray_utils import where
 
 PACKAGES = (

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from speed_ray.config import ConfigError, SpeedRayConfig, TrainResources
+from speed_ray.config import SpeedRayConfig
 from speed_ray.io import logs
+from speed_ray.io.settings import ConfigError, TrainResources
 
 logger = logging.getLogger(__name__)
 

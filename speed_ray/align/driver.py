@@ -29,8 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from speed_ray.config import ALIGN_DATA_COLUMNS, AlignTrainConfig, ConfigError, SpeedRayConfig
-from speed_ray.io.fingerprint import of_config, output_hash, path_hash, run_model_inputs
+from speed_ray.align.config import DATA_COLUMNS as ALIGN_DATA_COLUMNS
+from speed_ray.align.config import AlignTrainConfig
+from speed_ray.config import SpeedRayConfig
+from speed_ray.io.fingerprint import output_hash, path_hash, run_model_inputs
 from speed_ray.io.schemas import (
     GENERATIONS,
     JUDGMENTS,
@@ -42,6 +44,7 @@ from speed_ray.io.schemas import (
     write_json_atomic,
     write_stage,
 )
+from speed_ray.io.settings import ConfigError
 from speed_ray.io.steps import step
 from speed_ray.synth import speed
 from speed_ray.synth.driver import generate_step, sampling_params
@@ -106,7 +109,7 @@ def fingerprint(cfg: SpeedRayConfig, name: str, reads: tuple[str, ...] = ()) -> 
     user_key = USER_KEYS.get(name)
     user_file = getattr(ac, user_key.removeprefix("align.")) if user_key else None
     if user_key and user_file is not None:
-        return of_config(cfg, (user_key,), {user_key: path_hash(user_file)})
+        return cfg.fingerprint((user_key,), {user_key: path_hash(user_file)})
     inputs = {f"align/{r}": output_hash(read_manifest(out / r)) for r in reads}
     if name == "root":
         inputs |= run_model_inputs([ac.generator.model], cfg.run_dir)
@@ -114,7 +117,7 @@ def fingerprint(cfg: SpeedRayConfig, name: str, reads: tuple[str, ...] = ()) -> 
     if name == "tasks" and tax.path is not None and not tax.topics:
         inputs["synth.taxonomy.path"] = path_hash(tax.path)  # the file's topics
     keys = (*KEYS[name], *([user_key] if user_key else []))  # null: switching to a file shows
-    return of_config(cfg, keys, inputs)
+    return cfg.fingerprint(keys, inputs)
 
 
 def train_state(cfg: SpeedRayConfig, name: str) -> tuple[Path, ...]:

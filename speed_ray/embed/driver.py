@@ -19,10 +19,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from speed_ray.config import ConfigError, SpeedRayConfig, embed_finetune
-from speed_ray.io.fingerprint import of_config, output_hash, path_hash
+from speed_ray.config import SpeedRayConfig
+from speed_ray.embed.config import embed_finetune
+from speed_ray.io.fingerprint import output_hash, path_hash
 from speed_ray.io.models import resolve_model
 from speed_ray.io.schemas import finished_manifest, read_manifest, write_json_atomic
+from speed_ray.io.settings import ConfigError
 from speed_ray.io.steps import log, step
 
 # What the model depends on (``speed_ray.io.fingerprint`` leaves out what only places or paces the
@@ -52,7 +54,7 @@ def fingerprint(cfg: SpeedRayConfig) -> dict:
         data = {"synth/train": output_hash(read_manifest(train))}
     else:
         data = {"embed.data.path": path_hash(d.path)}
-    return of_config(cfg, KEYS, data)
+    return cfg.fingerprint(KEYS, data)
 
 
 def training_data(cfg: SpeedRayConfig):

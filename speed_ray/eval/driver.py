@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from speed_ray.config import SpeedRayConfig
+from speed_ray.config import RUNTIME_KEYS, SpeedRayConfig
 from speed_ray.eval.experiments import MAIN_SCORES
 from speed_ray.io.fingerprint import (
-    RUNTIME_KEYS,
     diff,
     fingerprint,
     flatten,

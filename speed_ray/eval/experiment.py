@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from speed_ray.config import ConfigError, SpeedRayConfig, load_config, save_config
+from speed_ray.config import SpeedRayConfig, load_config, save_config
 from speed_ray.eval.html import write_report
 from speed_ray.io.schemas import write_json_atomic
+from speed_ray.io.settings import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def _load(path: str, args: list[str], key: str) -> SpeedRayConfig:
     a run save the same config for it)."""
     from dataclasses import replace
 
-    from speed_ray.config import ExperimentConfig
+    from speed_ray.eval.config import ExperimentConfig
 
     try:
         return replace(load_config(path, args), experiment=ExperimentConfig())

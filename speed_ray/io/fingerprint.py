@@ -2,7 +2,8 @@
 redoes that step (and, through their inputs, the steps after it) instead of reusing stale output.
 
 A fingerprint is ``{"sha256", "config", "inputs"}``: ``config`` holds the dotted config keys the step
-declares (``select`` over ``flatten``ed config, less ``RUNTIME_KEYS``), ``inputs`` the hashes of what
+declares (``select`` over ``flatten``ed config, less the run config's ``RUNTIME_KEYS``: see
+``SpeedRayConfig.fingerprint``), ``inputs`` the hashes of what
 it reads (earlier steps' outputs by ``output_hash``, data files by ``path_hash``). Values are kept, not
 only their hash, so ``diff`` can say what changed (``embed.learning_rate 2e-05 -> 0.0001``). Pure
 functions, no Ray, no model.
@@ -19,58 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from speed_ray.config import ENGINE_KEYS
-
 VERSION = 1
-
-# Engine settings that size, place or pace a pool, or price its calls: never the text it writes.
-ENGINE_RUNTIME = (
-    "num_cpus",
-    "num_gpus",
-    "min_actors",
-    "max_actors",
-    "batch_size",
-    "max_concurrency",
-    "requests_per_second",
-    "timeout_s",
-    "max_retries",
-    "api_key_env",
-    "kv_cache_gib",
-    "enforce_eager",
-    "tensor_parallel_size",
-    "price_per_million_input_tokens",
-    "price_per_million_output_tokens",
-)
-# Keys that change where or how fast a step runs, never its output: no step is stale for them, even
-# one that declares their section. (Workers are not here: workers x batch_size is the global batch.)
-RUNTIME_KEYS = (
-    "run.name",
-    "run.stages",
-    "run.output_dir",
-    "run.ray_address",
-    "run.num_cpus",
-    "run.upload_to",
-    "experiment",
-    "synth.shard_rows",
-    *(f"{engine}.{key}" for engine in ENGINE_KEYS for key in ENGINE_RUNTIME),
-    # the same loss and gradients, computed in other pieces or places
-    "embed.resources.cpus_per_worker",
-    "embed.resources.use_gpu",
-    "embed.chunk_size",
-    "embed.pass_tokens",
-    "embed.cache_frozen",
-    "embed.gradient_checkpointing",
-    "embed.save_steps",
-    "embed.max_failures",
-    "align.resources.cpus_per_worker",
-    "align.resources.use_gpu",
-    "align.gradient_checkpointing",
-    "align.precompute_ref_log_probs",
-    "align.save_steps",
-    "align.max_failures",
-    "eval.batch_size",
-    "eval.cache",
-)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -111,17 +61,6 @@ def fingerprint(config: dict[str, Any], inputs: dict[str, str | None] | None = N
     body = _canonical({"config": config, "inputs": inputs or {}})
     digest = hashlib.sha256(json.dumps({"version": VERSION, **body}, sort_keys=True).encode()).hexdigest()
     return {"sha256": digest, **body}
-
-
-def of_config(
-    cfg: Any,
-    keys: Iterable[str],
-    inputs: dict[str, str | None] | None = None,
-    exclude: Iterable[str] = (),
-) -> dict[str, Any]:
-    """The fingerprint of a step that depends on the config keys under ``keys`` (less
-    ``RUNTIME_KEYS`` and ``exclude``) and on ``inputs``."""
-    return fingerprint(select(flatten(cfg), keys, (*RUNTIME_KEYS, *exclude)), inputs)
 
 
 def _show(value: Any, short: bool = False) -> str:

@@ -28,8 +28,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from speed_ray.config import ConfigError, EngineConfig, SpeedRayConfig
-from speed_ray.io.fingerprint import of_config, output_hash, path_hash, run_model_inputs
+from speed_ray.config import SpeedRayConfig
+from speed_ray.engines.config import EngineConfig
+from speed_ray.io.fingerprint import output_hash, path_hash, run_model_inputs
 from speed_ray.io.models import resolve_model
 from speed_ray.io.schemas import (
     EXAMPLES,
@@ -41,6 +42,7 @@ from speed_ray.io.schemas import (
     read_stage,
     write_stage,
 )
+from speed_ray.io.settings import ConfigError
 from speed_ray.io.shards import ShardedWriter, lay_out, with_shard
 from speed_ray.io.steps import log, pending, remove, step
 from speed_ray.synth import speed
@@ -94,7 +96,7 @@ def fingerprint(
     if engine is not None:
         spec = engine_at(cfg, engine).model
         hashes |= run_model_inputs([spec], cfg.run_dir)
-    return of_config(cfg, (*KEYS[name], *([engine] if engine else [])), hashes)
+    return cfg.fingerprint((*KEYS[name], *([engine] if engine else [])), hashes)
 
 
 def engine_at(cfg: SpeedRayConfig, key: str) -> EngineConfig:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from speed_ray.config import local_gpu_count
 from speed_ray.engines import Request, Sampling
+from speed_ray.io.settings import local_gpu_count
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(local_gpu_count() == 0, reason="needs an NVIDIA GPU")]
 

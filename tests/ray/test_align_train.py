@@ -14,7 +14,8 @@ import pytest
 
 from speed_ray.align.driver import write_dataset
 from speed_ray.align.train import build_trainer, load_data, sft_rows, train_loop
-from speed_ray.config import TrainResources, load_config
+from speed_ray.config import load_config
+from speed_ray.io.settings import TrainResources
 from tests.distributed import registered_checkpoint, train_worker_pids
 
 PROMPTS = ["Name a fruit.", "Name a colour.", "Name a tool.", "Name an animal."]

@@ -68,7 +68,8 @@ def test_a_gpu_pool_on_a_cluster_without_gpus_fails_at_once(ray_session, model_c
     """Ray would wait forever for a GPU actor it cannot place; the pool refuses before it is built."""
     import time
 
-    from speed_ray.config import ConfigError, load_config
+    from speed_ray.config import load_config
+    from speed_ray.io.settings import ConfigError
     from speed_ray.io.shards import lay_out
     from speed_ray.synth.driver import engine_pool
     from tests.conftest import DEBIAN

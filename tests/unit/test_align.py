@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from speed_ray.align.train import deepspeed_config, long_prompts, sft_rows
-from speed_ray.config import ConfigError, load_config
+from speed_ray.config import load_config
 from speed_ray.io.data import read_chat_rows, read_preference_rows
 from speed_ray.io.models import resolve_model
+from speed_ray.io.settings import ConfigError
 
 PROMPT = [{"role": "user", "content": "Write a retrieval example."}]
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from speed_ray.config import ConfigError, SpeedRayConfig, load_config, save_config
+from speed_ray.config import SpeedRayConfig, load_config, save_config
+from speed_ray.io.settings import ConfigError
 from tests.conftest import REPO
 
 
@@ -107,7 +108,7 @@ def test_bad_configs_name_the_key(tmp_path, monkeypatch, text, overrides, messag
 
 
 def test_embed_finetune_auto_is_lora_for_decoders_only():
-    from speed_ray.config import embed_finetune
+    from speed_ray.embed.config import embed_finetune
 
     assert embed_finetune(load_config(None, ["embed.pooling=lasttoken"]).embed) == "lora"
     assert embed_finetune(load_config(None, ["embed.pooling=mean"]).embed) == "full"

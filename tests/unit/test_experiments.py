@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from speed_ray.config import ConfigError, load_config
+from speed_ray.config import load_config
 from speed_ray.eval.experiment import configs
 from speed_ray.eval.experiments import (
     gain_share,
@@ -17,6 +17,7 @@ from speed_ray.eval.experiments import (
     training_table,
     variant_models,
 )
+from speed_ray.io.settings import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "configs" / "experiments"

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from speed_ray.config import load_config
-from speed_ray.io.fingerprint import diff, fingerprint, flatten, of_config, output_hash, select
+from speed_ray.io.fingerprint import diff, fingerprint, flatten, output_hash, select
 from speed_ray.io.schemas import read_manifest, read_stage
 from speed_ray.io.shards import ShardedWriter, lay_out
 from speed_ray.io.steps import pending, step
@@ -107,7 +107,7 @@ def test_output_hash_follows_the_files_or_else_the_whole_manifest():
 
 def test_keys_that_change_no_output_make_no_step_stale(tmp_path):
     base = [f"run.output_dir={tmp_path}"]
-    ref = of_config(load_config(None, base), ["run", "embed", "synth"])
+    ref = load_config(None, base).fingerprint(["run", "embed", "synth"])
     harmless = [
         "run.name=other",
         "run.num_cpus=2",
@@ -121,10 +121,10 @@ def test_keys_that_change_no_output_make_no_step_stale(tmp_path):
     ]
     for change in harmless:
         cfg = load_config(None, [*base, change])
-        assert of_config(cfg, ["run", "embed", "synth"])["sha256"] == ref["sha256"], change
+        assert cfg.fingerprint(["run", "embed", "synth"])["sha256"] == ref["sha256"], change
     for change in ("embed.resources.workers=1", "synth.engine.model=tiny-llama", "run.seed=3"):
         cfg = load_config(None, [*base, change])
-        assert of_config(cfg, ["run", "embed", "synth"])["sha256"] != ref["sha256"], change
+        assert cfg.fingerprint(["run", "embed", "synth"])["sha256"] != ref["sha256"], change
 
 
 def test_embed_and_eval_declare_what_they_depend_on(tmp_path):

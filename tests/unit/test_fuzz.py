@@ -17,9 +17,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from speed_ray.config import ConfigError, SpeedRayConfig, load_config
+from speed_ray.config import SpeedRayConfig, load_config
 from speed_ray.embed.pairs import CropRule, build_pairs, sentence_crops
 from speed_ray.io.schemas import EXAMPLES, cast_rows
+from speed_ray.io.settings import ConfigError
 from speed_ray.synth.parsing import (
     extract_json,
     parse_judgment,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from speed_ray.config import ConfigError, load_config
+from speed_ray.config import load_config
+from speed_ray.io.settings import ConfigError
 from speed_ray.io.storage import check_writable, upload
 from tests.conftest import DEBIAN
 

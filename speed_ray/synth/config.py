@@ -1,0 +1,115 @@
+"""The ``synth.*`` section: topics, task mix, the engines of each step, sampling, dedup, sharding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from speed_ray.engines.config import EngineConfig
+from speed_ray.io.settings import ConfigError, check_positive
+
+TASK_TYPES = ("classification", "sts", "retrieval", "text_matching")
+# Keys that change how fast synth runs, never what it writes (``speed_ray.io.fingerprint``).
+RUNTIME = ("synth.shard_rows",)
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    """SPEED App. B: temperature 1.0 and top_p 1.0 for all synthesis."""
+    top_p: float = 1.0
+    max_tokens: int = 512
+    """Completion budget for one example."""
+    samples_per_prompt: int = 2
+    """Samples per example prompt (k); with k > 1 the judge forms preference pairs."""
+    brainstorm_max_tokens: int = 160
+    judge_max_tokens: int = 256
+    """The judge samples at temperature 0 (SPEED App. B)."""
+    revise_max_tokens: int = 768
+    max_field_chars: int = 800
+    """Upper bound on each generated JSON string field (keeps structured output finite)."""
+
+
+@dataclass
+class TaxonomyConfig:
+    path: str | None = None
+    """A file with one ``A/B/C`` topic path per line (``#`` comments); None: the built-in taxonomy."""
+    topics: list[str] = field(default_factory=list)
+    """Inline topic paths; when given they replace the file."""
+
+
+@dataclass
+class DedupConfig:
+    enabled: bool = True
+    threshold: float = 0.8
+    """MinHash LSH: rows whose estimated Jaccard similarity reaches this are near duplicates."""
+    num_perm: int = 128
+    shingle_size: int = 3
+    """Word n-grams per shingle."""
+
+
+@dataclass
+class SynthConfig:
+    taxonomy: TaxonomyConfig = field(default_factory=TaxonomyConfig)
+    num_topics: int = 4
+    """How many topics to use (the first N after a seeded shuffle); one task per topic (SPEED Table 3)."""
+    mix: dict[str, float] = field(
+        default_factory=lambda: {"classification": 7, "sts": 7, "retrieval": 7, "text_matching": 2}
+    )
+    """Share of topics per task type (SPEED §4.1: 7:7:7:2). Text matching is split evenly into
+    short-short and long-long."""
+    examples_per_task: int = 1
+    """Example prompts per task, each with its own sampled placeholders (scale beyond one per topic)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The generator of the examples."""
+    brainstormer: EngineConfig | None = None
+    """Brainstorms the tasks (SPEED: the teacher); None: the generator."""
+    judge: EngineConfig | None = None
+    """Picks best and worst of the k samples per prompt (SPEED §3.2.3); None: a rule-based score."""
+    reviser: EngineConfig | None = None
+    """Rewrites each example once (SPEED §3.2.4); None: no revision pass."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    shard_rows: int = 256
+    """Input rows per output shard: a killed run keeps finished shards and redoes the rest."""
+
+    def engines(self) -> dict[str, EngineConfig]:
+        """The configured engines by dotted key (brainstormer, judge and reviser are optional)."""
+        engines = {
+            "synth.engine": self.engine,
+            "synth.brainstormer": self.brainstormer,
+            "synth.judge": self.judge,
+            "synth.reviser": self.reviser,
+        }
+        return {k: e for k, e in engines.items() if e is not None}
+
+    def validate(self) -> None:
+        for t, w in self.mix.items():
+            if t not in TASK_TYPES:
+                raise ConfigError(
+                    f"synth.mix.{t}: unknown task type (expected one of {', '.join(TASK_TYPES)})"
+                )
+            if not isinstance(w, int | float) or isinstance(w, bool) or w < 0:
+                raise ConfigError(f"synth.mix.{t}: expected a non-negative number, got {w!r}")
+        if not any(w > 0 for w in self.mix.values()):
+            raise ConfigError("synth.mix: expected at least one task type with a positive share")
+        if not 0.0 < self.dedup.threshold <= 1.0:
+            raise ConfigError(
+                f"synth.dedup.threshold: expected a value in (0, 1], got {self.dedup.threshold}"
+            )
+        if not 0.0 <= self.sampling.top_p <= 1.0:
+            raise ConfigError(f"synth.sampling.top_p: expected a value in [0, 1], got {self.sampling.top_p}")
+        check_positive(
+            {
+                "synth.num_topics": self.num_topics,
+                "synth.sampling.max_tokens": self.sampling.max_tokens,
+                "synth.sampling.samples_per_prompt": self.sampling.samples_per_prompt,
+                "synth.shard_rows": self.shard_rows,
+                "synth.examples_per_task": self.examples_per_task,
+                "synth.dedup.num_perm": self.dedup.num_perm,
+                "synth.dedup.shingle_size": self.dedup.shingle_size,
+            }
+        )
+        tax = self.taxonomy
+        if tax.path is not None and not tax.topics and not Path(tax.path).is_file():
+            raise ConfigError(f"synth.taxonomy.path: file {tax.path} not found")
