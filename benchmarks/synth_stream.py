@@ -85,7 +85,7 @@ def run(rows: int, shard_rows: int, batch_size: int, out_dir: Path) -> dict[str,
     from speed_ray.io.schemas import GENERATIONS, read_manifest
     from speed_ray.ray_utils import init_ray
     from speed_ray.synth import speed
-    from speed_ray.synth.driver import generate_step, sampling_params
+    from speed_ray.synth.stage import generate_step, sampling_params
     from tests.fakes import FakeGenerator
 
     cfg = load_config(

@@ -39,17 +39,12 @@ def requests(n: int, seed: int) -> list[dict[str, Any]]:
     return list(prompt_rows(n, seed))
 
 
-def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+def engine_settings(args: argparse.Namespace) -> Any:
+    """The engine section both sides run with (the pipeline gets it as overrides)."""
+    from speed_ray.engines.config import EngineConfig
     from speed_ray.io.models import resolve_model
 
-    return {
-        "model": resolve_model(args.model),
-        "dtype": args.dtype,
-        "max_model_len": 1536,
-        "kv_cache_gib": args.kv_cache_gib,
-        "enforce_eager": True,
-        "seed": 0,
-    }
+    return EngineConfig(model=resolve_model(args.model), dtype=args.dtype, kv_cache_gib=args.kv_cache_gib)
 
 
 def sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -74,7 +69,8 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
 
     rows = requests(args.prompts, seed=0)
     t0 = time.time()
-    llm = LLM(**llm_kwargs(**engine_settings(args)))
+    eng = engine_settings(args)
+    llm = LLM(**llm_kwargs(eng, eng.model, seed=0))
     ready = time.time()
     arrivals = []
     for i in range(0, len(rows), args.batch_size):
@@ -105,7 +101,7 @@ def run_ray(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(
         None,
         [
-            f"synth.engine.model={s['model']}",
+            f"synth.engine.model={s.model}",
             f"synth.engine.dtype={args.dtype}",
             f"synth.engine.kv_cache_gib={args.kv_cache_gib}",
             f"synth.engine.batch_size={args.batch_size}",
@@ -121,7 +117,7 @@ def run_ray(args: argparse.Namespace) -> dict[str, Any]:
 
 def pool_figures(cfg: Any, files: list[str], args: argparse.Namespace) -> dict[str, Any]:
     from speed_ray.synth import speed
-    from speed_ray.synth.driver import engine_pool
+    from speed_ray.synth.stage import engine_pool
 
     t0 = time.time()
     arrivals = []

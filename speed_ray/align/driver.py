@@ -16,8 +16,8 @@ Steps under ``<run>/align/``:
 - ``revisor/``: the base model fine-tuned (SFT) to produce the teacher's critique and revision.
 
 The senior and revisor folders load in vLLM; synth uses them as ``run:align/senior`` and
-``run:align/revisor``. Model-calling steps go through ``speed_ray.synth.driver.generate_step``
-(resumable shards, token and call accounting); training steps through Ray Train
+``run:align/revisor``. The tasks, samples, judge, pairs and revision steps are synth's loop
+(``speed_ray.synth.loop``), run with the teacher and the junior; training steps go through Ray Train
 (``speed_ray.align.train``), which checkpoints and resumes.
 """
 
@@ -32,14 +32,11 @@ from typing import Any
 from speed_ray.align.config import DATA_COLUMNS as ALIGN_DATA_COLUMNS
 from speed_ray.align.config import AlignTrainConfig
 from speed_ray.config import SpeedRayConfig
-from speed_ray.io.fingerprint import output_hash, path_hash, run_model_inputs
+from speed_ray.io.fingerprint import path_hash
 from speed_ray.io.schemas import (
     GENERATIONS,
-    JUDGMENTS,
     PREFERENCE_PAIRS,
-    TASKS,
     cast_rows,
-    read_manifest,
     read_stage,
     write_json_atomic,
     write_stage,
@@ -47,7 +44,7 @@ from speed_ray.io.schemas import (
 from speed_ray.io.settings import ConfigError
 from speed_ray.io.steps import step
 from speed_ray.synth import speed
-from speed_ray.synth.driver import generate_step, sampling_params
+from speed_ray.synth.loop import Loop
 
 logger = logging.getLogger(__name__)
 
@@ -79,21 +76,19 @@ KEYS = {
         "align.num_topics",
         "synth.mix",
         "synth.sampling.brainstorm_max_tokens",
-        "align.teacher",
         *SAMPLING,
     ),
-    "seed": (*PROMPTS, "align.examples_per_task", "synth.sampling.max_tokens", "align.teacher", *SAMPLING),
+    "seed": (*PROMPTS, "align.examples_per_task", "synth.sampling.max_tokens", *SAMPLING, "align.seed_data"),
     "root": (
         *PROMPTS,
         "align.examples_per_task",
         "align.samples_per_prompt",
         "synth.sampling.max_tokens",
-        "align.generator",
         *SAMPLING,
     ),
-    "judgments": (*PROMPTS, "synth.sampling.judge_max_tokens", "synth.sampling.top_p", "align.teacher"),
-    "pairs": ("align.without_verdict",),
-    "revisions": (*PROMPTS, "synth.sampling.revise_max_tokens", "align.teacher", *SAMPLING),
+    "judgments": (*PROMPTS, "synth.sampling.judge_max_tokens"),
+    "pairs": ("align.without_verdict", "align.pairs_data"),
+    "revisions": (*PROMPTS, "synth.sampling.revise_max_tokens", *SAMPLING, "align.revision_data"),
     "junior": (*TRAINING, "align.model", "align.junior"),
     "senior": (*TRAINING, "align.senior", "align.beta"),  # starts from the junior
     "revisor": (*TRAINING, "align.model", "align.revisor"),
@@ -102,22 +97,14 @@ KEYS = {
 USER_KEYS = {"seed": "align.seed_data", "pairs": "align.pairs_data", "revisions": "align.revision_data"}
 
 
-def fingerprint(cfg: SpeedRayConfig, name: str, reads: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Step ``name``'s fingerprint: its ``KEYS`` (or its user file), the outputs of the steps it
-    ``reads`` and the models of this run it generates with."""
-    out, ac = cfg.run_dir / "align", cfg.align
-    user_key = USER_KEYS.get(name)
-    user_file = getattr(ac, user_key.removeprefix("align.")) if user_key else None
-    if user_key and user_file is not None:
-        return cfg.fingerprint((user_key,), {user_key: path_hash(user_file)})
-    inputs = {f"align/{r}": output_hash(read_manifest(out / r)) for r in reads}
-    if name == "root":
-        inputs |= run_model_inputs([ac.generator.model], cfg.run_dir)
-    tax = cfg.synth.taxonomy
-    if name == "tasks" and tax.path is not None and not tax.topics:
-        inputs["synth.taxonomy.path"] = path_hash(tax.path)  # the file's topics
-    keys = (*KEYS[name], *([user_key] if user_key else []))  # null: switching to a file shows
-    return cfg.fingerprint(keys, inputs)
+def loop(cfg: SpeedRayConfig) -> Loop:
+    return Loop(cfg, "align", KEYS)
+
+
+def user_fingerprint(cfg: SpeedRayConfig, name: str) -> dict[str, Any]:
+    """A step the user's own file replaces depends on that file alone."""
+    key = USER_KEYS[name]
+    return cfg.fingerprint((key,), {key: path_hash(getattr(cfg.align, key.removeprefix("align.")))})
 
 
 def train_state(cfg: SpeedRayConfig, name: str) -> tuple[Path, ...]:
@@ -127,188 +114,82 @@ def train_state(cfg: SpeedRayConfig, name: str) -> tuple[Path, ...]:
 
 
 def run(cfg: SpeedRayConfig) -> dict:
-    out = cfg.run_dir / "align"
-    m: dict[str, Any] = {}
+    lp = loop(cfg)
 
     def trained(name: str, title: str, reads: tuple[str, ...]) -> dict:
-        return step(
-            out / name,
-            f"align/{name} ({title})",
-            lambda: train_step(cfg, name, out),
-            fingerprint(cfg, name, reads),
-            train_state(cfg, name),
-        )
+        fp = lp.fingerprint(name, reads)
+        build = lambda: train_step(cfg, name, lp.out)  # noqa: E731
+        return step(lp.out / name, f"align/{name} ({title})", build, fp, train_state(cfg, name))
 
-    m |= seed_steps(cfg, out)
+    m = seed_steps(cfg, lp)
     m["junior"] = trained("junior", "SFT", ("seed",))
-    m |= pair_steps(cfg, out)
+    m |= pair_steps(cfg, lp)
     m["senior"] = trained("senior", "DPO", ("junior", "pairs"))
-    m |= revision_steps(cfg, out)
+    m |= revision_steps(cfg, lp)
     m["revisor"] = trained("revisor", "SFT", ("revisions",))
     return m
 
 
-def teacher_step(cfg: SpeedRayConfig, name: str, out: Path, rows, schema, parse, max_tokens, **kw) -> dict:
-    """A step whose rows go to the teacher (one output per row)."""
-    s = cfg.synth.sampling
-    temperature = 0.0 if name == "judgments" else s.temperature  # SPEED App. B: the judge at T=0
-    params = sampling_params(max_tokens, temperature, s.top_p, 1)
-    return generate_step(cfg, cfg.align.teacher, out / name, schema, rows, params, parse, **kw)
+def user_data(cfg: SpeedRayConfig, lp: Loop, name: str) -> dict[str, Any] | None:
+    """Step ``name`` from the user's own file, when the config names one."""
+    if getattr(cfg.align, USER_KEYS[name].removeprefix("align.")) is None:
+        return None
+    build = lambda: user_step(cfg, lp.out, name)  # noqa: E731
+    return {name: step(lp.out / name, f"align/{name} (your data)", build, user_fingerprint(cfg, name))}
 
 
-def prompts_rows(cfg: SpeedRayConfig, out: Path) -> list[dict[str, Any]]:
-    """The alignment prompts: one synthesis prompt per valid task (``examples_per_task`` each)."""
-    tasks = read_stage(out / "tasks", TASKS).to_pylist()
-    return speed.example_requests(
-        tasks, cfg.run.seed, cfg.synth.sampling.max_field_chars, cfg.align.examples_per_task
-    )
-
-
-def seed_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
+def seed_steps(cfg: SpeedRayConfig, lp: Loop) -> dict[str, Any]:
     """tasks -> seed: the teacher's own examples, the junior's SFT data (or the user's file)."""
-    ac, sc, seed = cfg.align, cfg.synth, cfg.run.seed
-    if ac.seed_data is not None:
-        return {
-            "seed": step(
-                out / "seed",
-                "align/seed (your data)",
-                lambda: user_step(cfg, out, "seed"),
-                fingerprint(cfg, "seed"),
-            )
-        }
+    ac, sc = cfg.align, cfg.synth
+    mine = user_data(cfg, lp, "seed")
+    if mine is not None:
+        return mine
     try:
+        seed = speed.stable_seed(cfg.run.seed, "align")
         topics = speed.load_topics(
-            sc.taxonomy.path,
-            sc.taxonomy.topics,
-            ac.num_topics,
-            speed.stable_seed(seed, "align"),
-            key="align.num_topics",
+            sc.taxonomy.path, sc.taxonomy.topics, ac.num_topics, seed, key="align.num_topics"
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
     logger.info(f"align: {len(topics)} topics, teacher {ac.teacher.kind}:{ac.teacher.model}, base {ac.model}")
-
-    def tasks() -> dict:
-        rows = speed.task_requests(topics, sc.mix, seed, sc.sampling.max_field_chars)
-        return teacher_step(
-            cfg,
-            "tasks",
-            out,
-            rows,
-            TASKS,
-            speed.parse_tasks,
-            sc.sampling.brainstorm_max_tokens,
-            ready=speed.is_sts,
-            ready_parse=speed.sts_tasks,
-        )
-
-    def seed_data() -> dict:
-        rows = prompts_rows(cfg, out)
-        return teacher_step(
-            cfg, "seed", out, rows, GENERATIONS, speed.parse_generations, sc.sampling.max_tokens
-        )
-
-    tasks_done = step(out / "tasks", "align/tasks (teacher)", tasks, fingerprint(cfg, "tasks"))
     return {
-        "tasks": tasks_done,
-        "seed": step(out / "seed", "align/seed (teacher)", seed_data, fingerprint(cfg, "seed", ("tasks",))),
+        "tasks": lp.tasks(topics, "align.teacher", "teacher"),
+        "seed": lp.samples("seed", "align.teacher", ac.examples_per_task, 1, "teacher"),
     }
 
 
-def pair_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
+def pair_steps(cfg: SpeedRayConfig, lp: Loop) -> dict[str, Any]:
     """root -> judgments -> pairs: the junior's k outputs per prompt ranked by the teacher (D_DPO)."""
-    ac, s = cfg.align, cfg.synth.sampling
-    if ac.pairs_data is not None:
-        return {
-            "pairs": step(
-                out / "pairs",
-                "align/pairs (your data)",
-                lambda: user_step(cfg, out, "pairs"),
-                fingerprint(cfg, "pairs"),
-            )
-        }
-    if not (out / "tasks").is_dir():
+    ac = cfg.align
+    mine = user_data(cfg, lp, "pairs")
+    if mine is not None:
+        return mine
+    if not (lp.out / "tasks").is_dir():
         raise ConfigError(
             "align.pairs_data: the junior's prompts come from align/tasks, which align.seed_data skips; "
             "give align.pairs_data too (or drop align.seed_data)"
         )
-
-    def root() -> dict:
-        params = sampling_params(s.max_tokens, s.temperature, s.top_p, ac.samples_per_prompt)
-        rows = prompts_rows(cfg, out)
-        return generate_step(
-            cfg, ac.generator, out / "root", GENERATIONS, rows, params, speed.parse_generations
-        )
-
-    m = {
-        "root": step(out / "root", "align/root (junior samples)", root, fingerprint(cfg, "root", ("tasks",)))
+    advice = "raise align.num_topics, or set align.without_verdict: rule for a weak judge"
+    return {
+        "root": lp.samples(
+            "root", "align.generator", ac.examples_per_task, ac.samples_per_prompt, "junior samples"
+        ),
+        "judgments": lp.judge("root", "align.teacher", "teacher"),
+        "pairs": lp.pairs("root", judged=True, fallback=ac.without_verdict == "rule", empty=advice),
     }
-    groups = speed.group_samples(read_stage(out / "root", GENERATIONS))
-
-    def judgments() -> dict:
-        rows = speed.judge_requests(groups, cfg.run.seed, s.max_field_chars)
-        return teacher_step(cfg, "judgments", out, rows, JUDGMENTS, speed.parse_judgments, s.judge_max_tokens)
-
-    def pairs() -> dict:
-        started = time.time()
-        table, dropped = speed.preference_pairs(
-            groups, read_stage(out / "judgments", JUDGMENTS), fallback=ac.without_verdict == "rule"
-        )
-        judged = sum(r.startswith("judge: ") for r in table["reason"].to_pylist())
-        extra = {
-            "rows_in": len(groups),
-            "judged": judged,
-            "rule_scored": table.num_rows - judged,
-            "dropped": dropped,
-        }
-        if table.num_rows == 0:
-            raise ConfigError(
-                f"align/pairs: no preference pair from {len(groups)} prompts (dropped: {dropped}); "
-                "raise align.num_topics, or set align.without_verdict: rule for a weak judge"
-            )
-        return write_stage(out / "pairs", [table], PREFERENCE_PAIRS, extra, started)
-
-    m["judgments"] = step(
-        out / "judgments", "align/judgments (teacher)", judgments, fingerprint(cfg, "judgments", ("root",))
-    )
-    m["pairs"] = step(out / "pairs", "align/pairs", pairs, fingerprint(cfg, "pairs", ("root", "judgments")))
-    return m
 
 
-def revision_steps(cfg: SpeedRayConfig, out: Path) -> dict[str, Any]:
+def revision_steps(cfg: SpeedRayConfig, lp: Loop) -> dict[str, Any]:
     """revisions: the teacher's critique and rewrite of one junior output per prompt (D_re)."""
-    ac, s = cfg.align, cfg.synth.sampling
-    if ac.revision_data is not None:
-        return {
-            "revisions": step(
-                out / "revisions",
-                "align/revisions (your data)",
-                lambda: user_step(cfg, out, "revisions"),
-                fingerprint(cfg, "revisions"),
-            )
-        }
-    if not (out / "root").is_dir():
+    mine = user_data(cfg, lp, "revisions")
+    if mine is not None:
+        return mine
+    if not (lp.out / "root").is_dir():
         raise ConfigError(
             "align.revision_data: revisions rewrite the junior's outputs in align/root, which "
             "align.pairs_data skips; give align.revision_data too"
         )
-
-    def revisions() -> dict:
-        groups = speed.group_samples(read_stage(out / "root", GENERATIONS))
-        drafts = speed.pick_drafts(groups).to_pylist()  # the first valid output of each prompt
-        rows = speed.revise_requests(drafts, cfg.run.seed, s.max_field_chars)
-        return teacher_step(
-            cfg, "revisions", out, rows, GENERATIONS, speed.parse_revisions, s.revise_max_tokens
-        )
-
-    return {
-        "revisions": step(
-            out / "revisions",
-            "align/revisions (teacher)",
-            revisions,
-            fingerprint(cfg, "revisions", ("root",)),
-        )
-    }
+    return {"revisions": lp.revise("root", "align.teacher", "teacher")}
 
 
 # User data replacing a teacher step: file key, columns, schema of the step's folder (preference

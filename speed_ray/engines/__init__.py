@@ -9,7 +9,10 @@ about Ray.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from speed_ray.engines.config import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -44,17 +47,19 @@ class Generator(Protocol):
     def generate(self, requests: list[Request], sampling: Sampling) -> list[list[Completion]]: ...
 
 
-def build_generator(kind: str, **kwargs: Any) -> Generator:
-    if kind == "vllm":
+def build_generator(config: EngineConfig, model: str, seed: int = 0) -> Generator:
+    """The engine of ``config.kind`` for ``model`` (a resolved local folder, or a server's model
+    name), built by the engine class from the settings it reads (``from_config``)."""
+    if config.kind == "vllm":
         from speed_ray.engines.vllm_engine import VllmGenerator
 
-        return VllmGenerator(**kwargs)
-    if kind == "transformers":
+        return VllmGenerator.from_config(config, model, seed)
+    if config.kind == "transformers":
         from speed_ray.engines.hf_engine import HFGenerator
 
-        return HFGenerator(**kwargs)
-    if kind == "openai":
+        return HFGenerator.from_config(config, model, seed)
+    if config.kind == "openai":
         from speed_ray.engines.openai_http import OpenAIGenerator
 
-        return OpenAIGenerator(**kwargs)
-    raise ValueError(f"unknown engine kind {kind!r}; expected 'vllm', 'transformers' or 'openai'")
+        return OpenAIGenerator.from_config(config, model, seed)
+    raise ValueError(f"unknown engine kind {config.kind!r}; expected 'vllm', 'transformers' or 'openai'")

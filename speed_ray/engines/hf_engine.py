@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from speed_ray.engines import Completion, Request, Sampling
+from speed_ray.engines.config import EngineConfig
 
 
 class HFGenerator:
@@ -23,7 +24,17 @@ class HFGenerator:
         seed: Accepted so one engine config builds every engine; each request carries its own seed.
     """
 
-    def __init__(self, model: str, dtype: str = "float32", max_model_len: int = 1536, seed: int = 0) -> None:
+    @classmethod
+    def from_config(cls, config: EngineConfig, model: str, seed: int = 0) -> HFGenerator:
+        return cls(model, config.dtype, config.max_model_len, seed)
+
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "float32",
+        max_model_len: int = EngineConfig.max_model_len,
+        seed: int = 0,
+    ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.name = model

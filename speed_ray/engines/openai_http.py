@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from speed_ray.engines import Completion, Request, Sampling
+from speed_ray.engines.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -89,16 +90,31 @@ class OpenAIGenerator:
             own seed, and that is what the server gets.
     """
 
+    @classmethod
+    def from_config(cls, config: EngineConfig, model: str, seed: int = 0) -> OpenAIGenerator:
+        """From the config's own fields only: the key is read from ``api_key_env``, never stored."""
+        assert config.base_url is not None, "checked by EngineConfig.validate"
+        return cls(
+            model,
+            config.base_url,
+            config.api_key_env,
+            config.timeout_s,
+            config.max_retries,
+            max_concurrency=config.max_concurrency,
+            requests_per_second=config.requests_per_second,
+            seed=seed,
+        )
+
     def __init__(
         self,
         model: str,
         base_url: str,
         api_key_env: str | None = None,
-        timeout_s: float = 60.0,
-        max_retries: int = 4,
+        timeout_s: float = EngineConfig.timeout_s,
+        max_retries: int = EngineConfig.max_retries,
         backoff_s: float = 1.0,
-        max_concurrency: int = 8,
-        requests_per_second: float = 0.0,
+        max_concurrency: int = EngineConfig.max_concurrency,
+        requests_per_second: float = EngineConfig.requests_per_second,
         structured_output: bool = True,
         seed: int = 0,
     ) -> None:

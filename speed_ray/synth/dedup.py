@@ -337,12 +337,7 @@ def dedup(
         fn_kwargs={"threshold": threshold, "bands": bands, "rows": rows},
     )
     # [3] Driver: union-find over the edge list, streamed batch by batch.
-    uf, id_type = UnionFind(), None
-    for batch in pairs.iter_batches(batch_format="pyarrow", batch_size=None):
-        id_type = batch.schema.field("a").type
-        for x, y in zip(batch.column("a").to_pylist(), batch.column("b").to_pylist(), strict=True):
-            uf.union(x, y)
-    removed = {x: uf.find(x) for x in list(uf.parent) if uf.find(x) != x}
+    removed, id_type = removed_ids(pairs.iter_batches(batch_format="pyarrow", batch_size=None))
     # [4] Ray Data: drop the removed ids; the id list travels in the task's fn_kwargs.
     kept = ds
     if removed:
@@ -353,15 +348,18 @@ def dedup(
             fn_kwargs={"id_column": id_column, "removed": pa.array(sorted(removed), id_type)},
         )
     input_rows = ds.count()
-    stats = {
-        "input_rows": input_rows,
-        "removed": len(removed),
-        "kept": input_rows - len(removed),
-        "threshold": threshold,
-        "num_perm": num_perm,
-        "bands": bands,
-        "rows_per_band": rows,
-        "shingle_size": shingle_size,
-        "duplicate_groups": len(set(removed.values())),
-    }
+    params = {"threshold": threshold, "num_perm": num_perm, "bands": bands, "rows_per_band": rows}
+    stats = {"input_rows": input_rows, "removed": len(removed), "kept": input_rows - len(removed)}
+    stats |= params | {"shingle_size": shingle_size, "duplicate_groups": len(set(removed.values()))}
     return kept, stats, removed
+
+
+def removed_ids(edges: Iterable[pa.Table]) -> tuple[dict[Any, Any], Any]:
+    """Union-find over batches of ``(a, b)`` edges: each removed id -> the id kept for its group
+    (the smallest), and the ids' Arrow type."""
+    uf, id_type = UnionFind(), None
+    for batch in edges:
+        id_type = batch.schema.field("a").type
+        for x, y in zip(batch.column("a").to_pylist(), batch.column("b").to_pylist(), strict=True):
+            uf.union(x, y)
+    return {x: uf.find(x) for x in list(uf.parent) if uf.find(x) != x}, id_type

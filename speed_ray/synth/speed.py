@@ -1,5 +1,6 @@
 """Pure logic of the synth stage: request rows, parsing of generated batches, example selection and
-preference pairs. No Ray, no model: the Ray side is ``speed_ray.synth.driver``.
+preference pairs. No Ray, no model: the Ray side is ``speed_ray.synth.loop`` and
+``speed_ray.synth.driver``.
 
 Row ids and seeds are hashes of (run seed, round, inputs), so a rerun builds the same rows.
 """

@@ -141,7 +141,7 @@ def test_the_engine_pool_grows_onto_new_gpu_nodes_and_survives_losing_one(cloud,
     from speed_ray.config import load_config
     from speed_ray.io.schemas import GENERATIONS
     from speed_ray.synth import speed
-    from speed_ray.synth.driver import generate_step, sampling_params
+    from speed_ray.synth.stage import generate_step, sampling_params
     from tests.conftest import DEBIAN
     from tests.fakes import FakeGenerator
 

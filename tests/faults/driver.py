@@ -27,7 +27,7 @@ def generate(out: Path, rows: int, generator, shard_rows: int = 10) -> dict:
     from speed_ray.config import load_config
     from speed_ray.io.schemas import GENERATIONS
     from speed_ray.synth import speed
-    from speed_ray.synth.driver import generate_step, sampling_params
+    from speed_ray.synth.stage import generate_step, sampling_params
 
     cfg = load_config(
         None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from speed_ray.engines import Request, Sampling, build_generator
+from speed_ray.engines.config import EngineConfig
 from tests.engine_contract import chat, seeded_rows_do_not_depend_on_their_batch
 
 
@@ -48,5 +49,5 @@ def test_max_tokens_is_cut_to_the_model_length(tiny_llama):
 
 
 def test_build_generator_knows_the_transformers_kind(tiny_llama):
-    gen = build_generator("transformers", model=tiny_llama)
+    gen = build_generator(EngineConfig(kind="transformers"), tiny_llama)
     assert gen.name == tiny_llama

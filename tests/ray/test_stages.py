@@ -23,7 +23,7 @@ def example_rows():
 
 def test_stage_called_directly():
     rows = example_rows()
-    stage = GenerateStage(engine={}, sampling=SAMPLING, generator=FakeGenerator())
+    stage = GenerateStage(engine=None, sampling=SAMPLING, generator=FakeGenerator())
     out = stage(pa.Table.from_pylist(rows))
     assert out.num_rows == 2 * len(rows)  # one row per sample
     assert set(GenerateStage.OUTPUT_COLUMNS) <= set(out.column_names)
@@ -35,7 +35,7 @@ def test_stage_called_directly():
 
 
 def test_stage_rejects_missing_columns():
-    stage = GenerateStage(engine={}, sampling=SAMPLING, generator=FakeGenerator())
+    stage = GenerateStage(engine=None, sampling=SAMPLING, generator=FakeGenerator())
     with pytest.raises(
         ValueError, match=r"lacks the columns json_schema \(JSON schema.*\), seed \(per-row sampling seed\)"
     ):
@@ -71,7 +71,7 @@ def test_a_gpu_pool_on_a_cluster_without_gpus_fails_at_once(ray_session, model_c
     from speed_ray.config import load_config
     from speed_ray.io.settings import ConfigError
     from speed_ray.io.shards import lay_out
-    from speed_ray.synth.driver import engine_pool
+    from speed_ray.synth.stage import engine_pool
     from tests.conftest import DEBIAN
 
     overrides = ["run.ray_address=auto", "synth.engine.model=tiny-llama", "synth.engine.num_gpus=1"]

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from speed_ray.engines import Request, Sampling, build_generator
+from speed_ray.engines.config import EngineConfig
 from speed_ray.engines.openai_http import EngineUnreachable, OpenAIGenerator
 from tests.fakes import FakeServer, expected_text
 
@@ -206,7 +207,7 @@ def test_check_reachable_names_the_url_and_cause_of_a_closed_port():
 
 
 def test_build_generator_knows_the_openai_kind(server):
-    gen = build_generator("openai", model="fake-model", base_url=server.url)
+    gen = build_generator(EngineConfig(kind="openai", base_url=server.url), "fake-model")
     assert isinstance(gen, OpenAIGenerator) and gen.name == "fake-model"
     with pytest.raises(ValueError, match="'vllm', 'transformers' or 'openai'"):
-        build_generator("llamacpp")
+        build_generator(EngineConfig(kind="llamacpp"), "m")
