@@ -15,8 +15,15 @@ from typing import Any
 
 from speed_ray.config import SpeedRayConfig
 from speed_ray.eval.html import write_report
-from speed_ray.io.schemas import EXAMPLES, GENERATIONS, JUDGMENTS, TASKS, read_manifest, read_stage
-from speed_ray.synth.speed import error_kind
+from speed_ray.io.schemas import (
+    EXAMPLES,
+    GENERATIONS,
+    JUDGMENTS,
+    TASKS,
+    error_kind,
+    read_manifest,
+    read_stage,
+)
 
 logger = logging.getLogger(__name__)
 
