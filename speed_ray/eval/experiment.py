@@ -192,7 +192,7 @@ def render(cfg: SpeedRayConfig, result: dict[str, Any], trained: dict[str, dict[
         series_points,
         training_table,
     )
-    from speed_ray.eval.report import eval_lines
+    from speed_ray.eval.report_eval import layer_lines
 
     ex, out = cfg.experiment, cfg.run_dir
     lines = [f"# {ex.title or cfg.run.name}", ""]
@@ -218,8 +218,8 @@ def render(cfg: SpeedRayConfig, result: dict[str, Any], trained: dict[str, dict[
         ]
         if ev.get("layers"):
             png = os.path.relpath(Path(result["eval_dirs"][name]) / "eval" / "layers.png", out)
-            layer_lines = eval_lines({"tasks": {}, "scores": {}, "layers": ev["layers"]})
-            lines += [line.replace("(eval/layers.png)", f"({png})") for line in layer_lines] + [""]
+            lines += [line.replace("(eval/layers.png)", f"({png})") for line in layer_lines(ev["layers"])]
+            lines += [""]
     if result["curves"]:
         plot_curves(result["curves"], result["curve_tasks"], ex.title or cfg.run.name, out / "curves.png")
         lines += ["## Score against training step", ""]
