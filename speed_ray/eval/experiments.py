@@ -1,5 +1,5 @@
 """Experiments: several training runs of one config (variants), scored side by side by the eval stage,
-written up as a markdown section with plots. Pure functions; ``pipeline/experiment.py`` drives them.
+written up as a markdown section with plots. Pure functions; ``eval/experiment.py`` drives them.
 
 An experiment config is a run config plus an ``experiment`` section:
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -125,6 +126,13 @@ PREFERENCE_PAIRS = pa.schema(
         pa.field("reason", pa.string()),
     ]
 )
+
+
+def error_kind(error: str) -> str:
+    """The kind of an ``error`` (the column of TASKS, GENERATIONS and JUDGMENTS): its first words,
+    without the details (``invalid JSON``, ``best and worst are the same output``, ``missing or empty
+    field``)."""
+    return re.sub(r"\s*\(.*$", "", error.split(":")[0].split("'")[0]).strip()
 
 
 def assistant(text: str) -> list[dict[str, str]]:

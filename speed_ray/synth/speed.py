@@ -11,7 +11,6 @@ import hashlib
 import itertools
 import json
 import random
-import re
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -26,6 +25,7 @@ from speed_ray.io.schemas import (
     TRIPLETS,
     assistant,
     cast_rows,
+    error_kind,
 )
 from speed_ray.synth import prompts
 from speed_ray.synth.parsing import parse_judgment, parse_revision, parse_task_list, to_triplet
@@ -341,12 +341,6 @@ def quality_score(row: dict[str, Any]) -> float:
         row["negative"] is None or row["negative"].strip().lower() != row["positive"].strip().lower()
     )
     return score
-
-
-def error_kind(error: str) -> str:
-    """An error's kind: its first words, without the details (``invalid JSON``, ``best and worst are
-    the same output``, ``missing or empty field``)."""
-    return re.sub(r"\s*\(.*$", "", error.split(":")[0].split("'")[0]).strip()
 
 
 def preference_pairs(

@@ -149,7 +149,7 @@ def test_long_prompts_counted_with_the_models_chat_template(tiny_llama):
 
 
 def test_align_report_counts_drops_and_budget(tmp_path):
-    from speed_ray.eval.report import align_lines
+    from speed_ray.eval.report_align import align_lines
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}"])
     acc = {"calls": 50, "errors": 5, "input_tokens": 20_000, "output_tokens": 5_000}

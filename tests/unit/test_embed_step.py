@@ -150,7 +150,7 @@ def test_corpus_pairs_are_cropped_anew_each_epoch():
 
 
 def test_report_lines_and_plot_for_the_embedding_model(tmp_path):
-    from speed_ray.eval.report import embed_lines, plot_embed
+    from speed_ray.eval.report_training import embed_lines, plot_embed
 
     hist = [
         {"step": s, "loss": 2.0 / s, "accuracy": 0.25 * s, "grad_norm": 1.5, "examples_per_s": e}

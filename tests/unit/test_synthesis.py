@@ -236,7 +236,7 @@ def test_revision_requests_and_final_rows():
 
 
 def test_degenerate_rows_are_counted_by_kind():
-    from speed_ray.eval.report import degenerate_rows
+    from speed_ray.eval.report_synth import degenerate_rows
 
     rows = [
         {"query": "S1", "positive": "S2", "negative": "S3"},  # a placeholder query
