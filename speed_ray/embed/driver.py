@@ -60,10 +60,10 @@ def fingerprint(cfg: SpeedRayConfig) -> dict:
 def training_data(cfg: SpeedRayConfig):
     """(data, info): what the trainer draws its batches from (``train.embed.Rows`` or
     ``CorpusPairs``), from ``embed.data.source``, and what was made of the input."""
-    from speed_ray.embed.model import split_query
     from speed_ray.embed.pairs import CropRule, build_pairs
     from speed_ray.embed.train import CorpusPairs, Rows
     from speed_ray.io.data import locate, nested_sample, read_corpus, read_pairs
+    from speed_ray.io.schemas import split_query
 
     d = cfg.embed.data
     if d.source in ("synth", "pairs"):

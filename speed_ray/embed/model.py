@@ -15,22 +15,7 @@ from typing import Any
 
 import torch
 
-
-def query_prefix(instruction: str) -> str:
-    return f"Instruct: {instruction}\nQuery: "
-
-
-def instructed_query(instruction: str | None, query: str) -> str:
-    """``Instruct: {instruction}\nQuery: {query}`` (SPEED/E5); the bare query without an instruction."""
-    return query_prefix(instruction) + query if instruction else query
-
-
-def split_query(text: str) -> tuple[str | None, str]:
-    """(instruction, query) of an ``instructed_query`` text; (None, text) for a text without one."""
-    head, sep, query = text.partition("\nQuery: ")
-    if sep and head.startswith("Instruct: ") and len(head) > len("Instruct: "):
-        return head.removeprefix("Instruct: "), query
-    return None, text
+from speed_ray.io.schemas import instructed_query, query_prefix
 
 
 def format_query(instruction: str | None, query: str, pooling: str) -> str:

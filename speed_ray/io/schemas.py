@@ -135,6 +135,27 @@ def error_kind(error: str) -> str:
     return re.sub(r"\s*\(.*$", "", error.split(":")[0].split("'")[0]).strip()
 
 
+# The anchor of a training row and a decoder's query (SPEED/E5 §3.3): the task instruction, then the
+# query; documents carry none.
+
+
+def query_prefix(instruction: str) -> str:
+    return f"Instruct: {instruction}\nQuery: "
+
+
+def instructed_query(instruction: str | None, query: str) -> str:
+    """``Instruct: {instruction}\nQuery: {query}`` (SPEED/E5); the bare query without an instruction."""
+    return query_prefix(instruction) + query if instruction else query
+
+
+def split_query(text: str) -> tuple[str | None, str]:
+    """(instruction, query) of an ``instructed_query`` text; (None, text) for a text without one."""
+    head, sep, query = text.partition("\nQuery: ")
+    if sep and head.startswith("Instruct: ") and len(head) > len("Instruct: "):
+        return head.removeprefix("Instruct: "), query
+    return None, text
+
+
 def assistant(text: str) -> list[dict[str, str]]:
     """A completion as TRL's conversational datasets hold it: one assistant message."""
     return [{"role": "assistant", "content": text}]

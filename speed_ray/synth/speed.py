@@ -310,7 +310,7 @@ def training_triplets(examples: pa.Table) -> pa.Table:
     """The embedding training set (TRIPLETS), one row per example: the anchor is the query with its
     task instruction as SPEED and E5 train it (``Instruct: {instruction}\nQuery: {query}``), the
     negative '' where the example has none."""
-    from speed_ray.embed.model import instructed_query
+    from speed_ray.io.schemas import instructed_query
 
     out = [
         {

@@ -140,7 +140,8 @@ def test_training_on_another_runs_synthetic_rows_and_a_sample_of_them(tmp_path):
 
 
 def test_an_instructed_query_splits_back_into_its_instruction_and_query():
-    from speed_ray.embed.model import format_query, instructed_query, split_query
+    from speed_ray.embed.model import format_query
+    from speed_ray.io.schemas import instructed_query, split_query
 
     text = instructed_query("Find the package", "resize images\nfast")
     assert text == "Instruct: Find the package\nQuery: resize images\nfast"

@@ -149,8 +149,9 @@ def test_the_embeddings_cache_answers_a_second_run_without_the_model(tmp_path, t
 
 
 def test_models_keep_their_saved_prompts_and_others_get_the_configured_one(tmp_path, tiny_llama):
-    from speed_ray.embed.model import build_model, query_prefix
+    from speed_ray.embed.model import build_model
     from speed_ray.eval.models import load_model, parse_model
+    from speed_ray.io.schemas import query_prefix
 
     saved = build_model(tiny_llama, "lasttoken", 32)
     saved.prompts = {"query": query_prefix("Find the package"), "document": ""}
