@@ -130,9 +130,14 @@ def run(cfg: SpeedRayConfig) -> dict:
     return m
 
 
-def user_data(cfg: SpeedRayConfig, lp: Loop, name: str) -> dict[str, Any] | None:
-    """Step ``name`` from the user's own file, when the config names one."""
+def user_data(
+    cfg: SpeedRayConfig, lp: Loop, name: str, needs: str = "", why: str = ""
+) -> dict[str, Any] | None:
+    """Step ``name`` from the user's own file, when the config names one. Otherwise the loop makes
+    it from step ``needs``, which an earlier user file may have skipped: ``why`` says so."""
     if getattr(cfg.align, USER_KEYS[name].removeprefix("align.")) is None:
+        if needs and not (lp.out / needs).is_dir():
+            raise ConfigError(f"{USER_KEYS[name]}: {why}")
         return None
     build = lambda: user_step(cfg, lp.out, name)  # noqa: E731
     return {name: step(lp.out / name, f"align/{name} (your data)", build, user_fingerprint(cfg, name))}
@@ -161,14 +166,13 @@ def seed_steps(cfg: SpeedRayConfig, lp: Loop) -> dict[str, Any]:
 def pair_steps(cfg: SpeedRayConfig, lp: Loop) -> dict[str, Any]:
     """root -> judgments -> pairs: the junior's k outputs per prompt ranked by the teacher (D_DPO)."""
     ac = cfg.align
-    mine = user_data(cfg, lp, "pairs")
+    why = (
+        "the junior's prompts come from align/tasks, which align.seed_data skips; "
+        "give align.pairs_data too (or drop align.seed_data)"
+    )
+    mine = user_data(cfg, lp, "pairs", "tasks", why)
     if mine is not None:
         return mine
-    if not (lp.out / "tasks").is_dir():
-        raise ConfigError(
-            "align.pairs_data: the junior's prompts come from align/tasks, which align.seed_data skips; "
-            "give align.pairs_data too (or drop align.seed_data)"
-        )
     advice = "raise align.num_topics, or set align.without_verdict: rule for a weak judge"
     return {
         "root": lp.samples(
@@ -181,15 +185,12 @@ def pair_steps(cfg: SpeedRayConfig, lp: Loop) -> dict[str, Any]:
 
 def revision_steps(cfg: SpeedRayConfig, lp: Loop) -> dict[str, Any]:
     """revisions: the teacher's critique and rewrite of one junior output per prompt (D_re)."""
-    mine = user_data(cfg, lp, "revisions")
-    if mine is not None:
-        return mine
-    if not (lp.out / "root").is_dir():
-        raise ConfigError(
-            "align.revision_data: revisions rewrite the junior's outputs in align/root, which "
-            "align.pairs_data skips; give align.revision_data too"
-        )
-    return {"revisions": lp.revise("root", "align.teacher", "teacher")}
+    why = (
+        "revisions rewrite the junior's outputs in align/root, which align.pairs_data skips; "
+        "give align.revision_data too"
+    )
+    mine = user_data(cfg, lp, "revisions", "root", why)
+    return mine if mine is not None else {"revisions": lp.revise("root", "align.teacher", "teacher")}
 
 
 # User data replacing a teacher step: file key, columns, schema of the step's folder (preference
