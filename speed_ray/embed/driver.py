@@ -61,7 +61,7 @@ def training_data(cfg: SpeedRayConfig):
     """(data, info): what the trainer draws its batches from (``train.embed.Rows`` or
     ``CorpusPairs``), from ``embed.data.source``, and what was made of the input."""
     from speed_ray.embed.model import split_query
-    from speed_ray.embed.pairs import CropRule, build_pairs
+    from speed_ray.embed.pairs import build_pairs
     from speed_ray.embed.train import CorpusPairs, Rows
     from speed_ray.io.data import locate, nested_sample, read_corpus, read_pairs
 
@@ -84,11 +84,11 @@ def training_data(cfg: SpeedRayConfig):
             log(f"embed: {len(kept)} of {len(rows)} synthetic rows from {path}")
         where = str(path) if d.source == "synth" else d.path
         return Rows(kept), {"source": d.source, "path": where, "rows_available": len(rows)}
-    rule = CropRule(d.crop_min_chars, d.crop_max_chars, d.sentences_per_crop, d.min_crops)
+    rule = d.crop_rule()
     docs = read_corpus(locate(str(d.path)))
     held_out = 0
     if d.holdout_fraction:
-        from speed_ray.eval.tasks import holdout_ids
+        from speed_ray.io.data import holdout_ids
 
         test = holdout_ids([doc["id"] for doc in docs], d.holdout_fraction, d.holdout_seed)
         docs = [doc for doc in docs if doc["id"] not in test]

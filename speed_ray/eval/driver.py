@@ -134,13 +134,12 @@ def task_specs(cfg: SpeedRayConfig) -> list[TaskSpec]:
     """The configured tasks, data read and checked now (before any model loads)."""
     from speed_ray.eval.tasks import (
         clustering_task,
-        holdout_ids,
         knn_task,
         named_tasks,
         retrieval_task,
         sample_rows,
     )
-    from speed_ray.io.data import locate, read_beir, read_labelled, verify_checksums
+    from speed_ray.io.data import holdout_ids, locate, read_beir, read_labelled, verify_checksums
 
     ev = cfg.eval
     specs: list[TaskSpec] = []

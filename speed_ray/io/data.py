@@ -302,6 +302,15 @@ def nested_sample(rows: list[Any], n: int, seed: int) -> list[Any]:
     return [rows[i] for i in sorted(order[:n])]
 
 
+def holdout_ids(ids: list[str], fraction: float, seed: int) -> set[str]:
+    """The held-out ``fraction`` of ``ids``, by a seeded shuffle of the whole list: the same file and
+    seed give the same split for training (``embed.data.holdout_fraction``) and for eval's kNN task
+    (``split: holdout``)."""
+    order = sorted(set(ids))
+    random.Random(f"holdout-{seed}").shuffle(order)  # its own stream: independent of sample_rows
+    return set(order[: round(fraction * len(order))])
+
+
 def read_chat_rows(path: Path, text_keys: tuple[str, ...]) -> list[dict[str, Any]]:
     """A user's alignment data: ``messages`` (a chat prompt: a list of ``{role, content}`` objects, or
     its JSON) plus the non-empty string columns ``text_keys``; ``messages`` comes back as JSON."""
