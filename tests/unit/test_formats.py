@@ -267,9 +267,9 @@ def test_users_preference_pairs_in_trls_format_or_the_earlier_one(tmp_path):
 def test_model_card_is_sentence_transformers_own_and_gets_the_eval_scores(tmp_path, tiny_llama, beir_tiny):
     from sentence_transformers import SentenceTransformer
 
-    from speed_ray.embed.driver import card_info, loop_config
+    from speed_ray.embed.driver import card_info, train_settings
+    from speed_ray.embed.export import export
     from speed_ray.embed.model import build_model
-    from speed_ray.embed.train import export
     from speed_ray.eval import driver as evaluate
     from speed_ray.io.schemas import write_json_atomic
 
@@ -290,12 +290,12 @@ def test_model_card_is_sentence_transformers_own_and_gets_the_eval_scores(tmp_pa
         ],
     )
     data = {"source": "synth", "path": str(tmp_path / "synth-run" / "synth" / "train"), "rows_available": 8}
-    config = loop_config(cfg, 1) | {"model_card": card_info(cfg, data, 8, 1)}
+    config = train_settings(cfg, 1, card_info(cfg, data, 8, 1))
     history = [{"step": 1, "epoch": 0, "loss": 2.5}, {"step": 2, "epoch": 0, "loss": 1.25}]
     out = cfg.run_dir / "embed" / "model"
     state = build_model(tiny_llama, "lasttoken", 40).state_dict()
     export(state, config, str(out), history)  # what a training worker exports
-    write_json_atomic(out / "_manifest.json", {"model_card": config["model_card"], "history": history})
+    write_json_atomic(out / "_manifest.json", {"model_card": config.model_card, "history": history})
 
     meta = front_matter(out / "README.md")
     assert meta["base_model"] == tiny_llama
