@@ -203,8 +203,9 @@ def test_preference_pairs_train_in_trls_dpo_trainer_as_they_are(tmp_path, tiny_l
 
 
 def test_the_align_stages_dpo_glue_takes_the_stored_pairs(tmp_path, tiny_llama):
-    from speed_ray.align.driver import training_rows, write_dataset
-    from speed_ray.align.train import build_trainer, load_data
+    from speed_ray.align.config import AlignConfig, AlignTrainConfig
+    from speed_ray.align.models import training_rows, write_dataset
+    from speed_ray.align.train import AlignTrainSettings, build_trainer, load_data
 
     out = project_pairs(tmp_path)
     rows = training_rows(out, "senior")
@@ -214,34 +215,24 @@ def test_the_align_stages_dpo_glue_takes_the_stored_pairs(tmp_path, tiny_llama):
         "rejected": [{"role": "assistant", "content": "Tuesday."}],
     }
     write_dataset(rows, tmp_path / "senior.data")
-    config = {
-        "kind": "dpo",
-        "model": tiny_llama,
-        "steps": 1,
-        "learning_rate": 5e-3,
-        "batch_size": 2,
-        "max_length": 128,
-        "beta": 0.1,
-        "precompute_ref_log_probs": False,
-        "finetune": "lora",
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "lora_target_modules": ["q_proj", "v_proj"],
-        "gradient_checkpointing": False,
-        "deepspeed_stage": 0,
-        "save_steps": 0,
-        "use_gpu": False,
-        "seed": 0,
-        "trl": {},
-    }
+    align = AlignConfig(
+        max_length=128,
+        precompute_ref_log_probs=False,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lora_target_modules=["q_proj", "v_proj"],
+    )
+    train = AlignTrainConfig(steps=1, learning_rate=5e-3, batch_size=2)
+    config = AlignTrainSettings(align, train, "dpo", tiny_llama, str(tmp_path / "senior.data"), seed=0)
     trainer = build_trainer(config, load_data(str(tmp_path / "senior.data")), str(tmp_path / "out"))
     trainer.train()
     assert math.isfinite(trainer.state.log_history[0]["loss"])
 
 
 def test_users_preference_pairs_in_trls_format_or_the_earlier_one(tmp_path):
-    from speed_ray.align.driver import training_rows, user_step
+    from speed_ray.align.driver import user_step
+    from speed_ray.align.models import training_rows
 
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]
     trl_row = {
