@@ -73,31 +73,18 @@ def pairs(n: int) -> list[dict[str, Any]]:
     ]
 
 
-def config(model: str, data_dir: str, steps: int, batch_size: int, precompute: bool) -> dict[str, Any]:
-    return {
-        "kind": "dpo",
-        "model": model,
-        "data_dir": data_dir,
-        "steps": steps,
-        "learning_rate": 1e-5,
-        "batch_size": batch_size,
-        "max_length": 256,
-        "beta": 0.1,
-        "precompute_ref_log_probs": precompute,
-        "finetune": "lora",
-        "lora_r": 16,
-        "lora_alpha": 32,
-        "lora_dropout": 0.0,
-        "lora_target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "gradient_checkpointing": False,
-        "deepspeed_stage": 0,
-        "save_steps": 0,
-        "use_gpu": False,
-        "cpus_per_worker": 2,
-        "seed": 0,
-        "generation": {},
-        "trl": {},
-    }
+def config(model: str, data_dir: str, steps: int, batch_size: int, precompute: bool):
+    from speed_ray.align.config import AlignConfig, AlignTrainConfig
+    from speed_ray.align.train import AlignTrainSettings
+    from speed_ray.io.settings import TrainResources
+
+    # LoRA r 16, alpha 32 on every projection but k_proj: align's defaults
+    resources = TrainResources(cpus_per_worker=2)
+    align = AlignConfig(
+        max_length=256, precompute_ref_log_probs=precompute, lora_dropout=0.0, resources=resources
+    )
+    train = AlignTrainConfig(steps=steps, learning_rate=1e-5, batch_size=batch_size)
+    return AlignTrainSettings(align, train, "dpo", model, data_dir, seed=0)
 
 
 class Counter:
@@ -182,7 +169,7 @@ def run(
     model: str, data: list[dict[str, Any]], steps: int, batch_size: int, precompute: bool, counter: Counter
 ):
     """One construction + ``train()`` on a fresh data folder; times, counts and the per-step losses."""
-    from speed_ray.align.driver import write_dataset
+    from speed_ray.align.models import write_dataset
     from speed_ray.align.train import build_trainer, load_data
 
     with tempfile.TemporaryDirectory(prefix="dpo-ref-bench-") as tmp:

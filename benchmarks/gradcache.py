@@ -27,6 +27,7 @@ import platform
 import resource
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +60,8 @@ def _run(mode: str, batch: int, chunk: int, budget_gib: float, last: int, out: m
 
     from speed_ray.embed.config import EmbedConfig
     from speed_ray.embed.model import FrozenBlocks, build_model
-    from speed_ray.embed.train import train_step
+    from speed_ray.embed.step import train_step
+    from speed_ray.embed.train import EmbedTrainSettings
     from speed_ray.io.models import resolve_model
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -68,17 +70,17 @@ def _run(mode: str, batch: int, chunk: int, budget_gib: float, last: int, out: m
     frozen = FrozenBlocks(model, last) if last else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
     rows = _rows(batch)
-    config = {
-        "pooling": "mean",
-        "temperature": 0.05,
-        "symmetric": False,
-        "num_negatives": 0,
-        "max_grad_norm": 0.0,
-        "precision": "fp32",
-        "chunk_size": 0 if mode == "plain" else chunk,
-        "pass_tokens": EmbedConfig.pass_tokens,  # the trainer's default, on both sides
-    }
-    train_step(model, optimizer, rows[:8], config | {"chunk_size": 0})  # warm-up before the cap
+    ec = EmbedConfig(  # pass_tokens: the trainer's default, on both sides
+        pooling="mean",
+        temperature=0.05,
+        symmetric=False,
+        max_grad_norm=0.0,
+        precision="fp32",
+        chunk_size=0 if mode == "plain" else chunk,
+    )
+    config = EmbedTrainSettings(ec, model_path="", num_negatives=0, seed=0, snapshot_dir="")
+    warm_up = replace(config, embed=replace(ec, chunk_size=0))
+    train_step(model, optimizer, rows[:8], warm_up)  # warm-up before the cap
     base = _rss_gib()
     resource.setrlimit(resource.RLIMIT_AS, (_vms_bytes() + int(budget_gib * 2**30), resource.RLIM_INFINITY))
     t0 = time.perf_counter()
@@ -164,7 +166,7 @@ def main() -> None:
             ratios[str(b)] = round(cached / plain, 3)
     result = {
         "benchmark": "gradcache",
-        "what": "one optimizer step of speed_ray.embed.train.train_step (AdamW), crop pairs, no hard negatives",
+        "what": "one optimizer step of speed_ray.embed.step.train_step (AdamW), crop pairs, no hard negatives",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "model": "all-MiniLM-L6-v2, mean pooling",
         "seq_len": SEQ_LEN,

@@ -2,10 +2,10 @@
 
 Both sides train all-MiniLM-L6-v2 (mean pooling, the same ``speed_ray.embed.model.build_model`` stack)
 on the same crop pairs from the Debian corpus, with the same texts in every step: the ST side gets, in
-order, the global batches ``speed_ray.embed.train.global_batch`` hands our trainer, through a
+order, the global batches ``speed_ray.embed.batches.global_batch`` hands our trainer, through a
 sequential batch sampler. Same per-step batch, max_seq_length, learning rate (linear decay, no
 warm-up, no weight decay, no clipping: both still compute the gradient norm), AdamW (ST: transformers'
-default, fused with torch >= 2.8; ours: what ``speed_ray.embed.train.wrap`` builds), in-batch
+default, fused with torch >= 2.8; ours: what ``speed_ray.embed.prepare.wrap`` builds), in-batch
 negatives only, scale 1/temperature = 20, one worker, CPU, the same torch thread count and
 TOKENIZERS_PARALLELISM=false.
 
@@ -138,8 +138,8 @@ def st_dataset(args: argparse.Namespace):
     from datasets import Dataset
 
     from speed_ray.config import load_config
+    from speed_ray.embed.batches import global_batch
     from speed_ray.embed.driver import training_data
-    from speed_ray.embed.train import global_batch
 
     cfg = load_config(None, overrides(args, tempfile.gettempdir()))
     data, _ = training_data(cfg)

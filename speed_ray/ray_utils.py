@@ -12,13 +12,15 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from speed_ray.config import SpeedRayConfig
 from speed_ray.io import logs
 from speed_ray.io.settings import ConfigError, TrainResources
 
 logger = logging.getLogger(__name__)
+
+S = TypeVar("S")  # a training loop's settings (``EmbedTrainSettings``, ``AlignTrainSettings``)
 
 # Every Ray worker runs offline: weights come from local folders, never from a hub.
 WORKER_ENV = {
@@ -107,34 +109,60 @@ def require_resources(what: str, cpus: float, gpus: float) -> None:
 def train(
     cfg: SpeedRayConfig,
     name: str,
-    loop: Callable[[dict], None],
-    loop_config: dict[str, Any],
+    loop: Callable[[S], None],
+    settings: S,
     res: TrainResources,
     dataset: Any,
     target: Path,
     max_failures: int = 0,
 ) -> dict[str, Any]:
-    """Run ``loop`` on a Ray Train worker group; the checkpoint rank 0 reports last becomes ``target``.
+    """Run ``loop(settings)`` on a Ray Train worker group; the checkpoint rank 0 reports last becomes
+    ``target``.
 
-    ``dataset`` (a pyarrow table, or None when the loop reads its own data) is sharded across the
-    workers. A dead worker restarts the group up to ``max_failures`` times, and the loop resumes from
-    the latest checkpoint it reported; so does a rerun after the driver died, since Ray Train keeps its
-    checkpoint state under ``<run>/ray/<name>``. Returns the final metrics. Once ``target`` holds
-    the model, Ray's copies (that folder) are removed, so a run directory keeps one copy of each model.
+    ``settings`` is the loop's typed settings object (Ray pickles it to every worker). ``dataset`` (a
+    pyarrow table, or None when the loop reads its own data) is sharded across the workers. A dead
+    worker restarts the group up to ``max_failures`` times, and the loop resumes from the latest
+    checkpoint it reported; so does a rerun after the driver died, since Ray Train keeps its checkpoint
+    state under ``<run>/ray/<name>``. Returns the final metrics. Once ``target`` holds the model, Ray's
+    copies (that folder) are removed, so a run directory keeps one copy of each model.
     """
     import shutil
-
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     # [1] Ray: the worker group must fit the cluster, or fail now.
     init_ray(cfg)
     require_resources(name, res.workers * res.cpus_per_worker, res.workers * int(res.use_gpu))
     # [2] Ray Train: the loop on every worker, the dataset sharded across them.
-    storage = cfg.run_dir / "ray"
-    trainer = TorchTrainer(
-        loop,
+    trainer = torch_trainer(cfg, name, {"loop": loop, "settings": settings}, res, dataset, max_failures)
+    result = trainer.fit()
+    # [3] The model comes back as the last checkpoint.
+    if result.checkpoint is None or result.metrics is None:
+        raise RuntimeError(f"{name}: training finished without a checkpoint ({result.error})")
+    keep_checkpoint(result.checkpoint, target)
+    shutil.rmtree(cfg.run_dir / "ray" / name, ignore_errors=True)
+    return result.metrics
+
+
+def run_loop(config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs: the stage's loop on its settings. Ray's ``train_loop_config``
+    is a dict, so both travel in one (``train``)."""
+    config["loop"](config["settings"])
+
+
+def torch_trainer(
+    cfg: SpeedRayConfig,
+    name: str,
+    loop_config: dict[str, Any],
+    res: TrainResources,
+    dataset: Any,
+    max_failures: int,
+):
+    """Ray Train's TorchTrainer of ``run_loop`` on ``res``'s workers, its state under ``<run>/ray``."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        run_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker}
@@ -142,7 +170,7 @@ def train(
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=str(cfg.run_dir / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=max_failures),
             # Ray Train v2's RunConfig (the one ray.train exports); mypy reads v1's, which lacks it.
@@ -150,16 +178,16 @@ def train(
         ),
         datasets={"train": ray.data.from_arrow(dataset)} if dataset is not None else None,
     )
-    result = trainer.fit()
-    # [3] The model comes back as the last checkpoint.
-    if result.checkpoint is None or result.metrics is None:
-        raise RuntimeError(f"{name}: training finished without a checkpoint ({result.error})")
+
+
+def keep_checkpoint(checkpoint: Any, target: Path) -> None:
+    """``checkpoint``'s folder copied to ``target`` (through ``<target>.tmp``, then renamed)."""
+    import shutil
+
     tmp = target.with_name(target.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    result.checkpoint.to_directory(str(tmp))
+    checkpoint.to_directory(str(tmp))
     if target.exists():  # a model left by a run that died before its manifest was written
         shutil.rmtree(target)
     tmp.rename(target)
-    shutil.rmtree(storage / name, ignore_errors=True)
-    return result.metrics

@@ -8,11 +8,9 @@ the merged model folder as the final checkpoint. DPO trains on the preference pa
 stage stores them, in TRL's conversational format (TRL applies the chat template itself); SFT rows
 come from ``sft_rows``.
 
-Settings arrive as one plain dict (``loop_config`` in ``speed_ray.align.driver``):
-``kind`` (sft | dpo), ``model``, ``data_dir``, ``steps``, ``learning_rate``, ``batch_size``,
-``max_length``, ``beta``, ``finetune`` (lora | full), ``lora_*``, ``precompute_ref_log_probs``,
-``deepspeed_stage``, ``gradient_checkpointing``, ``save_steps``, ``use_gpu``, ``cpus_per_worker``,
-``seed``, ``generation`` (saved as ``generation_config.json``) and ``trl`` (extra TRL arguments).
+Settings arrive as one ``AlignTrainSettings`` (built by ``speed_ray.align.models.train_step``): the
+``align`` section as configured, the trained model's own ``align.<name>`` run, and what the driver
+resolved (the model to start from, the data folder, the seed and the generation defaults).
 """
 
 from __future__ import annotations
@@ -21,9 +19,30 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass, field
 from typing import Any
 
+from speed_ray.align.config import AlignConfig, AlignTrainConfig
+
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AlignTrainSettings:
+    """What every worker of one align training step needs (Ray pickles it to each)."""
+
+    align: AlignConfig
+    train: AlignTrainConfig
+    """This model's steps, learning rate and batch size (``align.junior``, ``senior`` or ``revisor``)."""
+    kind: str
+    """sft | dpo."""
+    model_path: str
+    """The model to start from, a local folder: the base model, or the junior for the senior."""
+    data_dir: str
+    """The ``datasets`` folder of the training rows (``speed_ray.align.models.write_dataset``)."""
+    seed: int
+    generation: dict[str, Any] = field(default_factory=dict)
+    """Sampling defaults saved as the exported model's ``generation_config.json``."""
 
 
 def sft_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -44,12 +63,8 @@ def long_prompts(model: str, rows: list[dict[str, Any]], max_length: int) -> lis
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
-    lengths = [
-        len(
-            tok.apply_chat_template(r["prompt"], tokenize=True, add_generation_prompt=True, return_dict=False)
-        )
-        for r in rows
-    ]
+    kw: dict[str, Any] = {"tokenize": True, "add_generation_prompt": True, "return_dict": False}
+    lengths = [len(tok.apply_chat_template(r["prompt"], **kw)) for r in rows]
     return [i for i, n in enumerate(lengths) if n >= max_length]
 
 
@@ -77,63 +92,65 @@ def deepspeed_config(stage: int) -> dict[str, Any] | None:
     }
 
 
-def trainer_args(config: dict[str, Any], output_dir: str) -> dict[str, Any]:
+def trainer_args(s: AlignTrainSettings, output_dir: str) -> dict[str, Any]:
     """The TRL config arguments both trainers share."""
     import torch
 
-    gpu = config["use_gpu"] and torch.cuda.is_available()
+    ac = s.align
+    use_gpu = ac.resources.use_gpu
+    gpu = use_gpu and torch.cuda.is_available()
     return dict(
         output_dir=output_dir,
-        max_steps=config["steps"],
-        per_device_train_batch_size=config["batch_size"],
-        learning_rate=config["learning_rate"],
-        max_length=config["max_length"],
+        max_steps=s.train.steps,
+        per_device_train_batch_size=s.train.batch_size,
+        learning_rate=s.train.learning_rate,
+        max_length=ac.max_length,
         logging_steps=1,
-        save_strategy="steps" if config["save_steps"] else "no",
-        save_steps=config["save_steps"] or 500,
+        save_strategy="steps" if ac.save_steps else "no",
+        save_steps=ac.save_steps or 500,
         save_total_limit=1,  # Ray Train keeps its own copies (num_to_keep=2) in the run's storage
         report_to="none",
-        use_cpu=not config["use_gpu"],
+        use_cpu=not use_gpu,
         # bf16 where the hardware has it; fp32 on CPU keeps small-model steps exact.
         bf16=gpu and torch.cuda.is_bf16_supported(),
-        gradient_checkpointing=config["gradient_checkpointing"],
+        gradient_checkpointing=ac.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        deepspeed=deepspeed_config(config["deepspeed_stage"]),
-        seed=config["seed"],
-        data_seed=config["seed"],
-        **config["trl"],
+        deepspeed=deepspeed_config(ac.deepspeed_stage),
+        seed=s.seed,
+        data_seed=s.seed,
+        **ac.trl,
     )
 
 
-def lora_config(config: dict[str, Any]):
-    if config["finetune"] == "full":
+def lora_config(ac: AlignConfig):
+    if ac.finetune == "full":
         return None
     from peft import LoraConfig
 
     return LoraConfig(
-        r=config["lora_r"],
-        lora_alpha=config["lora_alpha"],
-        lora_dropout=config["lora_dropout"],
-        target_modules=config["lora_target_modules"],
+        r=ac.lora_r,
+        lora_alpha=ac.lora_alpha,
+        lora_dropout=ac.lora_dropout,
+        target_modules=ac.lora_target_modules,
         task_type="CAUSAL_LM",
     )
 
 
-def build_trainer(config: dict[str, Any], data, output_dir: str):
-    """The TRL trainer for ``config["kind"]`` on ``data`` (a ``datasets.Dataset``); no Ray in here."""
+def build_trainer(s: AlignTrainSettings, data, output_dir: str):
+    """The TRL trainer for ``s.kind`` on ``data`` (a ``datasets.Dataset``); no Ray in here."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(config["model"])
-    common = trainer_args(config, output_dir)
-    if config["kind"] == "sft":
+    tok = AutoTokenizer.from_pretrained(s.model_path)
+    common = trainer_args(s, output_dir)
+    if s.kind == "sft":
         from trl import SFTConfig, SFTTrainer
 
         return SFTTrainer(
-            model=config["model"],
+            model=s.model_path,
             args=SFTConfig(**common),
             train_dataset=data,
             processing_class=tok,
-            peft_config=lora_config(config),
+            peft_config=lora_config(s.align),
         )
     from trl import DPOConfig, DPOTrainer
 
@@ -141,15 +158,13 @@ def build_trainer(config: dict[str, Any], data, output_dir: str):
     # switching the adapter off, with full fine-tuning from a copy. Precomputed, it costs one forward
     # pass per pair for the whole run instead of one per pair per epoch, and TRL caches the result
     # beside the data folder, so a restarted worker reuses it.
-    args = DPOConfig(
-        beta=config["beta"], precompute_ref_log_probs=config["precompute_ref_log_probs"], **common
-    )
+    args = DPOConfig(beta=s.align.beta, precompute_ref_log_probs=s.align.precompute_ref_log_probs, **common)
     return DPOTrainer(
-        model=config["model"],
+        model=s.model_path,
         args=args,
         train_dataset=data,
         processing_class=tok,
-        peft_config=lora_config(config),
+        peft_config=lora_config(s.align),
     )
 
 
@@ -192,49 +207,86 @@ def progress_callback(kind: str) -> Any:
     return Progress()
 
 
-def train_loop(config: dict[str, Any]) -> None:
+def train_loop(s: AlignTrainSettings) -> None:
     """One Ray Train worker: train (resuming from Ray's last checkpoint), then report the merged model."""
     import torch
 
-    torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
+    torch.set_num_threads(max(1, int(s.align.resources.cpus_per_worker)))
     with tempfile.TemporaryDirectory(prefix="speed-ray-align-") as output_dir:
-        train_in(config, output_dir)
+        train_in(s, output_dir)
 
 
-def train_in(config: dict[str, Any], output_dir: str) -> None:
+def train_in(s: AlignTrainSettings, output_dir: str) -> None:
     """``train_loop`` with TRL's local checkpoints in ``output_dir`` (removed afterwards)."""
-    import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
     from transformers import PrinterCallback, ProgressCallback
 
-    trainer = build_trainer(config, load_data(config["data_dir"]), output_dir)
+    trainer = build_trainer(s, load_data(s.data_dir), output_dir)
     trainer.remove_callback(ProgressCallback)  # transformers' bar, or with disable_tqdm its printer
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(progress_callback(config["kind"]))
+    trainer.add_callback(progress_callback(s.kind))
     # Every checkpoint TRL saves goes to Ray's storage; after a worker dies, Ray Train restarts the
     # group and get_checkpoint() hands back the latest one.
     trainer.add_callback(RayTrainReportCallback())
     trainer = prepare_trainer(trainer)
+    resumed_from = train_resuming(trainer)
+    metrics = {
+        "history": loss_history(trainer),
+        "steps": trainer.state.global_step,
+        "resumed_from_step": resumed_from,
+    }
+    report_model(trainer, s, metrics)
+
+
+def train_resuming(trainer) -> int:
+    """Train, from the checkpoint Ray Train holds if there is one; returns its step (0: none)."""
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
     checkpoint = ray.train.get_checkpoint()
-    resumed_from = 0
     if checkpoint is None:
         trainer.train()
-    else:
-        with checkpoint.as_directory() as d:
-            path = os.path.join(d, RayTrainReportCallback.CHECKPOINT_NAME)
-            with open(os.path.join(path, "trainer_state.json")) as f:
-                resumed_from = json.load(f)["global_step"]
-            trainer.train(resume_from_checkpoint=path)
-    history = [
+        return 0
+    with checkpoint.as_directory() as d:
+        path = os.path.join(d, RayTrainReportCallback.CHECKPOINT_NAME)
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            resumed_from = json.load(f)["global_step"]
+        trainer.train(resume_from_checkpoint=path)
+    return resumed_from
+
+
+def loss_history(trainer) -> list[dict[str, float]]:
+    """The numbers TRL logged at each step."""
+    return [
         {k: v for k, v in h.items() if isinstance(v, int | float)}
         for h in trainer.state.log_history
         if "loss" in h
     ]
-    metrics = {"history": history, "steps": trainer.state.global_step, "resumed_from_step": resumed_from}
-    report_model(trainer, config, metrics)
 
 
-def report_model(trainer, config: dict[str, Any], metrics: dict[str, Any]) -> None:
+def merged_model(trainer, s: AlignTrainSettings, saved: str):
+    """The trained model from ``saved`` (``trainer.save_model``'s folder): the LoRA adapter merged into a
+    fresh copy of the base model, or the full weights; with the generation defaults."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if s.align.finetune == "lora":
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(s.model_path)
+        model = PeftModel.from_pretrained(base, saved).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(saved)
+    tok = trainer.processing_class
+    model.generation_config = GenerationConfig(
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        **s.generation,
+    )
+    return model
+
+
+def report_model(trainer, s: AlignTrainSettings, metrics: dict[str, Any]) -> None:
     """Report the merged model folder (weights, tokenizer with its chat template, generation defaults).
 
     Every rank calls ``save_model`` (under ZeRO-3 it gathers the sharded weights) and ``report``; rank 0
@@ -242,27 +294,12 @@ def report_model(trainer, config: dict[str, Any], metrics: dict[str, Any]) -> No
     """
     import ray.train
     from ray.train import Checkpoint
-    from transformers import AutoModelForCausalLM, GenerationConfig
 
     with tempfile.TemporaryDirectory() as saved, tempfile.TemporaryDirectory() as d:
         trainer.save_model(saved)
         checkpoint = None
         if ray.train.get_context().get_world_rank() == 0:
-            if config["finetune"] == "lora":
-                from peft import PeftModel
-
-                base = AutoModelForCausalLM.from_pretrained(config["model"])
-                model = PeftModel.from_pretrained(base, saved).merge_and_unload()
-            else:
-                model = AutoModelForCausalLM.from_pretrained(saved)
-            tok = trainer.processing_class
-            model.generation_config = GenerationConfig(
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                bos_token_id=tok.bos_token_id,
-                **config["generation"],
-            )
-            model.save_pretrained(d)
-            tok.save_pretrained(d)
+            merged_model(trainer, s, saved).save_pretrained(d)
+            trainer.processing_class.save_pretrained(d)
             checkpoint = Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from speed_ray.embed.pairs import CropRule
 from speed_ray.io.settings import (
     ConfigError,
     TrainResources,
@@ -44,11 +45,11 @@ class EmbedDataConfig:
     of a larger one with the same seed (``run.seed``), so data sizes make a scaling curve."""
     pair_mode: str = "crops"
     """corpus only: crops (two different sentence crops) | dropout (one crop twice)."""
-    crop_min_chars: int = 100
-    crop_max_chars: int = 250
-    sentences_per_crop: int = 2
+    crop_min_chars: int = CropRule.min_chars
+    crop_max_chars: int = CropRule.max_chars
+    sentences_per_crop: int = CropRule.sentences_per_crop
     """The crops paper's rule (arXiv 2508.03453): 2 consecutive sentences of 100-250 characters."""
-    min_crops: int = 2
+    min_crops: int = CropRule.min_crops
     """Documents with fewer crops give no pair (2 crops of 2 sentences = at least 3 valid sentences);
     they are counted in the manifest and the log, by reason."""
     holdout_fraction: float = 0.0
@@ -85,6 +86,10 @@ class EmbedDataConfig:
                 "embed.data.holdout_fraction: only a corpus (embed.data.source: corpus) is held out from"
             )
         self._check_files()
+
+    def crop_rule(self) -> CropRule:
+        """The crop rule these settings give (``speed_ray.embed.pairs``)."""
+        return CropRule(self.crop_min_chars, self.crop_max_chars, self.sentences_per_crop, self.min_crops)
 
     def _check_files(self) -> None:
         """A pairs file or a corpus is read now; synth data may be another run's folder, which an

@@ -64,14 +64,6 @@ def sample_rows(rows: list[dict], max_rows: int, seed: int) -> list[dict]:
     return [rows[i] for i in keep]
 
 
-def holdout_ids(ids: list[str], fraction: float, seed: int) -> set[str]:
-    """The held-out ``fraction`` of ``ids``, by a seeded shuffle of the whole list: the same file and
-    seed give the same split for training (``embed.data.holdout``) and for the kNN task."""
-    order = sorted(set(ids))
-    random.Random(f"holdout-{seed}").shuffle(order)  # its own stream: independent of sample_rows
-    return set(order[: round(fraction * len(order))])
-
-
 def sample_queries(
     queries: list[dict], qrels: dict[str, dict[str, int]], max_queries: int, seed: int
 ) -> tuple[list[dict], dict[str, dict[str, int]]]:

@@ -252,7 +252,13 @@ def _numbered_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     elif path.is_dir():
         from datasets import load_from_disk
 
-        rows = list(enumerate(load_from_disk(str(path)).to_list(), 1))
+        try:
+            rows = list(enumerate(load_from_disk(str(path)).to_list(), 1))
+        except FileNotFoundError:
+            raise DataError(
+                f"{path}: a folder, but neither a finished speed-ray step (no _manifest.json) nor a "
+                "datasets folder saved with save_to_disk; expected one of those, or a parquet or JSONL file"
+            ) from None
     elif path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -300,6 +306,15 @@ def nested_sample(rows: list[Any], n: int, seed: int) -> list[Any]:
     order = list(range(len(rows)))
     random.Random(f"nested-{seed}").shuffle(order)
     return [rows[i] for i in sorted(order[:n])]
+
+
+def holdout_ids(ids: list[str], fraction: float, seed: int) -> set[str]:
+    """The held-out ``fraction`` of ``ids``, by a seeded shuffle of the whole list: the same file and
+    seed give the same split for training (``embed.data.holdout_fraction``) and for eval's kNN task
+    (``split: holdout``)."""
+    order = sorted(set(ids))
+    random.Random(f"holdout-{seed}").shuffle(order)  # its own stream: independent of sample_rows
+    return set(order[: round(fraction * len(order))])
 
 
 def read_chat_rows(path: Path, text_keys: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ _FENCE = re.compile(r"```(?:json)?", re.IGNORECASE)
 def extract_json(text: str) -> tuple[Any, str | None]:
     """Return ``(value, None)`` for the first JSON value in ``text``, or ``(None, error)``."""
     unfenced = _FENCE.sub("", text)
-    candidates = [text, unfenced]
+    candidates = [text, *_fenced(text), unfenced]
     starts = [i for i in (unfenced.find("{"), unfenced.find("[")) if i >= 0]
     if starts:
         # A value cut off by the token budget: close what is open from its first bracket to the end.
@@ -35,6 +35,13 @@ def extract_json(text: str) -> tuple[Any, str | None]:
         except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; "[[[[..." recurses too deep
             continue
     return None, f"invalid JSON: {text[:80]!r}"
+
+
+def _fenced(text: str) -> list[str]:
+    """What stands between the first code fence and the last one (a value whose strings hold a fence
+    of their own keeps it); none without two fences."""
+    fences = list(_FENCE.finditer(text))
+    return [text[fences[0].end() : fences[-1].start()]] if len(fences) > 1 else []
 
 
 def _first_block(text: str) -> str | None:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from speed_ray.align.driver import write_dataset
-from speed_ray.align.train import build_trainer, load_data, sft_rows, train_loop
+from speed_ray.align.config import AlignConfig, AlignTrainConfig
+from speed_ray.align.models import write_dataset
+from speed_ray.align.train import AlignTrainSettings, build_trainer, load_data, sft_rows, train_loop
 from speed_ray.config import load_config
 from speed_ray.io.settings import TrainResources
 from tests.distributed import registered_checkpoint, train_worker_pids
@@ -23,31 +24,26 @@ CHOSEN = ["An apple.", "Deep blue.", "A hammer.", "A red fox."]
 REJECTED = ["Seven.", "Tuesday.", "Loud.", "Upward."]
 
 
-def loop_config(model: str, data_dir: Path, kind: str, batch_size: int, steps: int, **kw) -> dict:
-    return {
-        "kind": kind,
-        "model": model,
-        "data_dir": str(data_dir),
-        "steps": steps,
-        "learning_rate": 5e-3,
-        "batch_size": batch_size,
-        "max_length": 256,
-        "beta": 0.1,
-        "precompute_ref_log_probs": True,
-        "finetune": "lora",
-        "lora_r": 8,
-        "lora_alpha": 16,
-        "lora_dropout": 0.0,  # dropout draws differ between one process and two
-        "lora_target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "gradient_checkpointing": False,
-        "deepspeed_stage": 0,
-        "save_steps": 0,
-        "use_gpu": False,
-        "cpus_per_worker": 1,
-        "seed": 0,
-        "generation": {"do_sample": True, "temperature": 1.0},
-        "trl": {},
-    } | kw
+def loop_config(
+    model: str, data_dir: Path, kind: str, batch_size: int, steps: int, learning_rate: float = 5e-3, **kw
+) -> AlignTrainSettings:
+    align = AlignConfig(
+        max_length=256,
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,  # dropout draws differ between one process and two
+        resources=TrainResources(cpus_per_worker=1),
+        **kw,
+    )
+    return AlignTrainSettings(
+        align,
+        AlignTrainConfig(steps=steps, learning_rate=learning_rate, batch_size=batch_size),
+        kind,
+        model,
+        str(data_dir),
+        seed=0,
+        generation={"do_sample": True, "temperature": 1.0},
+    )
 
 
 def pairs_dir(tmp_path: Path) -> Path:

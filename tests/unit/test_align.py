@@ -184,7 +184,8 @@ def test_align_report_counts_drops_and_budget(tmp_path):
 
 
 def test_users_own_teacher_data_becomes_the_steps_output(tmp_path):
-    from speed_ray.align.driver import training_rows, user_step
+    from speed_ray.align.driver import user_step
+    from speed_ray.align.models import training_rows
     from speed_ray.io.schemas import GENERATIONS, read_manifest, read_stage
 
     seed = tmp_path / "seed.jsonl"

@@ -157,6 +157,15 @@ def folder_without_config(t: Path):
     return ["embed.model=" + str(t / "m")], f"embed.model: model folder {t / 'm'}: no config.json"
 
 
+def pairs_folder_of_nothing(t: Path):
+    (t / "pairs").mkdir()
+    (t / "pairs" / "notes.txt").write_text("not a dataset")
+    return (
+        ["embed.data.source=pairs", f"embed.data.path={t / 'pairs'}"],
+        f"embed.data.path: {t / 'pairs'}: a folder, but neither a finished speed-ray step",
+    )
+
+
 # case -> the stage (and so the job script) that reads what it names
 CASES = {
     corpus_null_text: "embed",
@@ -164,6 +173,7 @@ CASES = {
     pairs_wrong_columns: "embed",
     pairs_null_anchor: "embed",
     pairs_number_positive: "embed",
+    pairs_folder_of_nothing: "embed",
     beir_corpus_without_id: "eval",
     beir_query_null_text: "eval",
     beir_qrels_bad_score: "eval",

@@ -4,19 +4,16 @@ GradCache, with K hard negatives (some masked) and the symmetric loss; and the b
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from speed_ray.embed.batches import CorpusPairs, Rows, batch_texts, global_batch
+from speed_ray.embed.config import EmbedConfig
 from speed_ray.embed.pairs import CropRule, build_pairs
-from speed_ray.embed.train import (
-    CorpusPairs,
-    Rows,
-    batch_texts,
-    even_passes,
-    global_batch,
-    length_passes,
-    train_step,
-)
+from speed_ray.embed.step import even_passes, length_passes, train_step
+from speed_ray.embed.train import EmbedTrainSettings
 from tests.distributed import run_gloo
 
 WORDS = [
@@ -49,21 +46,15 @@ def rows(n: int) -> list[dict]:
     ]
 
 
-STEP = {
-    "pooling": "mean",
-    "temperature": 0.05,
-    "symmetric": True,
-    "num_negatives": 2,
-    "max_grad_norm": 0.0,
-    "precision": "fp32",
-    "pass_tokens": 0,
-}
+STEP = EmbedConfig(pooling="mean", temperature=0.05, symmetric=True, max_grad_norm=0.0, precision="fp32")
 
 
 def step_grads(model, batch, chunk_size, pass_tokens=0):
     """Loss and gradients of one step; SGD with lr 0 leaves the weights and keeps the gradients."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    metrics = train_step(model, opt, batch, STEP | {"chunk_size": chunk_size, "pass_tokens": pass_tokens})
+    ec = replace(STEP, chunk_size=chunk_size, pass_tokens=pass_tokens)
+    settings = EmbedTrainSettings(ec, model_path="", num_negatives=2, seed=0, snapshot_dir="")
+    metrics = train_step(model, opt, batch, settings)
     inner = model.module if hasattr(model, "no_sync") else model
     return metrics, {n: p.grad.clone() for n, p in inner.named_parameters() if p.grad is not None}
 

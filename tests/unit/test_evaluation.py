@@ -17,7 +17,6 @@ from speed_ray.eval.layers import precomputed_encoder
 from speed_ray.eval.tasks import (
     clustering_task,
     evaluate,
-    holdout_ids,
     knn_task,
     retrieval_task,
     sample_corpus,
@@ -25,7 +24,7 @@ from speed_ray.eval.tasks import (
     sample_rows,
     tfidf_encoder,
 )
-from speed_ray.io.data import read_labelled
+from speed_ray.io.data import holdout_ids, read_labelled
 
 
 def _angle(deg: float) -> np.ndarray:

@@ -203,8 +203,9 @@ def test_preference_pairs_train_in_trls_dpo_trainer_as_they_are(tmp_path, tiny_l
 
 
 def test_the_align_stages_dpo_glue_takes_the_stored_pairs(tmp_path, tiny_llama):
-    from speed_ray.align.driver import training_rows, write_dataset
-    from speed_ray.align.train import build_trainer, load_data
+    from speed_ray.align.config import AlignConfig, AlignTrainConfig
+    from speed_ray.align.models import training_rows, write_dataset
+    from speed_ray.align.train import AlignTrainSettings, build_trainer, load_data
 
     out = project_pairs(tmp_path)
     rows = training_rows(out, "senior")
@@ -214,34 +215,24 @@ def test_the_align_stages_dpo_glue_takes_the_stored_pairs(tmp_path, tiny_llama):
         "rejected": [{"role": "assistant", "content": "Tuesday."}],
     }
     write_dataset(rows, tmp_path / "senior.data")
-    config = {
-        "kind": "dpo",
-        "model": tiny_llama,
-        "steps": 1,
-        "learning_rate": 5e-3,
-        "batch_size": 2,
-        "max_length": 128,
-        "beta": 0.1,
-        "precompute_ref_log_probs": False,
-        "finetune": "lora",
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "lora_target_modules": ["q_proj", "v_proj"],
-        "gradient_checkpointing": False,
-        "deepspeed_stage": 0,
-        "save_steps": 0,
-        "use_gpu": False,
-        "seed": 0,
-        "trl": {},
-    }
+    align = AlignConfig(
+        max_length=128,
+        precompute_ref_log_probs=False,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lora_target_modules=["q_proj", "v_proj"],
+    )
+    train = AlignTrainConfig(steps=1, learning_rate=5e-3, batch_size=2)
+    config = AlignTrainSettings(align, train, "dpo", tiny_llama, str(tmp_path / "senior.data"), seed=0)
     trainer = build_trainer(config, load_data(str(tmp_path / "senior.data")), str(tmp_path / "out"))
     trainer.train()
     assert math.isfinite(trainer.state.log_history[0]["loss"])
 
 
 def test_users_preference_pairs_in_trls_format_or_the_earlier_one(tmp_path):
-    from speed_ray.align.driver import training_rows, user_step
+    from speed_ray.align.driver import user_step
+    from speed_ray.align.models import training_rows
 
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]
     trl_row = {
@@ -267,9 +258,9 @@ def test_users_preference_pairs_in_trls_format_or_the_earlier_one(tmp_path):
 def test_model_card_is_sentence_transformers_own_and_gets_the_eval_scores(tmp_path, tiny_llama, beir_tiny):
     from sentence_transformers import SentenceTransformer
 
-    from speed_ray.embed.driver import card_info, loop_config
+    from speed_ray.embed.driver import card_info, train_settings
+    from speed_ray.embed.export import export
     from speed_ray.embed.model import build_model
-    from speed_ray.embed.train import export
     from speed_ray.eval import driver as evaluate
     from speed_ray.io.schemas import write_json_atomic
 
@@ -290,12 +281,12 @@ def test_model_card_is_sentence_transformers_own_and_gets_the_eval_scores(tmp_pa
         ],
     )
     data = {"source": "synth", "path": str(tmp_path / "synth-run" / "synth" / "train"), "rows_available": 8}
-    config = loop_config(cfg, 1) | {"model_card": card_info(cfg, data, 8, 1)}
+    config = train_settings(cfg, 1, card_info(cfg, data, 8, 1))
     history = [{"step": 1, "epoch": 0, "loss": 2.5}, {"step": 2, "epoch": 0, "loss": 1.25}]
     out = cfg.run_dir / "embed" / "model"
     state = build_model(tiny_llama, "lasttoken", 40).state_dict()
     export(state, config, str(out), history)  # what a training worker exports
-    write_json_atomic(out / "_manifest.json", {"model_card": config["model_card"], "history": history})
+    write_json_atomic(out / "_manifest.json", {"model_card": config.model_card, "history": history})
 
     meta = front_matter(out / "README.md")
     assert meta["base_model"] == tiny_llama
