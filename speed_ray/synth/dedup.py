@@ -282,53 +282,60 @@ def dedup(
     """Drop near-duplicate rows of a Ray dataset (SPEED's post-generation dedup).
 
     Two rows are linked when their texts' estimated Jaccard similarity is >= ``threshold``; in each
-    connected component the row with the smallest id is kept and every other row is removed (so a
-    chain A~B~C removes C even when A and C differ more). Rows with no word in their text are always
-    kept. The outcome depends only on the rows, not on block order or partitioning. Ids must be
-    unique and mutually comparable (all int or all str).
+    connected component the row with the smallest id is kept, every other row removed (a chain A~B~C
+    removes C even when A and C differ more). Rows with no word are kept. The outcome depends only on
+    the rows, not on blocks or partitions. Ids are unique and comparable (all int or all str).
+    ``ds`` runs more than once (signatures and ``count()`` here, the filter when ``kept`` is
+    consumed): pass one that re-reads the same rows (parquet, or ``materialize()`` it first).
 
-    ``ds`` is executed more than once (signatures and ``count()`` here, the filter when ``kept`` is
-    consumed), so pass a dataset that re-reads the same rows: read from parquet, or ``materialize()``
-    it first (a lazy dataset that samples an LLM would give new texts on every pass).
+    ``text_columns``: the columns whose non-null values, joined by a space, are the text compared;
+    ``num_perm``: MinHash permutations; ``shingle_size``: words per shingle; ``num_partitions``: of
+    the shuffle by band key (None: Ray Data's default); ``num_cpus``: per map task.
 
-    Example: ``kept, stats, removed = dedup(ray.data.read_parquet(path), ["query", "positive"])``
-    gives e.g. ``removed == {"ex-0042": "ex-0007"}`` and ``stats["bands"], stats["rows_per_band"] ==
-    (9, 13)``.
-
-    Args:
-        ds: the input rows; any columns, including ``id_column`` and ``text_columns``.
-        text_columns: columns whose non-null values, joined by a space, are the text compared.
-        id_column: the unique row id.
-        threshold: Jaccard similarity at and above which two rows are duplicates.
-        num_perm: MinHash permutations (signature length).
-        shingle_size: words per shingle.
-        seed: seed of the hash permutations.
-        num_partitions: partitions of the shuffle by band key (None: Ray Data's default).
-        num_cpus: CPUs reserved per map task.
-
-    Returns:
-        ``(kept, stats, removed)``: ``kept`` is ``ds`` without the removed rows (lazy, same columns);
-        ``stats`` holds the counts and parameters; ``removed`` maps each removed id to the id kept
-        for its group.
+    Returns ``(kept, stats, removed)``: ``kept`` is ``ds`` without the removed rows (lazy, same
+    columns); ``stats`` the counts and parameters; ``removed`` maps each removed id to the id kept for
+    its group. E.g. ``dedup(ray.data.read_parquet(path), ["query", "positive"])`` gives ``removed ==
+    {"ex-0042": "ex-0007"}`` and ``stats["bands"], stats["rows_per_band"] == (9, 13)``.
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"dedup: threshold must be in (0, 1], got {threshold}")
+    edges = _edges(
+        ds, text_columns, id_column, threshold, num_perm, shingle_size, seed, num_partitions, num_cpus
+    )
+    # [3] Driver: union-find over the edge list, streamed batch by batch.
+    removed, id_type = removed_ids(edges.iter_batches(batch_format="pyarrow", batch_size=None))
+    # [4] Ray Data: drop the removed ids; the id list travels in the task's fn_kwargs.
+    dropping = {"id_column": id_column, "removed": pa.array(sorted(removed), id_type)}
+    kept = (
+        ds.map_batches(drop_ids, batch_format="pyarrow", num_cpus=num_cpus, fn_kwargs=dropping)
+        if removed
+        else ds
+    )
+    input_rows = ds.count()
+    bands, rows = lsh_params(threshold, num_perm)
+    params = {"threshold": threshold, "num_perm": num_perm, "bands": bands, "rows_per_band": rows}
+    stats = {"input_rows": input_rows, "removed": len(removed), "kept": input_rows - len(removed)}
+    stats |= params | {"shingle_size": shingle_size, "duplicate_groups": len(set(removed.values()))}
+    return kept, stats, removed
+
+
+def _edges(
+    ds: Any,
+    text_columns: list[str],
+    id_column: str,
+    threshold: float,
+    num_perm: int,
+    shingle_size: int,
+    seed: int,
+    num_partitions: int | None,
+    num_cpus: float,
+) -> Any:
+    """The dataset of verified near-duplicate pairs ``(a, b)``, by LSH band buckets."""
     bands, rows = lsh_params(threshold, num_perm)
     # [1] Ray Data: signatures and band keys, one row per (input row, band).
-    keyed = ds.map_batches(
-        signature_rows,
-        batch_format="pyarrow",
-        num_cpus=num_cpus,
-        fn_kwargs={
-            "text_columns": text_columns,
-            "id_column": id_column,
-            "num_perm": num_perm,
-            "seed": seed,
-            "shingle_size": shingle_size,
-            "bands": bands,
-            "rows": rows,
-        },
-    )
+    signing = {"text_columns": text_columns, "id_column": id_column, "num_perm": num_perm, "seed": seed}
+    signing |= {"shingle_size": shingle_size, "bands": bands, "rows": rows}
+    keyed = ds.map_batches(signature_rows, batch_format="pyarrow", num_cpus=num_cpus, fn_kwargs=signing)
     # [2] Ray Data: shuffle by band key; verified pairs inside each bucket.
     pairs = keyed.groupby("band_key", num_partitions=num_partitions).map_groups(
         bucket_pairs,
@@ -336,22 +343,7 @@ def dedup(
         num_cpus=num_cpus,
         fn_kwargs={"threshold": threshold, "bands": bands, "rows": rows},
     )
-    # [3] Driver: union-find over the edge list, streamed batch by batch.
-    removed, id_type = removed_ids(pairs.iter_batches(batch_format="pyarrow", batch_size=None))
-    # [4] Ray Data: drop the removed ids; the id list travels in the task's fn_kwargs.
-    kept = ds
-    if removed:
-        kept = ds.map_batches(
-            drop_ids,
-            batch_format="pyarrow",
-            num_cpus=num_cpus,
-            fn_kwargs={"id_column": id_column, "removed": pa.array(sorted(removed), id_type)},
-        )
-    input_rows = ds.count()
-    params = {"threshold": threshold, "num_perm": num_perm, "bands": bands, "rows_per_band": rows}
-    stats = {"input_rows": input_rows, "removed": len(removed), "kept": input_rows - len(removed)}
-    stats |= params | {"shingle_size": shingle_size, "duplicate_groups": len(set(removed.values()))}
-    return kept, stats, removed
+    return pairs
 
 
 def removed_ids(edges: Iterable[pa.Table]) -> tuple[dict[Any, Any], Any]:

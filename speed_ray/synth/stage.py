@@ -139,8 +139,6 @@ def engine_pool(
     actor pool and ``parse``; yields parsed blocks, each row with its input's ``shard``."""
     if not request_files:
         return
-    import ray
-
     from speed_ray.ray_utils import init_ray, require_resources
 
     model = engine_model(cfg, eng, check=generator is None)
@@ -148,6 +146,16 @@ def engine_pool(
     init_ray(cfg)
     gpus = eng.num_gpus * eng.tensor_parallel_size
     require_resources(f"{eng.kind} engine {eng.model}", eng.num_cpus, gpus)
+    stage = dict(engine=eng, model=model, seed=cfg.run.seed, sampling=sampling, generator=generator)
+    ds = _pool(request_files, eng, stage, parse)
+    # [4] Stream results back; the caller writes each shard as soon as it is complete.
+    yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+def _pool(request_files: list[str], eng: EngineConfig, stage: dict[str, Any], parse: Callable) -> Any:
+    """The dataset: request files -> blocks of one batch -> the engine actor pool -> parsing."""
+    import ray
+
     # [2] Ray Data reads the request files on the workers (the driver never holds the inputs) and
     # cuts them, streaming, into blocks of one batch: a block goes to one actor, so small blocks let
     # every actor of the pool work (the reader would hand a whole shard, or several, to one).
@@ -158,18 +166,12 @@ def engine_pool(
     # [3] The autoscaling engine pool, then parsing as plain tasks.
     ds = ds.map_batches(
         GenerateStage,
-        fn_constructor_kwargs={
-            "engine": eng,
-            "model": model,
-            "seed": cfg.run.seed,
-            "sampling": sampling,
-            "generator": generator,
-        },
+        fn_constructor_kwargs=stage,
         batch_size=eng.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=eng.min_actors, max_size=eng.max_actors),
         num_cpus=eng.num_cpus,
-        num_gpus=gpus,
+        num_gpus=eng.num_gpus * eng.tensor_parallel_size,
     )
     ds = ds.map_batches(
         parse_keeping_shard,
@@ -178,8 +180,7 @@ def engine_pool(
         batch_size=None,
         num_cpus=0.25,
     )
-    # [4] Stream results back; the caller writes each shard as soon as it is complete.
-    yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    return ds
 
 
 def engine_model(cfg: SpeedRayConfig, eng: EngineConfig, check: bool = True) -> str:
