@@ -60,8 +60,8 @@ def _retrieval_spec(ev: EvalConfig) -> TaskSpec:
 
 def _labelled_spec(kind: str, tc: LabelledTaskConfig, seed: int) -> TaskSpec:
     """kNN classification or clustering on a labelled JSONL; TF-IDF is fit on the sampled rows."""
-    from speed_ray.eval.tasks import clustering_task, knn_task, sample_rows
-    from speed_ray.io.data import holdout_ids, locate, read_labelled, verify_checksums
+    from speed_ray.eval.tasks import clustering_task, knn_task
+    from speed_ray.io.data import holdout_ids, locate, read_labelled, sample_rows, verify_checksums
 
     assert tc.path is not None
     path = locate(tc.path)

@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from speed_ray.io.data import read_beir
+from speed_ray.io.data import read_beir, sample_rows
 
 KNN_SEED = 42
 
@@ -54,14 +54,6 @@ def _metadata(name: str, type_: str, main_score: str, description: str, splits: 
 
 # ----------------------------------------------------------------------------------------------
 # Data: pure functions
-
-
-def sample_rows(rows: list[dict], max_rows: int, seed: int) -> list[dict]:
-    """A seeded sample of ``max_rows`` rows in file order (all when 0 or more than there are)."""
-    if not max_rows or max_rows >= len(rows):
-        return rows
-    keep = sorted(random.Random(f"sample-{seed}").sample(range(len(rows)), max_rows))
-    return [rows[i] for i in keep]
 
 
 def sample_queries(

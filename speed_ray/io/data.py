@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import random
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -297,24 +298,41 @@ def _negative_order(column: str) -> int:
     return int(suffix) if suffix.isdigit() else 0
 
 
+# Seeded selections, each from its own named stream of ``random.Random`` (one never shifts another).
+
+
+def shuffled(items: Iterable[Any], stream: str) -> list[Any]:
+    """``items`` in the order of one seeded shuffle."""
+    order = list(items)
+    random.Random(stream).shuffle(order)
+    return order
+
+
 def nested_sample(rows: list[Any], n: int, seed: int) -> list[Any]:
     """``n`` rows (all when 0 or more than there are) in their input order: the first ``n`` of one
     seeded shuffle, so with the same rows and seed the sample for a smaller ``n`` lies inside the
     sample for a larger one (training-data sizes for a scaling curve)."""
     if not n or n >= len(rows):
         return rows
-    order = list(range(len(rows)))
-    random.Random(f"nested-{seed}").shuffle(order)
-    return [rows[i] for i in sorted(order[:n])]
+    return [rows[i] for i in sorted(shuffled(range(len(rows)), f"nested-{seed}")[:n])]
 
 
 def holdout_ids(ids: list[str], fraction: float, seed: int) -> set[str]:
-    """The held-out ``fraction`` of ``ids``, by a seeded shuffle of the whole list: the same file and
-    seed give the same split for training (``embed.data.holdout_fraction``) and for eval's kNN task
-    (``split: holdout``)."""
-    order = sorted(set(ids))
-    random.Random(f"holdout-{seed}").shuffle(order)  # its own stream: independent of sample_rows
+    """The held-out ``fraction`` of ``ids``, the first of one seeded shuffle of them all: the same file
+    and seed give the same split for training (``embed.data.holdout_fraction``) and for eval's kNN
+    task (``split: holdout``)."""
+    order = shuffled(sorted(set(ids)), f"holdout-{seed}")
     return set(order[: round(fraction * len(order))])
+
+
+def sample_rows(rows: list[dict], max_rows: int, seed: int) -> list[dict]:
+    """A seeded sample of ``max_rows`` rows in file order (all when 0 or more than there are). Not
+    nested: it fixes eval's sampled query and document sets, which the scores in docs/ were measured
+    on, so it keeps ``random.sample``'s draw."""
+    if not max_rows or max_rows >= len(rows):
+        return rows
+    keep = sorted(random.Random(f"sample-{seed}").sample(range(len(rows)), max_rows))
+    return [rows[i] for i in keep]
 
 
 def read_chat_rows(path: Path, text_keys: tuple[str, ...]) -> list[dict[str, Any]]:

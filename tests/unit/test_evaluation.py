@@ -21,10 +21,9 @@ from speed_ray.eval.tasks import (
     retrieval_task,
     sample_corpus,
     sample_queries,
-    sample_rows,
     tfidf_encoder,
 )
-from speed_ray.io.data import holdout_ids, read_labelled
+from speed_ray.io.data import holdout_ids, read_labelled, sample_rows
 
 
 def _angle(deg: float) -> np.ndarray:
