@@ -81,7 +81,7 @@ def row_data(cfg: SpeedRayConfig):
     else:
         path = locate(str(d.path))
     # An anchor in SPEED/E5 form carries its instruction: the trainer applies it as it applies
-    # every instruction (decoders see it, encoders the bare query: ``embedding.format_query``).
+    # every instruction (decoders see it, encoders the bare query: ``embed.model.format_query``).
     rows = [
         dict(zip(("instruction", "query"), split_query(r["anchor"]), strict=True))
         | {"positive": r["positive"], "negatives": r["negatives"]}
@@ -245,7 +245,7 @@ def dataset_name(data: dict[str, Any]) -> str:
 
 def card_info(cfg: SpeedRayConfig, data: dict[str, Any], rows: int, negatives: int) -> dict[str, Any]:
     """What the model card says besides the model itself (plain values, for the workers and the
-    manifest; ``embedding.model_card_data`` turns them into sentence-transformers' card data)."""
+    manifest; ``embed.model.model_card_data`` turns them into sentence-transformers' card data)."""
     ec, res = cfg.embed, cfg.embed.resources
     columns = ["anchor", "positive"] + (["negative"] if data["source"] == "synth" or negatives else [])
     loss = {

@@ -65,7 +65,7 @@ def cached_backward(
         loss_fn: maps the [N, d] embeddings to (loss, extra); may gather across workers.
         backward: ``backward(forward, grad, last)`` runs ``forward()`` and backpropagates ``grad``
             through it, syncing workers only when ``last`` (DDP's ``no_sync``, DeepSpeed's boundary).
-        frozen: an ``embedding.FrozenBlocks``: the frozen blocks' outputs from the first pass are
+        frozen: an ``embed.model.FrozenBlocks``: the frozen blocks' outputs from the first pass are
             reused in the second, so only the trainable blocks run twice.
 
     Returns:

@@ -96,7 +96,7 @@ class TaskScores:
 def model_card_data(
     card: dict[str, Any], history: list[dict[str, Any]], scores: dict[str, dict[str, Any]] | None = None
 ) -> Any:
-    """sentence-transformers' card data for a trained model: ``card`` (``pipeline.embed.card_info``:
+    """sentence-transformers' card data for a trained model: ``card`` (``embed.driver.card_info``:
     base model, training set, loss, hyperparameters), the loss per step from ``history``, and the
     eval stage's ``scores`` ({task: {"kind", "main_score", "scores"}}) once it has run. Nothing is
     looked up on the Hub (``local_files_only``): the names are written as given."""

@@ -169,7 +169,7 @@ def train_step(
 
     The step's texts (queries, positives, negatives) are sorted by token length and embedded in passes
     of at most ``embed.pass_tokens`` padded tokens (and ``chunk_size`` texts); the loss sees them back
-    in row order. ``frozen`` (``embedding.FrozenBlocks``) lets GradCache compute the frozen blocks once.
+    in row order. ``frozen`` (``embed.model.FrozenBlocks``) lets GradCache compute the frozen blocks once.
     """
     ec = s.embed
     queries, positives, negatives, mask = batch_texts(rows, ec.pooling, s.num_negatives)

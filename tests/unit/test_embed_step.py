@@ -1,4 +1,4 @@
-"""The trainer's own step (``train.embed.train_step``) on a real tiny BERT: 2 gloo ranks under DDP
+"""The trainer's own step (``embed.step.train_step``) on a real tiny BERT: 2 gloo ranks under DDP
 give the loss and every parameter's gradient of one process on the whole batch, plain and through
 GradCache, with K hard negatives (some masked) and the symmetric loss; and the batch order."""
 
