@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton
 	touch $@
 
-quickstart: install  ## run configs/quickstart.yaml: synth, embed, eval, report (align is off there; about 8 minutes on 2 CPUs)
+quickstart: install  ## run configs/quickstart.yaml: synth, embed, eval, report (align is off there; about 9 minutes on 2 CPUs)
 	$(VENV)/bin/speed-ray run configs/quickstart.yaml
 
 check: install  ## lint and type-check
