@@ -94,10 +94,6 @@ KEYS = {
 USER_KEYS = {"seed": "align.seed_data", "pairs": "align.pairs_data", "revisions": "align.revision_data"}
 
 
-def loop(cfg: SpeedRayConfig) -> Loop:
-    return Loop(cfg, "align", KEYS)
-
-
 def user_fingerprint(cfg: SpeedRayConfig, name: str) -> dict[str, Any]:
     """A step the user's own file replaces depends on that file alone."""
     key = USER_KEYS[name]
@@ -111,7 +107,7 @@ def train_state(cfg: SpeedRayConfig, name: str) -> tuple[Path, ...]:
 
 
 def run(cfg: SpeedRayConfig) -> dict:
-    lp = loop(cfg)
+    lp = Loop(cfg, "align", KEYS)
 
     def trained(name: str, title: str, reads: tuple[str, ...]) -> dict:
         fp = lp.fingerprint(name, reads)

@@ -127,6 +127,11 @@ class Loop:
     def groups(self, samples: str) -> dict[str, list[dict[str, Any]]]:
         return speed.group_samples(read_stage(self.out / samples, GENERATIONS))
 
+    def ranked(self, samples: str, judged: bool) -> tuple[dict[str, list[dict[str, Any]]], pa.Table | None]:
+        """The samples by prompt, and the judge's verdicts on them when there is a judge."""
+        judgments = read_stage(self.out / "judgments", JUDGMENTS) if judged else None
+        return self.groups(samples), judgments
+
     def judge(self, samples: str, engine: str, role: str = "") -> dict:
         """The best and worst of each prompt's samples, by ``engine`` at temperature 0."""
         s = self.cfg.synth.sampling
@@ -145,8 +150,7 @@ class Loop:
 
         def build() -> dict:
             started = time.time()
-            groups = self.groups(samples)
-            judgments = read_stage(self.out / "judgments", JUDGMENTS) if judged else None
+            groups, judgments = self.ranked(samples, judged)
             table, dropped = speed.preference_pairs(groups, judgments, fallback=fallback)
             judged_rows = sum(r.startswith("judge: ") for r in table["reason"].to_pylist())
             extra = {
@@ -170,8 +174,7 @@ class Loop:
 
         def build() -> dict:
             started = time.time()
-            groups = self.groups(samples)
-            judgments = read_stage(self.out / "judgments", JUDGMENTS) if judged else None
+            groups, judgments = self.ranked(samples, judged)
             table = speed.pick_drafts(groups, judgments)
             return write_table(self.out / "drafts", [table], GENERATIONS, {"prompts": len(groups)}, started)
 
@@ -183,9 +186,10 @@ class Loop:
         s = self.cfg.synth.sampling
 
         def build() -> dict:
-            rows = read_stage(self.out / drafts, GENERATIONS)
-            if drafts != "drafts":
-                rows = speed.pick_drafts(speed.group_samples(rows))
+            if drafts == "drafts":
+                rows = read_stage(self.out / drafts, GENERATIONS)
+            else:
+                rows = speed.pick_drafts(self.groups(drafts))
             requests = speed.revise_requests(rows.to_pylist(), self.cfg.run.seed, s.max_field_chars)
             params = self.params(s.revise_max_tokens)
             return self.generate("revisions", engine, requests, GENERATIONS, speed.parse_revisions, params)
