@@ -241,12 +241,14 @@ class Handler(BaseHTTPRequestHandler):
         try:
             time.sleep(fake.sleep_s + (0.02 * (body["seed"] % 3) if fake.stagger else 0.0))
             time.sleep(fake.slow_s if number <= fake.slow_first else 0.0)
-            if fake.fault and (not fake.fault_first or number <= fake.fault_first):
-                self.send_fault(fake.fault, completion(body, None, False))
-            else:
-                self.send(*fake.reply(number, headers, body))
         finally:
+            # Leave before replying: once the reply is written the client may send its next
+            # request at once, and counting this one still in flight would overstate the peak.
             fake.leave()
+        if fake.fault and (not fake.fault_first or number <= fake.fault_first):
+            self.send_fault(fake.fault, completion(body, None, False))
+        else:
+            self.send(*fake.reply(number, headers, body))
 
     def send_fault(self, fault: str, good: dict[str, Any]) -> None:
         payload = {
