@@ -12,7 +12,13 @@ The manifest comes last.
 A killed run leaves finished shards and no manifest. The rerun checks the plan, keeps every shard
 whose file still has its recorded checksum, byte for byte, and sends only the other shards' rows to
 the engine: a shard that is missing, truncated or corrupted is generated again, so no row is lost or
-written twice. Totals cover the shards of earlier, killed runs too. No Ray here.
+written twice. Totals cover the shards of earlier, killed runs too.
+
+Steps after generation are derived shard by shard: shard ``s`` of such a step is made from shard
+``s`` of the steps it reads (``write_derived``), on a worker, and written with the same record. A
+generation step writes all outputs of an input row into that row's shard, so every sample of a prompt
+lies in one shard, and a step that needs a prompt's samples together (the judge, the pairs, the
+drafts) finds them there: grouping by prompt id needs no shuffle across shards. No Ray here.
 """
 
 from __future__ import annotations
@@ -33,7 +39,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from speed_ray.io.schemas import sha256_file, shard_name, write_json_atomic, write_manifest, write_shard
+from speed_ray.io.schemas import (
+    replacing,
+    sha256_file,
+    shard_name,
+    validate_table,
+    write_json_atomic,
+    write_manifest,
+    write_shard,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +122,8 @@ def _keep_plan(out_dir: Path, plan: dict[str, Any]) -> None:
     if old != plan:
         raise ValueError(
             f"{out_dir}: an unfinished earlier run of this step had other inputs "
-            f"({old['num_input_rows']} rows in shards of {old['shard_rows']}, now "
-            f"{plan['num_input_rows']} in shards of {plan['shard_rows']}); delete {out_dir} "
+            f"({old['num_input_rows']} rows in {old['num_shards']} shards, now "
+            f"{plan['num_input_rows']} in {plan['num_shards']}); delete {out_dir} "
             "to start the step over, or restore the earlier config"
         )
 
@@ -143,6 +157,9 @@ class ShardedWriter:
         self.buffers: dict[int, dict[tuple[str, int], dict[str, Any]]] = defaultdict(dict)
         self.written_now = 0
         (out_dir / DONE).mkdir(exist_ok=True)
+        for s, size in enumerate(self.sizes):  # a shard with no input row is complete already
+            if size == 0 and s not in self.done:
+                self._write(s)
 
     def add(self, table: pa.Table) -> None:
         """Buffer a table of outputs (each row with its ``shard``); write every shard now complete."""
@@ -167,11 +184,9 @@ class ShardedWriter:
                 self._write(s)
 
     def _write(self, s: int) -> None:
-        rows = [row for _, row in sorted(self.buffers.pop(s).items())]
+        rows = [row for _, row in sorted(self.buffers.pop(s, {}).items())]
         table = pa.Table.from_pylist(rows, schema=self.schema)
-        path = self.out_dir / shard_name(s)
-        entry = write_shard(path, table, self.schema) | accounting(table)
-        write_json_atomic(record_path(self.out_dir, path), entry)
+        write_record(self.out_dir, s, table, self.schema, accounting(table))
         self.done.add(s)
         self.written_now += len(rows)
         logger.info(f"{self.out_dir.name}: shard {s + 1}/{len(self.sizes)} written ({len(self.done)} done)")
@@ -187,10 +202,7 @@ class ShardedWriter:
                 f"{self.out_dir.name}: the engine returned no output for some rows of shards {missing[:5]} "
                 f"(outputs so far: {short}); rerun to retry them, finished shards are kept"
             )
-        files = [
-            json.loads(record_path(self.out_dir, self.out_dir / shard_name(s)).read_text())
-            for s in range(len(self.sizes))
-        ]
+        files = records(self.out_dir, len(self.sizes))
         elapsed = max(time.time() - started, 1e-9)
         accounting = totals(files, prices) | {"rows_per_s": round(self.written_now / elapsed, 2)}
         manifest = write_manifest(
@@ -198,6 +210,101 @@ class ShardedWriter:
         )
         shutil.rmtree(self.out_dir / REQUESTS, ignore_errors=True)
         return manifest
+
+
+def write_record(out_dir: Path, s: int, table: pa.Table, schema: pa.Schema, extra: dict[str, Any]) -> dict:
+    """Write shard ``s`` of a step whole, then its record (rows, SHA-256 and ``extra``): a shard without
+    its record is not finished (``finished_shards``)."""
+    path = out_dir / shard_name(s)
+    entry = write_shard(path, table, schema) | extra
+    write_json_atomic(record_path(out_dir, path), entry)
+    return entry
+
+
+def records(out_dir: Path, num_shards: int) -> list[dict[str, Any]]:
+    """The records of shards ``0..num_shards-1``, all written."""
+    return [json.loads(record_path(out_dir, out_dir / shard_name(s)).read_text()) for s in range(num_shards)]
+
+
+def read_shard(step_dir: Path, s: int, schema: pa.Schema) -> pa.Table:
+    """Shard ``s`` of a finished step, checked against ``schema``."""
+    path = step_dir / shard_name(s)
+    return validate_table(pq.read_table(path), schema, f"{step_dir.name}/{path.name}")
+
+
+def write_derived(
+    out_dir: Path,
+    s: int,
+    reads: list[tuple[Path, pa.Schema]],
+    fn: Callable[..., tuple[pa.Table, dict[str, Any]]],
+    schema: pa.Schema,
+    kwargs: dict[str, Any],
+) -> int:
+    """Shard ``s`` of a derived step: ``fn`` over shard ``s`` of each step in ``reads`` (in order, then
+    ``kwargs``) gives the rows and their counts, written with the counts in the shard's record.
+    Returns the rows written."""
+    table, counts = fn(*(read_shard(d, s, sc) for d, sc in reads), **kwargs)
+    write_record(out_dir, s, table, schema, {"counts": counts})
+    return table.num_rows
+
+
+def finish_derived(
+    out_dir: Path, schema: pa.Schema, num_shards: int, extra: dict[str, Any], started: float, written: int
+) -> dict:
+    """The manifest of a derived step whose shards are all written: its files, and the shards' counts
+    summed (``add_counts``) beside ``extra``."""
+    files = records(out_dir, num_shards)
+    counts: dict[str, Any] = {}
+    for f in files:
+        counts = add_counts(counts, f.pop("counts", {}))
+    elapsed = max(time.time() - started, 1e-9)
+    extra = counts | extra | {"rows_per_s": round(written / elapsed, 2)}
+    return write_manifest(out_dir, schema, files, extra, started)
+
+
+def add_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``a`` + ``b`` key by key: numbers add, nested dicts (counts by reason) add the same way."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = add_counts(out.get(k, {}), v) if isinstance(v, dict) else out.get(k, 0) + v
+    return out
+
+
+def requests_plan(out_dir: Path, sizes: list[int], id_hashes: list[str], done: set[int]) -> Layout:
+    """The layout of a generation step whose request files were written per input shard on the
+    workers (``_requests/shard_s.parquet``, none for an empty shard): the plan recorded (or checked
+    against an unfinished earlier run's) from each shard's size and ids' SHA-256."""
+    plan = {
+        "shard_rows": None,  # one shard per shard of the step read
+        "num_shards": len(sizes),
+        "num_input_rows": sum(sizes),
+        "ids_sha256": hashlib.sha256("".join(id_hashes).encode()).hexdigest(),
+    }
+    _keep_plan(out_dir, plan)
+    files = [str(out_dir / REQUESTS / shard_name(s)) for s, n in enumerate(sizes) if n and s not in done]
+    return Layout(sizes=sizes, done=done, request_files=files)
+
+
+def write_requests(
+    out_dir: Path,
+    s: int,
+    reads: list[tuple[Path, pa.Schema]],
+    fn: Callable[..., list[dict[str, Any]]],
+    kwargs: dict[str, Any],
+    done: set[int],
+) -> tuple[int, str]:
+    """The engine requests made by ``fn`` from shard ``s`` of ``reads``, written (with their shard) to
+    the step's request file unless shard ``s`` is finished. Returns their number and ids' SHA-256."""
+    rows = fn(*(read_shard(d, s, sc) for d, sc in reads), **kwargs)
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"{out_dir.name}: request id {dup!r} appears twice (shard {s})")
+    if rows and s not in done:
+        path = out_dir / REQUESTS / shard_name(s)
+        with replacing(path) as tmp:
+            pq.write_table(pa.Table.from_pylist([r | {"shard": s} for r in rows]), tmp)
+    return len(rows), hashlib.sha256(("\n".join(ids) + "\n").encode()).hexdigest()
 
 
 def with_shard(outputs: pa.Table, inputs: pa.Table) -> pa.Table:

@@ -297,6 +297,30 @@ def dedup(
     its group. E.g. ``dedup(ray.data.read_parquet(path), ["query", "positive"])`` gives ``removed ==
     {"ex-0042": "ex-0007"}`` and ``stats["bands"], stats["rows_per_band"] == (9, 13)``.
     """
+    removed, stats, dropping = near_duplicates(
+        ds, text_columns, id_column, threshold, num_perm, shingle_size, seed, num_partitions, num_cpus
+    )
+    # [4] Ray Data: drop the removed ids; the id list travels in the task's fn_kwargs.
+    kw = {"id_column": id_column, "removed": dropping}
+    kept = (
+        ds.map_batches(drop_ids, batch_format="pyarrow", num_cpus=num_cpus, fn_kwargs=kw) if removed else ds
+    )
+    return kept, stats, removed
+
+
+def near_duplicates(
+    ds: Any,
+    text_columns: list[str],
+    id_column: str = "id",
+    threshold: float = 0.8,
+    num_perm: int = 128,
+    shingle_size: int = 3,
+    seed: int = 0,
+    num_partitions: int | None = None,
+    num_cpus: float = 0.25,
+) -> tuple[dict[Any, Any], dict[str, Any], pa.Array]:
+    """``dedup``'s decision without the filter: ``(removed, stats, removed ids as an Arrow array)``,
+    for a caller that drops the ids itself (synth drops them shard by shard)."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"dedup: threshold must be in (0, 1], got {threshold}")
     edges = _edges(
@@ -304,19 +328,12 @@ def dedup(
     )
     # [3] Driver: union-find over the edge list, streamed batch by batch.
     removed, id_type = removed_ids(edges.iter_batches(batch_format="pyarrow", batch_size=None))
-    # [4] Ray Data: drop the removed ids; the id list travels in the task's fn_kwargs.
-    dropping = {"id_column": id_column, "removed": pa.array(sorted(removed), id_type)}
-    kept = (
-        ds.map_batches(drop_ids, batch_format="pyarrow", num_cpus=num_cpus, fn_kwargs=dropping)
-        if removed
-        else ds
-    )
     input_rows = ds.count()
     bands, rows = lsh_params(threshold, num_perm)
     params = {"threshold": threshold, "num_perm": num_perm, "bands": bands, "rows_per_band": rows}
     stats = {"input_rows": input_rows, "removed": len(removed), "kept": input_rows - len(removed)}
     stats |= params | {"shingle_size": shingle_size, "duplicate_groups": len(set(removed.values()))}
-    return kept, stats, removed
+    return removed, stats, pa.array(sorted(removed), id_type)
 
 
 def _edges(
@@ -355,3 +372,8 @@ def removed_ids(edges: Iterable[pa.Table]) -> tuple[dict[Any, Any], Any]:
         for x, y in zip(batch.column("a").to_pylist(), batch.column("b").to_pylist(), strict=True):
             uf.union(x, y)
     return {x: uf.find(x) for x in list(uf.parent) if uf.find(x) != x}, id_type
+
+
+def drop_shard(rows: pa.Table, removed: pa.Array) -> tuple[pa.Table, dict[str, Any]]:
+    """One shard of rows without the ``removed`` ids (synth writes its examples so), and no counts."""
+    return (drop_ids(rows, "id", removed) if len(removed) else rows), {}

@@ -35,13 +35,16 @@ from speed_ray.io.schemas import (
     EXAMPLES,
     GENERATIONS,
     TRIPLETS,
-    read_stage,
-    write_stage,
+    finished_manifest,
+    shard_name,
+    write_manifest,
 )
 from speed_ray.io.settings import ConfigError
 from speed_ray.io.steps import log, pending, remove
 from speed_ray.synth import speed
+from speed_ray.synth.dedup import drop_shard
 from speed_ray.synth.loop import Loop
+from speed_ray.synth.stage import SHARD_MAP_CPUS, derive_step
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ def run(cfg: SpeedRayConfig) -> dict:
     revised = _optional(loop, m, "revisions", "synth.reviser", lambda: loop.revise("drafts", "synth.reviser"))
     reads = ("drafts", "revisions") if revised else ("drafts",)
     m["examples"] = loop.step("examples", lambda: examples_step(cfg, loop.out, revised), reads)
-    m["train"] = loop.step("train", lambda: training_set_step(loop.out), ("examples",))
+    m["train"] = loop.step("train", lambda: training_set_step(cfg, loop.out), ("examples",))
     return m
 
 
@@ -127,41 +130,77 @@ def _no_longer_configured(out_dir: Path, name: str, key: str) -> None:
 
 
 def examples_step(cfg: SpeedRayConfig, out: Path, revised: bool) -> dict:
-    """Final rows (revised where possible), then MinHash LSH near-duplicate removal on Ray Data."""
-    started = time.time()
-    revisions = read_stage(out / "revisions", GENERATIONS) if revised else None
-    rows = speed.final_rows(read_stage(out / "drafts", GENERATIONS), revisions)
-    extra: dict[str, Any] = {"drafts": rows.num_rows}
-    if revisions is not None:
-        extra["revised"] = rows.num_rows - sum(r == "examples" for r in rows["round"].to_pylist())
+    """Final rows (revised where possible) shard by shard, then MinHash LSH near-duplicate removal on
+    Ray Data: the candidates are written to ``examples/_candidates``, read by ``near_duplicates``,
+    and written again without the removed ids, shard by shard; only the duplicate edges and removed
+    ids pass through the driver."""
+    reads = [(out / "drafts", GENERATIONS)] + ([(out / "revisions", GENERATIONS)] if revised else [])
     dd = cfg.synth.dedup
-    if dd.enabled and rows.num_rows > 1:
+    if not dd.enabled:
+        return derive_step(cfg, out / "examples", EXAMPLES, reads, speed.final_shard)
+    candidates = out / "examples" / CANDIDATES
+    found = derive_step(cfg, candidates, EXAMPLES, reads, speed.final_shard)
+    extra = {k: found[k] for k in ("drafts", "revised") if k in found}
+    removed = pa.array([], pa.string())
+    if found["num_rows"] > 1:
         import ray
 
-        from speed_ray.ray_utils import init_ray
-        from speed_ray.synth.dedup import dedup
+        from speed_ray.synth.dedup import near_duplicates
 
-        init_ray(cfg)
-        kept, stats, _ = dedup(
-            ray.data.from_arrow(rows),
+        files = [str(candidates / f["name"]) for f in found["files"]]
+        gone, extra["dedup"], removed = near_duplicates(
+            ray.data.read_parquet(files),
             ["query", "positive"],
             threshold=dd.threshold,
             num_perm=dd.num_perm,
             shingle_size=dd.shingle_size,
             seed=cfg.run.seed,
             # Shuffle partitions grow with the data (Ray's default of 200 is slow on a laptop).
-            num_partitions=min(200, max(2, rows.num_rows // 5000)),
+            num_partitions=min(200, max(2, found["num_rows"] // 5000)),
         )
-        table = pa.concat_tables([t for t in kept.iter_batches(batch_format="pyarrow", batch_size=None)])
-        rows = table.sort_by("id") if table.num_rows else EXAMPLES.empty_table()
-        extra["dedup"] = stats
-        logger.info(f"synth/examples: MinHash dedup removed {stats['removed']} of {stats['input_rows']} rows")
-    return write_stage(out / "examples", [rows], EXAMPLES, extra, started)
+        logger.info(f"synth/examples: MinHash dedup removed {len(gone)} of {found['num_rows']} rows")
+    reads = [(candidates, EXAMPLES)]
+    manifest = derive_step(cfg, out / "examples", EXAMPLES, reads, drop_shard, {"removed": removed}, extra)
+    remove(candidates)
+    return manifest
 
 
-def training_set_step(out: Path) -> dict:
+CANDIDATES = "_candidates"
+"""The examples before dedup, inside the examples folder until it is finished."""
+
+
+def training_set_step(cfg: SpeedRayConfig, out: Path) -> dict:
     """``examples/`` as the embedding training set: the three text columns and nothing else, since
-    sentence-transformers embeds every column of its training dataset."""
+    sentence-transformers embeds every column of its training dataset.
+
+    The rows are in example-id order (a hash of the prompt: a seeded shuffle of the examples that does
+    not depend on how they were sharded), so training draws the same batches however the steps before
+    were split: a Ray Data sort by id, each sorted block written as one shard by the worker that holds
+    it. The step is cheap next to the ones before, so a killed run makes it again whole."""
+    import ray
+
+    from speed_ray.ray_utils import init_ray
+
     started = time.time()
-    table = speed.training_triplets(read_stage(out / "examples", EXAMPLES))
-    return write_stage(out / "train", [table], TRIPLETS, {"examples": table.num_rows}, started)
+    dest = out / "train"
+    remove(dest)  # parts of a killed run
+    dest.mkdir(parents=True)
+    examples = finished_manifest(out / "examples")
+    parts: list[dict[str, Any]] = []
+    if examples["num_rows"]:
+        init_ray(cfg)
+        ds: Any = ray.data.read_parquet([str(out / "examples" / f["name"]) for f in examples["files"]])
+        ds = ds.sort("id").map_batches(
+            speed.write_triplets_part,
+            fn_kwargs={"out_dir": dest},
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=SHARD_MAP_CPUS,
+        )
+        parts = [r for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
+    files = []
+    for i, part in enumerate(sorted(parts, key=lambda p: p.pop("first_id"))):
+        (dest / part["name"]).rename(dest / shard_name(i))
+        files.append(part | {"name": shard_name(i)})
+    n = sum(f["num_rows"] for f in files)
+    return write_manifest(dest, TRIPLETS, files, {"examples": n, "order": "example id"}, started)

@@ -10,7 +10,6 @@ keys, as dotted prefixes), the engine section it calls, and the outputs of the s
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,19 @@ import pyarrow as pa
 from speed_ray.config import SpeedRayConfig
 from speed_ray.engines.config import EngineConfig
 from speed_ray.io.fingerprint import output_hash, path_hash, run_model_inputs
-from speed_ray.io.schemas import GENERATIONS, JUDGMENTS, PREFERENCE_PAIRS, TASKS, read_manifest, read_stage
-from speed_ray.io.schemas import write_stage as write_table
+from speed_ray.io.schemas import (
+    GENERATIONS,
+    JUDGMENTS,
+    MANIFEST,
+    PREFERENCE_PAIRS,
+    TASKS,
+    read_manifest,
+    read_stage,
+)
 from speed_ray.io.settings import ConfigError
 from speed_ray.io.steps import step
 from speed_ray.synth import speed
-from speed_ray.synth.stage import generate_step, sampling_params
+from speed_ray.synth.stage import derive_step, generate_derived, generate_step, sampling_params
 
 
 def engine_at(cfg: SpeedRayConfig, key: str) -> EngineConfig:
@@ -56,6 +62,10 @@ class Loop:
         tax = self.cfg.synth.taxonomy
         if name == "tasks" and tax.path is not None and not tax.topics:
             inputs["synth.taxonomy.path"] = path_hash(tax.path)  # the file's topics
+        if name in SHARD_BY_SHARD:
+            inputs["sharding"] = (
+                "shard s from shard s of each step read"  # older runs, one shard per step, redo it
+            )
         if engine is not None:
             inputs |= run_model_inputs([engine_at(self.cfg, engine).model], self.cfg.run_dir)
         return self.cfg.fingerprint((*self.keys[name], *([engine] if engine else [])), inputs)
@@ -124,22 +134,15 @@ class Loop:
 
         return self.step(name, build, ("tasks",), engine, role)
 
-    def groups(self, samples: str) -> dict[str, list[dict[str, Any]]]:
-        return speed.group_samples(read_stage(self.out / samples, GENERATIONS))
-
-    def ranked(self, samples: str, judged: bool) -> tuple[dict[str, list[dict[str, Any]]], pa.Table | None]:
-        """The samples by prompt, and the judge's verdicts on them when there is a judge."""
-        judgments = read_stage(self.out / "judgments", JUDGMENTS) if judged else None
-        return self.groups(samples), judgments
-
     def judge(self, samples: str, engine: str, role: str = "") -> dict:
         """The best and worst of each prompt's samples, by ``engine`` at temperature 0."""
         s = self.cfg.synth.sampling
 
         def build() -> dict:
-            rows = speed.judge_requests(self.groups(samples), self.cfg.run.seed, s.max_field_chars)
+            kw = {"seed": self.cfg.run.seed, "max_chars": s.max_field_chars}
             params = self.params(s.judge_max_tokens, greedy=True)
-            return self.generate("judgments", engine, rows, JUDGMENTS, speed.parse_judgments, params)
+            reads = self.reads(samples)
+            return self.generate_from("judgments", engine, reads, speed.judge_shard, kw, JUDGMENTS, params)
 
         return self.step("judgments", build, (samples,), engine, role)
 
@@ -149,36 +152,24 @@ class Loop:
         reads = (samples, "judgments") if judged else (samples,)
 
         def build() -> dict:
-            started = time.time()
-            groups, judgments = self.ranked(samples, judged)
-            table, dropped = speed.preference_pairs(groups, judgments, fallback=fallback)
-            judged_rows = sum(r.startswith("judge: ") for r in table["reason"].to_pylist())
-            extra = {
-                "rows_in": len(groups),
-                "judged": judged_rows,
-                "rule_scored": table.num_rows - judged_rows,
-            }
-            if empty and table.num_rows == 0:
+            out = self.out / "pairs"
+            m = self.derive("pairs", reads, PREFERENCE_PAIRS, speed.pairs_shard, {"fallback": fallback})
+            if empty and m["num_rows"] == 0:
+                (out / MANIFEST).unlink()
                 raise ConfigError(
-                    f"{self.stage}/pairs: no preference pair from {len(groups)} prompts (dropped: {dropped}); {empty}"
+                    f"{self.stage}/pairs: no preference pair from {m['rows_in']} prompts "
+                    f"(dropped: {m['dropped']}); {empty}"
                 )
-            return write_table(
-                self.out / "pairs", [table], PREFERENCE_PAIRS, extra | {"dropped": dropped}, started
-            )
+            return m
 
         return self.step("pairs", build, reads)
 
     def drafts(self, samples: str, judged: bool) -> dict:
         """One draft per prompt: the judge's best sample, else the first valid one."""
         reads = (samples, "judgments") if judged else (samples,)
-
-        def build() -> dict:
-            started = time.time()
-            groups, judgments = self.ranked(samples, judged)
-            table = speed.pick_drafts(groups, judgments)
-            return write_table(self.out / "drafts", [table], GENERATIONS, {"prompts": len(groups)}, started)
-
-        return self.step("drafts", build, reads)
+        return self.step(
+            "drafts", lambda: self.derive("drafts", reads, GENERATIONS, speed.drafts_shard), reads
+        )
 
     def revise(self, drafts: str, engine: str, role: str = "") -> dict:
         """Each draft in step ``drafts`` rewritten once by ``engine``; a samples step gives its first
@@ -186,12 +177,38 @@ class Loop:
         s = self.cfg.synth.sampling
 
         def build() -> dict:
-            if drafts == "drafts":
-                rows = read_stage(self.out / drafts, GENERATIONS)
-            else:
-                rows = speed.pick_drafts(self.groups(drafts))
-            requests = speed.revise_requests(rows.to_pylist(), self.cfg.run.seed, s.max_field_chars)
+            kw = {"seed": self.cfg.run.seed, "max_chars": s.max_field_chars, "pick": drafts != "drafts"}
             params = self.params(s.revise_max_tokens)
-            return self.generate("revisions", engine, requests, GENERATIONS, speed.parse_revisions, params)
+            reads = self.reads(drafts)
+            return self.generate_from("revisions", engine, reads, speed.revise_shard, kw, GENERATIONS, params)
 
         return self.step("revisions", build, (drafts,), engine, role)
+
+    # ------------------------------------------------------------------------------------------
+    # Steps made shard by shard from earlier steps (``speed_ray.synth.stage``)
+
+    def reads(self, *names: str) -> list[tuple[Path, pa.Schema]]:
+        """The folders and schemas of steps ``names``, read shard by shard."""
+        return [(self.out / n, STEP_SCHEMAS.get(n, GENERATIONS)) for n in names]
+
+    def derive(
+        self, name: str, reads: Iterable[str], schema: pa.Schema, fn: Callable, kw: dict | None = None
+    ) -> dict:
+        """Step ``name``: ``fn`` over each shard of the steps ``reads``, on the workers."""
+        return derive_step(self.cfg, self.out / name, schema, self.reads(*reads), fn, kw)
+
+    def generate_from(
+        self, name: str, engine: str, reads: list, requests: Callable, kw: dict, schema: pa.Schema, params
+    ) -> dict:
+        """Step ``name``: the ``requests`` made from each shard of ``reads`` through ``engine``'s pool."""
+        parse = {"judgments": speed.parse_judgments, "revisions": speed.parse_revisions}[name]
+        eng = engine_at(self.cfg, engine)
+        return generate_derived(self.cfg, eng, self.out / name, schema, reads, requests, kw, params, parse)
+
+
+SHARD_BY_SHARD = ("judgments", "pairs", "drafts", "revisions", "examples", "train")
+"""The steps made shard by shard from the steps they read."""
+
+STEP_SCHEMAS = {"tasks": TASKS, "judgments": JUDGMENTS, "pairs": PREFERENCE_PAIRS}
+"""The schema of each step folder the loop reads; every other one (samples, drafts, revisions) holds
+GENERATIONS rows."""

@@ -12,6 +12,7 @@ import itertools
 import json
 import random
 from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -388,3 +389,72 @@ def preference_pairs(
             }
         )
     return cast_rows(out, PREFERENCE_PAIRS), dict(dropped)
+
+
+# ---- One shard at a time: the steps after generation run these on the workers, each over shard s
+# of the steps it reads (``speed_ray.synth.stage``). A prompt's samples all lie in one shard. ----
+
+
+def judge_shard(generations: pa.Table, seed: int, max_chars: int) -> list[dict[str, Any]]:
+    """The judge's requests for one shard of samples."""
+    return judge_requests(group_samples(generations), seed, max_chars)
+
+
+def pairs_shard(
+    generations: pa.Table, judgments: pa.Table | None = None, fallback: bool = True
+) -> tuple[pa.Table, dict[str, Any]]:
+    """One shard's preference pairs, and how many prompts came in, were judged or rule-scored, or
+    were dropped (by reason)."""
+    groups = group_samples(generations)
+    table, dropped = preference_pairs(groups, _verdicts_for(judgments, groups), fallback=fallback)
+    judged = sum(r.startswith("judge: ") for r in table["reason"].to_pylist())
+    counts = {"rows_in": len(groups), "judged": judged, "rule_scored": table.num_rows - judged}
+    return table, counts | {"dropped": dropped}
+
+
+def drafts_shard(generations: pa.Table, judgments: pa.Table | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """One shard's drafts (``pick_drafts``) and its number of prompts."""
+    groups = group_samples(generations)
+    return pick_drafts(groups, _verdicts_for(judgments, groups)), {"prompts": len(groups)}
+
+
+def revise_shard(rows: pa.Table, seed: int, max_chars: int, pick: bool = False) -> list[dict[str, Any]]:
+    """The reviser's requests for one shard of drafts, or with ``pick`` of samples (the first valid
+    sample of each prompt is its draft)."""
+    drafts = pick_drafts(group_samples(rows)) if pick else rows
+    return revise_requests(drafts.to_pylist(), seed, max_chars)
+
+
+def final_shard(drafts: pa.Table, revisions: pa.Table | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """One shard's final rows (``final_rows``), with the number of drafts and of those revised."""
+    rows = final_rows(drafts, revisions)
+    counts = {"drafts": rows.num_rows}
+    if revisions is not None:
+        counts["revised"] = rows.num_rows - sum(r == "examples" for r in rows["round"].to_pylist())
+    return rows, counts
+
+
+def write_triplets_part(examples: pa.Table, out_dir: Path) -> pa.Table:
+    """One block of examples (sorted by id) written as a part of the training set, named by its first
+    id; returns its manifest entry and that id (none for an empty block)."""
+    from speed_ray.io.schemas import write_shard
+
+    schema = pa.schema([("name", pa.string()), ("num_rows", pa.int64()), ("sha256", pa.string())])
+    schema = schema.append(pa.field("first_id", pa.string()))
+    if examples.num_rows == 0:
+        return schema.empty_table()
+    first = examples["id"][0].as_py()
+    entry = write_shard(out_dir / f"part_{first}.parquet", training_triplets(examples), TRIPLETS)
+    return pa.Table.from_pylist([entry | {"first_id": first}], schema=schema)
+
+
+def _verdicts_for(judgments: pa.Table | None, groups: dict[str, list[dict[str, Any]]]) -> pa.Table | None:
+    """``judgments``, checked to judge the prompts of ``groups`` (the same shard of the samples)."""
+    if judgments is not None:
+        strays = set(judgments["example_id"].to_pylist()) - set(groups)
+        if strays:
+            raise ValueError(
+                f"judgments of prompts not in this shard of samples ({sorted(strays)[:3]}): the two "
+                "steps come from different runs; delete the judgments folder to judge again"
+            )
+    return judgments

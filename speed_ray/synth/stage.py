@@ -5,12 +5,18 @@ input columns, sends one request per row, and returns one output row per sample 
 token counts; every input column is carried through so outputs never depend on row order.
 ``engine_pool`` streams request files through an autoscaling pool of them, and ``generate_step``
 writes the parsed outputs as resumable shards (``speed_ray.io.shards``) with their accounting.
+
+The steps after generation run shard by shard on the workers too (``shard_map``: a Ray Data map over
+shard numbers, each task reading its shard of the steps before): ``derive_step`` for the steps
+without a model (pairs, drafts, examples, the training set) and ``generate_derived`` for the
+requests of the judge and the reviser. The driver handles shard numbers, counts and manifests only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -22,8 +28,21 @@ from speed_ray.config import SpeedRayConfig
 from speed_ray.engines import Request, Sampling, build_generator
 from speed_ray.engines.config import EngineConfig
 from speed_ray.io.models import resolve_model
+from speed_ray.io.schemas import finished_manifest
 from speed_ray.io.settings import ConfigError
-from speed_ray.io.shards import ShardedWriter, lay_out, with_shard
+from speed_ray.io.shards import (
+    DONE,
+    REQUESTS,
+    Layout,
+    ShardedWriter,
+    finish_derived,
+    finished_shards,
+    lay_out,
+    requests_plan,
+    with_shard,
+    write_derived,
+    write_requests,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +131,52 @@ def generate_step(
     engine object to use instead of building one from ``eng`` (tests and benchmarks)."""
     started = time.time()
     layout = lay_out(out_dir, rows, cfg.synth.shard_rows, ready)
+    return _generate(cfg, eng, out_dir, schema, layout, sampling, parse, started, ready_parse, generator)
+
+
+def generate_derived(
+    cfg: SpeedRayConfig,
+    eng: EngineConfig,
+    out_dir: Path,
+    schema: pa.Schema,
+    reads: list[tuple[Path, pa.Schema]],
+    requests: Callable[..., list[dict[str, Any]]],
+    kwargs: dict[str, Any],
+    sampling: dict[str, Any],
+    parse: Callable[[pa.Table], pa.Table],
+) -> dict:
+    """A generation step over the output of earlier steps (the judge, the reviser): ``requests`` turns
+    shard ``s`` of ``reads`` into the requests of shard ``s``, on the workers (``shard_map``), which
+    write them as the step's request files; then as ``generate_step``. The driver sees only counts."""
+    started = time.time()
+    num_shards = shard_count(reads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir / REQUESTS, ignore_errors=True)
+    (out_dir / REQUESTS).mkdir()
+    done = finished_shards(out_dir)
+    fn_kwargs = {"out_dir": out_dir, "reads": reads, "fn": requests, "kwargs": kwargs, "done": done}
+    made = {
+        r["shard"]: (r["rows"], r["ids_sha256"])
+        for r in shard_map(cfg, range(num_shards), _requests_batch, fn_kwargs, f"{out_dir.name} requests")
+    }
+    sizes = [made[s][0] for s in range(num_shards)]
+    layout = requests_plan(out_dir, sizes, [made[s][1] for s in range(num_shards)], done)
+    return _generate(cfg, eng, out_dir, schema, layout, sampling, parse, started)
+
+
+def _generate(
+    cfg: SpeedRayConfig,
+    eng: EngineConfig,
+    out_dir: Path,
+    schema: pa.Schema,
+    layout: Layout,
+    sampling: dict[str, Any],
+    parse: Callable[[pa.Table], pa.Table],
+    started: float,
+    ready_parse: Callable[[list[dict[str, Any]]], pa.Table] | None = None,
+    generator: Any = None,
+) -> dict:
+    """The laid-out requests through the engine pool into shards, then the manifest."""
     writer = ShardedWriter(out_dir, schema, layout, sampling["n"])
     if layout.done:
         logger.info(
@@ -125,6 +190,82 @@ def generate_step(
     prices = (eng.price_per_million_input_tokens, eng.price_per_million_output_tokens)
     extra = {"engine": eng.kind, "model": eng.model, "sampling": sampling, "rows_in": sum(layout.sizes)}
     return writer.finish(extra, started, prices)
+
+
+def derive_step(
+    cfg: SpeedRayConfig,
+    out_dir: Path,
+    schema: pa.Schema,
+    reads: list[tuple[Path, pa.Schema]],
+    fn: Callable[..., tuple[pa.Table, dict[str, Any]]],
+    kwargs: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict:
+    """A step made shard by shard from the steps it ``reads``, without a model: each pending shard
+    ``s`` is ``fn`` over shard ``s`` of every step read, made and written on a worker
+    (``speed_ray.io.shards.write_derived``). Shards finished by an earlier, killed run are kept; the
+    driver handles only shard numbers, row counts and the manifest."""
+    started = time.time()
+    num_shards = shard_count(reads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DONE).mkdir(exist_ok=True)
+    todo = [s for s in range(num_shards) if s not in finished_shards(out_dir)]
+    if len(todo) < num_shards:
+        logger.info(
+            f"{out_dir.name}: resuming, {num_shards - len(todo)} of {num_shards} shards already written"
+        )
+    fn_kwargs = {"out_dir": out_dir, "reads": reads, "fn": fn, "schema": schema, "kwargs": kwargs or {}}
+    written = sum(r["rows"] for r in shard_map(cfg, todo, _derive_batch, fn_kwargs, out_dir.name))
+    return finish_derived(out_dir, schema, num_shards, extra or {}, started, written)
+
+
+def shard_count(reads: list[tuple[Path, pa.Schema]]) -> int:
+    """The number of shards of the steps read, which must agree (each was derived from the first)."""
+    counts = {str(d): len(finished_manifest(d)["files"]) for d, _ in reads}
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"steps read shard by shard have different numbers of shards: {counts}")
+    return next(iter(counts.values()))
+
+
+def shard_map(
+    cfg: SpeedRayConfig, shards: Iterable[int], fn: Callable, fn_kwargs: dict[str, Any], name: str
+) -> list[dict[str, Any]]:
+    """``fn`` over each shard number on Ray Data workers, one shard per batch; the rows ``fn`` returns
+    (a few numbers per shard) come back to the driver."""
+    shards = list(shards)
+    if not shards:
+        return []
+    import ray
+
+    from speed_ray.ray_utils import init_ray
+
+    init_ray(cfg)
+    ds: Any = ray.data.from_items([{"shard": s} for s in shards])
+    ds = ds.map_batches(
+        fn, fn_kwargs=fn_kwargs, batch_size=1, batch_format="pyarrow", num_cpus=SHARD_MAP_CPUS
+    )
+    logger.info(f"{name}: {len(shards)} shards on the workers")
+    return [r for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
+
+
+SHARD_MAP_CPUS = 1.0
+"""CPUs per shard task: the transforms are plain Python, one core each."""
+
+
+def _derive_batch(batch: pa.Table, out_dir: Path, **kw: Any) -> pa.Table:
+    rows = [write_derived(out_dir, s, **kw) for s in batch["shard"].to_pylist()]
+    return pa.table({"shard": batch["shard"], "rows": pa.array(rows, pa.int64())})
+
+
+def _requests_batch(batch: pa.Table, out_dir: Path, **kw: Any) -> pa.Table:
+    made = [write_requests(out_dir, s, **kw) for s in batch["shard"].to_pylist()]
+    return pa.table(
+        {
+            "shard": batch["shard"],
+            "rows": pa.array([n for n, _ in made], pa.int64()),
+            "ids_sha256": pa.array([h for _, h in made], pa.string()),
+        }
+    )
 
 
 def engine_pool(

@@ -109,8 +109,8 @@ def test_training_on_another_runs_synthetic_rows_and_a_sample_of_them(tmp_path):
 
     from speed_ray.config import load_config
     from speed_ray.embed.driver import training_data
-    from speed_ray.io.schemas import EXAMPLES, cast_rows, write_stage
-    from speed_ray.synth.driver import training_set_step
+    from speed_ray.io.schemas import EXAMPLES, TRIPLETS, cast_rows, write_stage
+    from speed_ray.synth.speed import training_triplets
 
     rows = [
         {
@@ -123,8 +123,8 @@ def test_training_on_another_runs_synthetic_rows_and_a_sample_of_them(tmp_path):
         for i in range(10)
     ]
     synth = tmp_path / "synth-run" / "synth"
-    write_stage(synth / "examples", [cast_rows(rows, EXAMPLES)], EXAMPLES, {}, time.time())
-    training_set_step(synth)  # synth/train: what embed reads
+    examples = cast_rows(rows, EXAMPLES)
+    write_stage(synth / "train", [training_triplets(examples)], TRIPLETS, {}, time.time())  # what embed reads
     base = [f"run.output_dir={tmp_path}", "run.name=embed-run", f"embed.data.path={tmp_path / 'synth-run'}"]
     data, info = training_data(load_config(None, base))
     assert [r["query"] for r in data.rows] == [f"q{i}" for i in range(10)]

@@ -14,7 +14,15 @@ import torch
 import yaml
 
 from speed_ray.config import load_config
-from speed_ray.io.schemas import EXAMPLES, GENERATIONS, PREFERENCE_PAIRS, cast_rows, read_stage, write_stage
+from speed_ray.io.schemas import (
+    EXAMPLES,
+    GENERATIONS,
+    PREFERENCE_PAIRS,
+    TRIPLETS,
+    cast_rows,
+    read_stage,
+    write_stage,
+)
 
 INSTRUCTION = "Given a question about software, retrieve the package description that answers it"
 
@@ -49,9 +57,9 @@ def draft(i: int, negative: str | None) -> dict:
 
 
 def synth_train(tmp_path: Path) -> Path:
-    """The synth stage's last steps on hand-made drafts: final rows -> examples -> train."""
+    """The synth stage's last steps on hand-made drafts, one shard as its workers make it: final rows
+    -> examples -> train."""
     from speed_ray.synth import speed
-    from speed_ray.synth.driver import training_set_step
 
     out = tmp_path / "run" / "synth"
     drafts = cast_rows(
@@ -59,7 +67,7 @@ def synth_train(tmp_path: Path) -> Path:
     )
     rows = speed.final_rows(drafts, None)
     write_stage(out / "examples", [rows], EXAMPLES, {}, time.time())
-    manifest = training_set_step(out)
+    manifest = write_stage(out / "train", [speed.training_triplets(rows)], TRIPLETS, {}, time.time())
     assert manifest["num_rows"] == 8 and manifest["schema"] == ["anchor", "positive", "negative"]
     return out / "train"
 

@@ -126,7 +126,7 @@ def test_a_damaged_shard_is_detected_by_its_checksum_and_generated_again(tmp_pat
 def test_a_rerun_with_other_inputs_is_refused(tmp_path):
     out = tmp_path / "step"
     lay_out(out, INPUTS, 3)
-    with pytest.raises(ValueError, match=r"other inputs \(7 rows in shards of 3, now 6 in shards of 3\)"):
+    with pytest.raises(ValueError, match=r"other inputs \(7 rows in 3 shards, now 6 in 2\)"):
         lay_out(out, INPUTS[:6], 3)
 
 
