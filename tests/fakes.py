@@ -40,6 +40,26 @@ class FakeGenerator:
         return out
 
 
+class SchemaGenerator(FakeGenerator):
+    """Answers every request from its JSON schema as ``FakeTeacher`` does: a task list, an example, a
+    verdict (best 1, worst 0) or a revision. A request whose seed is a multiple of ``duplicate_every``
+    is answered as seed 0 is, so the examples hold exact duplicates for dedup to find."""
+
+    name = "schema-fake"
+
+    def __init__(self, duplicate_every: int = 0) -> None:
+        super().__init__()
+        self.duplicate_every = duplicate_every
+
+    def generate(self, requests: list[Request], sampling: Sampling) -> list[list[Completion]]:
+        out = []
+        for r in requests:
+            seed = 0 if self.duplicate_every and r.seed % self.duplicate_every == 0 else r.seed
+            texts = [FakeTeacher.answer(r.json_schema or {}, seed, k) for k in range(sampling.n)]
+            out.append([Completion(t, 100, 20) for t in texts])
+        return out
+
+
 class DiesOnce(FakeGenerator):
     """A fake engine whose process exits in the middle of its ``die_at``-th batch, the first time only
     (a marker file remembers it across the restarted actor): a generation actor killed mid-batch."""

@@ -20,7 +20,7 @@ from speed_ray.eval.report_align import ALIGN_CALL_STEPS, ALIGN_STEPS, align_lin
 from speed_ray.eval.report_eval import eval_lines
 from speed_ray.eval.report_synth import SYNTH_STEPS, degenerate_rows, plot_synth, synth_lines
 from speed_ray.eval.report_training import plot_embed, plot_training, training_lines
-from speed_ray.io.schemas import EXAMPLES, GENERATIONS, TASKS, error_kind, read_manifest, read_stage
+from speed_ray.io.schemas import EXAMPLES, GENERATIONS, TASKS, error_kind, read_manifest, stage_shards
 
 logger = logging.getLogger(__name__)
 
@@ -63,24 +63,31 @@ def collect(run_dir: Path) -> dict[str, Any]:
     }
     m: dict[str, Any] = {k: read_manifest(run_dir / v) for k, v in names.items()}
     m["align_drops"] = {
-        k: error_kinds(read_stage(run_dir / "align" / k, schema))
+        k: error_kinds(run_dir / "align" / k, schema)
         for k, schema in ALIGN_CALL_STEPS.items()
         if m[f"align/{k}"] is not None and "accounting" in m[f"align/{k}"]
     }
     if m["examples"] is not None:
-        examples = read_stage(run_dir / "synth/examples", EXAMPLES)
-        m["examples_by_type"] = dict(Counter(examples["task_type"].to_pylist()))
-        m["degenerate"] = degenerate_rows(examples.to_pylist())
+        by_type: Counter[str] = Counter()
+        degenerate: Counter[str] = Counter()
+        for shard in stage_shards(run_dir / "synth/examples", EXAMPLES):  # one shard in memory at a time
+            by_type.update(shard["task_type"].to_pylist())
+            degenerate.update(degenerate_rows(shard.to_pylist()))
+        m["examples_by_type"], m["degenerate"] = dict(by_type), dict(degenerate)
         m["error_kinds"] = {
-            k: error_kinds(read_stage(run_dir / f"synth/{k}", schema))
+            k: error_kinds(run_dir / f"synth/{k}", schema)
             for k, schema in (("tasks", TASKS), ("generations", GENERATIONS))
         }
     return m
 
 
-def error_kinds(table) -> dict[str, int]:
-    """Error rows by the error's first words (``invalid JSON``, ``missing or empty field``...)."""
-    return dict(Counter(error_kind(e) for e in table["error"].to_pylist() if e))
+def error_kinds(stage_dir: Path, schema) -> dict[str, int]:
+    """A step's error rows by the error's first words (``invalid JSON``, ``missing or empty
+    field``...), read shard by shard."""
+    kinds: Counter[str] = Counter()
+    for shard in stage_shards(stage_dir, schema, ["error"]):
+        kinds.update(error_kind(e) for e in shard["error"].to_pylist() if e)
+    return dict(kinds)
 
 
 def render(cfg: SpeedRayConfig, m: dict[str, Any], plot: str | None) -> str:

@@ -278,6 +278,16 @@ def read_stage(stage_dir: Path, schema: pa.Schema) -> pa.Table:
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
+def stage_shards(stage_dir: Path, schema: pa.Schema, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The shards of a finished stage one at a time (only ``columns``, when given), validated; for
+    readers that must not hold a whole step."""
+    for f in finished_manifest(stage_dir)["files"]:
+        table = pq.read_table(stage_dir / f["name"], columns=columns)
+        yield validate_table(
+            table, pa.schema([schema.field(c) for c in columns]) if columns else schema, f["name"]
+        )
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

@@ -83,7 +83,9 @@ KEYS = {
 }
 
 
-def run(cfg: SpeedRayConfig) -> dict:
+def run(cfg: SpeedRayConfig, generator: Any = None) -> dict:
+    """Every synth step; ``generator``: an engine object for every call instead of the configured
+    engines (benchmarks)."""
     sc = cfg.synth
     try:
         topics = speed.load_topics(sc.taxonomy.path, sc.taxonomy.topics, sc.num_topics, cfg.run.seed)
@@ -95,7 +97,7 @@ def run(cfg: SpeedRayConfig) -> dict:
             resolve_model(
                 eng.model, cfg.run_dir
             )  # fails now, not after the first steps, if align has not run
-    loop = Loop(cfg, "synth", KEYS)
+    loop = Loop(cfg, "synth", KEYS, generator)
     brainstormer = "synth.brainstormer" if sc.brainstormer is not None else "synth.engine"
     m = {"tasks": loop.tasks(topics, brainstormer)}
     m["generations"] = loop.samples(
@@ -134,6 +136,7 @@ def examples_step(cfg: SpeedRayConfig, out: Path, revised: bool) -> dict:
     Ray Data: the candidates are written to ``examples/_candidates``, read by ``near_duplicates``,
     and written again without the removed ids, shard by shard; only the duplicate edges and removed
     ids pass through the driver."""
+    started = time.time()
     reads = [(out / "drafts", GENERATIONS)] + ([(out / "revisions", GENERATIONS)] if revised else [])
     dd = cfg.synth.dedup
     if not dd.enabled:
@@ -160,7 +163,8 @@ def examples_step(cfg: SpeedRayConfig, out: Path, revised: bool) -> dict:
         )
         logger.info(f"synth/examples: MinHash dedup removed {len(gone)} of {found['num_rows']} rows")
     reads = [(candidates, EXAMPLES)]
-    manifest = derive_step(cfg, out / "examples", EXAMPLES, reads, drop_shard, {"removed": removed}, extra)
+    kw = {"removed": removed}
+    manifest = derive_step(cfg, out / "examples", EXAMPLES, reads, drop_shard, kw, extra, started)
     remove(candidates)
     return manifest
 

@@ -50,6 +50,8 @@ class Loop:
     """``synth`` or ``align``: the folder under the run, and the prefix of the step names."""
     keys: dict[str, tuple[str, ...]]
     """Per step name, the config keys its output depends on besides its engine's section."""
+    generator: Any = None
+    """An engine object answering every call instead of the configured engines (benchmarks)."""
 
     @property
     def out(self) -> Path:
@@ -87,7 +89,9 @@ class Loop:
     ) -> dict:
         """Rows through ``engine``'s pool into step folder ``name``."""
         eng = engine_at(self.cfg, engine)
-        return generate_step(self.cfg, eng, self.out / name, schema, rows, params, parse, **kw)
+        return generate_step(
+            self.cfg, eng, self.out / name, schema, rows, params, parse, generator=self.generator, **kw
+        )
 
     def params(self, max_tokens: int, n: int = 1, greedy: bool = False) -> dict[str, Any]:
         """SPEED App. B: temperature 1.0 and top_p 1.0 for synthesis, the judge at temperature 0."""
@@ -203,7 +207,9 @@ class Loop:
         """Step ``name``: the ``requests`` made from each shard of ``reads`` through ``engine``'s pool."""
         parse = {"judgments": speed.parse_judgments, "revisions": speed.parse_revisions}[name]
         eng = engine_at(self.cfg, engine)
-        return generate_derived(self.cfg, eng, self.out / name, schema, reads, requests, kw, params, parse)
+        return generate_derived(
+            self.cfg, eng, self.out / name, schema, reads, requests, kw, params, parse, self.generator
+        )
 
 
 SHARD_BY_SHARD = ("judgments", "pairs", "drafts", "revisions", "examples", "train")

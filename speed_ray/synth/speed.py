@@ -12,6 +12,7 @@ import itertools
 import json
 import random
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,16 +146,16 @@ def sts_tasks(rows: list[dict[str, Any]]) -> pa.Table:
 
 def example_requests(
     tasks: list[dict[str, Any]], seed: int, max_chars: int, per_task: int = 1
-) -> list[dict[str, Any]]:
-    """``per_task`` synthesis requests per valid task, each with its own seeded placeholders."""
-    rows = []
+) -> Iterator[dict[str, Any]]:
+    """``per_task`` synthesis requests per valid task, each with its own seeded placeholders, made as
+    they are consumed (a million prompts never sit in one list)."""
     for t, j in itertools.product(tasks, range(per_task)):
         if t["error"] is not None or not t["task"]:
             continue
         rid = stable_id(seed, "examples", t["id"], *([j] if j else []))
         rng = random.Random(stable_seed(seed, rid))
         msgs = prompts.synthesis_prompt(t["kind"], t["task"], rng)
-        rows.append(
+        yield (
             {
                 "id": rid,
                 "topic": t["topic"],
@@ -166,7 +167,6 @@ def example_requests(
                 "seed": stable_seed(seed, rid, 0),
             }
         )
-    return rows
 
 
 def parse_generations(batch: pa.Table) -> pa.Table:

@@ -144,6 +144,7 @@ def generate_derived(
     kwargs: dict[str, Any],
     sampling: dict[str, Any],
     parse: Callable[[pa.Table], pa.Table],
+    generator: Any = None,
 ) -> dict:
     """A generation step over the output of earlier steps (the judge, the reviser): ``requests`` turns
     shard ``s`` of ``reads`` into the requests of shard ``s``, on the workers (``shard_map``), which
@@ -161,7 +162,7 @@ def generate_derived(
     }
     sizes = [made[s][0] for s in range(num_shards)]
     layout = requests_plan(out_dir, sizes, [made[s][1] for s in range(num_shards)], done)
-    return _generate(cfg, eng, out_dir, schema, layout, sampling, parse, started)
+    return _generate(cfg, eng, out_dir, schema, layout, sampling, parse, started, generator=generator)
 
 
 def _generate(
@@ -200,12 +201,14 @@ def derive_step(
     fn: Callable[..., tuple[pa.Table, dict[str, Any]]],
     kwargs: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    started: float | None = None,
 ) -> dict:
     """A step made shard by shard from the steps it ``reads``, without a model: each pending shard
     ``s`` is ``fn`` over shard ``s`` of every step read, made and written on a worker
     (``speed_ray.io.shards.write_derived``). Shards finished by an earlier, killed run are kept; the
-    driver handles only shard numbers, row counts and the manifest."""
-    started = time.time()
+    driver handles only shard numbers, row counts and the manifest. ``started``: when the step began,
+    if before this call."""
+    started = started or time.time()
     num_shards = shard_count(reads)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / DONE).mkdir(exist_ok=True)

@@ -166,7 +166,7 @@ def test_the_engine_pool_grows_onto_new_gpu_nodes_and_survives_losing_one(cloud,
         | {"task": f"Find package {i}.", "error": None}
         for i in range(240)
     ]
-    rows = speed.example_requests(tasks, seed=0, max_chars=100)
+    rows = list(speed.example_requests(tasks, seed=0, max_chars=100))
     step_dir = tmp_path / "generations"
     step_dir.mkdir()
     watcher = Watcher(ray, step_dir, kill_after=3)

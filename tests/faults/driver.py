@@ -20,7 +20,7 @@ def example_rows(n: int) -> list[dict]:
         | {"task": f"Find package {i}.", "error": None}
         for i in range(n)
     ]
-    return speed.example_requests(tasks, seed=0, max_chars=100)
+    return list(speed.example_requests(tasks, seed=0, max_chars=100))
 
 
 def generate(out: Path, rows: int, generator, shard_rows: int = 10) -> dict:

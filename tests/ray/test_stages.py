@@ -18,7 +18,7 @@ def example_rows():
     tasks = speed.task_requests([f"A/B{i}" for i in range(8)], mix, 0, 100)
     for t in tasks:  # pretend the brainstorm produced one task each
         t.update(task=t.get("task") or f"Task about {t['topic']}", error=None)
-    return speed.example_requests(tasks, seed=0, max_chars=100)
+    return list(speed.example_requests(tasks, seed=0, max_chars=100))
 
 
 def test_stage_called_directly():

@@ -6,11 +6,26 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from speed_ray.io.schemas import MANIFEST, read_stage
-from speed_ray.io.shards import DONE, PLAN, REQUESTS, ShardedWriter, lay_out, with_shard
+from speed_ray.io.shards import (
+    DONE,
+    PLAN,
+    REQUESTS,
+    Layout,
+    ShardedWriter,
+    add_counts,
+    finish_derived,
+    finished_shards,
+    lay_out,
+    requests_plan,
+    with_shard,
+    write_derived,
+    write_requests,
+)
 
 SCHEMA = pa.schema(
     [
@@ -152,3 +167,88 @@ def test_with_shard_follows_the_ids_not_the_order():
     outputs_ = pa.Table.from_pylist([{"id": "b", "x": 1}, {"id": "a", "x": 2}, {"id": "b", "x": 3}])
     assert with_shard(outputs_, inputs)["shard"].to_pylist() == [5, 4, 5]
     assert with_shard(outputs_, inputs.drop_columns(["shard"])) is outputs_
+
+
+# ---- Steps derived shard by shard (what the synth steps after generation run on the workers) ----
+
+
+def finished(out, tables):
+    """A finished generation step with one shard per table (shard numbers as in the list)."""
+    layout = lay_out(out, [{"id": r["id"]} for t in tables for r in t], max(len(t) for t in tables))
+    w = ShardedWriter(out, SCHEMA, layout, outputs_per_id=1)
+    for s, rows in enumerate(tables):
+        w.add(table([r | {"shard": s} for r in rows]))
+    return w.finish({}, started=0.0)
+
+
+def gen(i, err=None):
+    return {
+        "id": i,
+        "sample": 0,
+        "error": err,
+        "generator": "g",
+        "num_input_tokens": 1,
+        "num_output_tokens": 1,
+    }
+
+
+def keep_valid(rows, fallback=True):
+    ok = rows.filter(pc.is_null(rows["error"]))
+    return ok, {
+        "rows_in": rows.num_rows,
+        "dropped": {"error": rows.num_rows - ok.num_rows},
+    } if fallback else {}
+
+
+def test_a_derived_shard_comes_from_the_same_shard_of_its_input_with_its_counts(tmp_path):
+    src, out = tmp_path / "gens", tmp_path / "kept"
+    finished(src, [[gen("a"), gen("b", "bad")], [gen("c", "bad"), gen("d", "bad")]])
+    (out / DONE).mkdir(parents=True)  # as derive_step leaves it
+    rows = [write_derived(out, s, [(src, SCHEMA)], keep_valid, SCHEMA, {}) for s in (1, 0)]  # any order
+    assert rows == [0, 1]
+    manifest = finish_derived(out, SCHEMA, 2, {"note": "x"}, started=0.0, written=1)
+    assert [f["num_rows"] for f in manifest["files"]] == [1, 0]
+    assert manifest["rows_in"] == 4 and manifest["dropped"] == {"error": 3} and manifest["note"] == "x"
+    assert "counts" not in manifest["files"][0]  # summed into the manifest, not listed per file
+    assert read_stage(out, SCHEMA)["id"].to_pylist() == ["a"]
+    assert finished_shards(out) == {0, 1}
+
+
+def test_counts_add_key_by_key_and_reasons_by_reason():
+    a = {"rows_in": 3, "dropped": {"tie": 1}}
+    b = {"rows_in": 2, "dropped": {"tie": 2, "no verdict": 1}, "judged": 4}
+    assert add_counts(add_counts({}, a), b) == {
+        "rows_in": 5,
+        "dropped": {"tie": 3, "no verdict": 1},
+        "judged": 4,
+    }
+
+
+def test_requests_written_per_shard_give_the_plan_and_skip_finished_shards(tmp_path):
+    src, out = tmp_path / "drafts", tmp_path / "revisions"
+    finished(src, [[gen("a"), gen("b")], [gen("c", "bad"), gen("e", "bad")], [gen("d"), gen("f")]])
+    (out / REQUESTS).mkdir(parents=True)
+
+    def revise(rows):
+        return [{"id": "rev-" + r["id"], "seed": 1} for r in rows.to_pylist() if r["error"] is None]
+
+    made = [write_requests(out, s, [(src, SCHEMA)], revise, {}, done={2}) for s in range(3)]
+    assert [n for n, _ in made] == [2, 0, 2]
+    layout = requests_plan(out, [n for n, _ in made], [h for _, h in made], done={2})
+    assert layout.sizes == [2, 0, 2] and [p.split("/")[-1] for p in layout.request_files] == [
+        "shard_00000.parquet"
+    ]
+    assert [(r["id"], r["shard"]) for r in requested(layout)] == [("rev-a", 0), ("rev-b", 0)]
+    assert json.loads((out / PLAN).read_text())["num_input_rows"] == 4
+    with pytest.raises(ValueError, match=r"other inputs \(4 rows in 3 shards, now 2 in 3\)"):
+        requests_plan(out, [2, 0, 0], [h for _, h in made], done=set())
+
+
+def test_a_shard_with_no_input_row_is_written_empty_at_once(tmp_path):
+    out = tmp_path / "judgments"
+    layout = Layout(sizes=[1, 0], done=set())
+    out.mkdir()
+    w = ShardedWriter(out, SCHEMA, layout, outputs_per_id=1)
+    assert pq.read_metadata(out / "shard_00001.parquet").num_rows == 0
+    w.add(table([gen("a") | {"shard": 0}]))
+    assert [f["num_rows"] for f in w.finish({}, started=0.0)["files"]] == [1, 0]

@@ -138,7 +138,7 @@ def test_parse_tasks_keeps_first_task():
     assert tasks.schema == TASKS
     assert tasks["task"].to_pylist() == ["Find papers on A.", None]
     assert tasks["error"][1].as_py().startswith("invalid JSON")
-    reqs = speed.example_requests(tasks.to_pylist(), seed=0, max_chars=40)
+    reqs = list(speed.example_requests(tasks.to_pylist(), seed=0, max_chars=40))
     assert len(reqs) == 1 and reqs[0]["task"] == "Find papers on A."
 
 
