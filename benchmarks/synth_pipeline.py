@@ -174,10 +174,11 @@ def run(prompts: int, shard_rows: int, batch_size: int, out_dir: Path) -> dict[s
             f"synth.examples_per_task={prompts // TOPICS}",
             f"synth.sampling.samples_per_prompt={SAMPLES}",
             f"synth.shard_rows={shard_rows}",
-            "synth.judge.kind=vllm",  # any kind: the fake engine answers every call
-            "synth.reviser.kind=vllm",
-            f"synth.engine.batch_size={batch_size}",
-            "synth.engine.max_actors=1",
+            *(
+                f"synth.{role}.{key}"  # any kind: the fake engine answers every call
+                for role in ("engine", "judge", "reviser")
+                for key in ("kind=vllm", f"batch_size={batch_size}", "max_actors=1")
+            ),
         ],
     )
     init_ray(cfg)
