@@ -26,12 +26,13 @@ def examples(n):
     ]
 
 
-def synth_rows(run_dir, n):
+def synth_rows(cfg, n):
     """synth/examples, and synth/train made from it by the synth stage's step (what embed reads)."""
     from speed_ray.synth.driver import training_set_step
 
-    write_stage(run_dir / "synth/examples", [cast_rows(examples(n), EXAMPLES)], EXAMPLES, {}, time.time())
-    training_set_step(run_dir / "synth")
+    synth = cfg.run_dir / "synth"
+    write_stage(synth / "examples", [cast_rows(examples(n), EXAMPLES)], EXAMPLES, {}, time.time())
+    training_set_step(cfg, synth)
 
 
 def test_embed_trains_every_layer_through_gradcache(tmp_path, tiny_bert, beir_tiny, ray_session):
@@ -53,7 +54,7 @@ def test_embed_trains_every_layer_through_gradcache(tmp_path, tiny_bert, beir_ti
             f"eval.retrieval.path={beir_tiny}",
         ],
     )
-    synth_rows(cfg.run_dir, 12)
+    synth_rows(cfg, 12)
     embed.run(cfg)
     manifest = read_manifest(cfg.run_dir / "embed/model")
     assert [h["step"] for h in manifest["history"]] == [1, 2]
@@ -257,7 +258,7 @@ def test_decoder_lora_last_block_exports_merged_with_its_query_prompt(
             f"eval.retrieval.path={beir_tiny}",
         ],
     )
-    synth_rows(cfg.run_dir, 12)
+    synth_rows(cfg, 12)
     manifest = embed.run(cfg)
     out = cfg.run_dir / "embed/model"
     assert manifest["finetune"] == "lora"
