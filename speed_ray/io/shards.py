@@ -76,22 +76,15 @@ def lay_out(
     """Stream ``rows`` into shards: the unfinished shards' model-call rows into request files, their
     ``ready`` rows into memory (they are few: STS tasks). Refuses a plan that differs from the one an
     unfinished earlier run recorded."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     requests = out_dir / REQUESTS
-    shutil.rmtree(requests, ignore_errors=True)
-    requests.mkdir()
-    layout = Layout(sizes=[], done=finished_shards(out_dir))
+    layout = Layout(sizes=[], done=start_requests(out_dir))
     ids_hash = hashlib.sha256()
     it = iter(rows)
     for s in itertools.count():
         chunk = list(itertools.islice(it, shard_rows))
         if not chunk:
             break
-        ids = [r["id"] for r in chunk]
-        if len(set(ids)) != len(ids):
-            dup = next(i for i in ids if ids.count(i) > 1)
-            raise ValueError(f"{out_dir.name}: input row id {dup!r} appears twice (shard {s})")
-        ids_hash.update(("\n".join(ids) + "\n").encode())
+        ids_hash.update(unique_ids(chunk, f"{out_dir.name}: input row", s))
         layout.sizes.append(len(chunk))
         if s in layout.done:
             continue
@@ -110,6 +103,25 @@ def lay_out(
     }
     _keep_plan(out_dir, plan)
     return layout
+
+
+def start_requests(out_dir: Path) -> set[int]:
+    """Make the step folder and an empty request folder (requests left by a killed run are made
+    again); the shards an earlier run finished."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir / REQUESTS, ignore_errors=True)
+    (out_dir / REQUESTS).mkdir()
+    return finished_shards(out_dir)
+
+
+def unique_ids(rows: list[dict[str, Any]], what: str, s: int) -> bytes:
+    """The ids of one shard's rows, one per line (what the plan hashes); a repeated id is an error
+    naming ``what`` and the shard."""
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"{what} id {dup!r} appears twice (shard {s})")
+    return ("\n".join(ids) + "\n").encode()
 
 
 def _keep_plan(out_dir: Path, plan: dict[str, Any]) -> None:
@@ -296,15 +308,12 @@ def write_requests(
     """The engine requests made by ``fn`` from shard ``s`` of ``reads``, written (with their shard) to
     the step's request file unless shard ``s`` is finished. Returns their number and ids' SHA-256."""
     rows = fn(*(read_shard(d, s, sc) for d, sc in reads), **kwargs)
-    ids = [r["id"] for r in rows]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"{out_dir.name}: request id {dup!r} appears twice (shard {s})")
+    ids = unique_ids(rows, f"{out_dir.name}: request", s)
     if rows and s not in done:
         path = out_dir / REQUESTS / shard_name(s)
         with replacing(path) as tmp:
             pq.write_table(pa.Table.from_pylist([r | {"shard": s} for r in rows]), tmp)
-    return len(rows), hashlib.sha256(("\n".join(ids) + "\n").encode()).hexdigest()
+    return len(rows), hashlib.sha256(ids).hexdigest()
 
 
 def with_shard(outputs: pa.Table, inputs: pa.Table) -> pa.Table:

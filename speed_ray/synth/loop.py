@@ -146,7 +146,10 @@ class Loop:
             kw = {"seed": self.cfg.run.seed, "max_chars": s.max_field_chars}
             params = self.params(s.judge_max_tokens, greedy=True)
             reads = self.reads(samples)
-            return self.generate_from("judgments", engine, reads, speed.judge_shard, kw, JUDGMENTS, params)
+            parse = speed.parse_judgments
+            return self.generate_from(
+                "judgments", engine, reads, speed.judge_shard, kw, JUDGMENTS, parse, params
+            )
 
         return self.step("judgments", build, (samples,), engine, role)
 
@@ -184,7 +187,10 @@ class Loop:
             kw = {"seed": self.cfg.run.seed, "max_chars": s.max_field_chars, "pick": drafts != "drafts"}
             params = self.params(s.revise_max_tokens)
             reads = self.reads(drafts)
-            return self.generate_from("revisions", engine, reads, speed.revise_shard, kw, GENERATIONS, params)
+            parse = speed.parse_revisions
+            return self.generate_from(
+                "revisions", engine, reads, speed.revise_shard, kw, GENERATIONS, parse, params
+            )
 
         return self.step("revisions", build, (drafts,), engine, role)
 
@@ -202,10 +208,18 @@ class Loop:
         return derive_step(self.cfg, self.out / name, schema, self.reads(*reads), fn, kw)
 
     def generate_from(
-        self, name: str, engine: str, reads: list, requests: Callable, kw: dict, schema: pa.Schema, params
+        self,
+        name: str,
+        engine: str,
+        reads: list,
+        requests: Callable,
+        kw: dict,
+        schema: pa.Schema,
+        parse: Callable,
+        params: dict,
     ) -> dict:
-        """Step ``name``: the ``requests`` made from each shard of ``reads`` through ``engine``'s pool."""
-        parse = {"judgments": speed.parse_judgments, "revisions": speed.parse_revisions}[name]
+        """Step ``name``: the ``requests`` made from each shard of ``reads`` through ``engine``'s pool,
+        parsed by ``parse``."""
         eng = engine_at(self.cfg, engine)
         return generate_derived(
             self.cfg, eng, self.out / name, schema, reads, requests, kw, params, parse, self.generator

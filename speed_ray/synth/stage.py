@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -32,13 +31,13 @@ from speed_ray.io.schemas import finished_manifest
 from speed_ray.io.settings import ConfigError
 from speed_ray.io.shards import (
     DONE,
-    REQUESTS,
     Layout,
     ShardedWriter,
     finish_derived,
     finished_shards,
     lay_out,
     requests_plan,
+    start_requests,
     with_shard,
     write_derived,
     write_requests,
@@ -151,10 +150,7 @@ def generate_derived(
     write them as the step's request files; then as ``generate_step``. The driver sees only counts."""
     started = time.time()
     num_shards = shard_count(reads)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out_dir / REQUESTS, ignore_errors=True)
-    (out_dir / REQUESTS).mkdir()
-    done = finished_shards(out_dir)
+    done = start_requests(out_dir)
     fn_kwargs = {"out_dir": out_dir, "reads": reads, "fn": requests, "kwargs": kwargs, "done": done}
     made = {
         r["shard"]: (r["rows"], r["ids_sha256"])
