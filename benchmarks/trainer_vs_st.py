@@ -138,12 +138,13 @@ def st_dataset(args: argparse.Namespace):
     from datasets import Dataset
 
     from speed_ray.config import load_config
-    from speed_ray.embed.batches import global_batch
+    from speed_ray.embed.data import WorkerBatches
     from speed_ray.embed.driver import training_data
 
     cfg = load_config(None, overrides(args, tempfile.gettempdir()))
-    data, _ = training_data(cfg)
-    rows = [r for s in range(1, args.steps + 1) for r in global_batch(data, s, args.batch, cfg.run.seed)[1]]
+    data, _ = training_data(cfg, Path(tempfile.mkdtemp()) / "data")
+    batches = WorkerBatches(data, args.batch, 1, 0, cfg.run.seed)  # one worker takes whole global batches
+    rows = [r for s in range(1, args.steps + 1) for r in batches(s)[1]]
     return Dataset.from_dict(
         {"anchor": [r["query"] for r in rows], "positive": [r["positive"] for r in rows]}
     )

@@ -99,7 +99,7 @@ class EmbedDataConfig:
         assert self.path is not None
         if not locate("embed.data.path", self.path).exists():
             raise ConfigError(f"embed.data.path: {self.path} not found")
-        reader = "read_pairs" if self.source == "pairs" else "read_corpus"
+        reader = "iter_pairs" if self.source == "pairs" else "iter_corpus"
         check_rows("embed.data.path", self.path, reader)
 
 

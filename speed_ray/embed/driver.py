@@ -14,7 +14,6 @@ import json
 import logging
 import textwrap
 import time
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,9 +37,11 @@ logger = logging.getLogger(__name__)
 
 def run(cfg: SpeedRayConfig) -> dict:
     out = cfg.run_dir / "embed" / "model"
-    # A stale model goes with its curve, snapshots and Ray Train's checkpoints (a rerun resumes from them).
+    # A stale model goes with its curve, snapshots, training data and Ray Train's checkpoints (a rerun
+    # resumes from them).
     state = (
         cfg.run_dir / "embed" / "metrics.jsonl",
+        cfg.run_dir / "embed" / "data",
         cfg.run_dir / "embed" / "snapshots",
         cfg.run_dir / "ray" / "embed",
     )
@@ -59,91 +60,69 @@ def fingerprint(cfg: SpeedRayConfig) -> dict:
     return cfg.fingerprint(KEYS, data)
 
 
-def training_data(cfg: SpeedRayConfig):
-    """(data, info): what the trainer draws its batches from (``embed.batches.Rows`` or
-    ``CorpusPairs``), from ``embed.data.source``, and what was made of the input."""
+def training_data(cfg: SpeedRayConfig, folder: Path | None = None):
+    """(data, info): the rows the trainer draws its batches from (``embed.data.source``), written to
+    ``folder`` (``<run>/embed/data``) as ``speed_ray.embed.data.TrainingData``, and what was made of
+    the input. The input is read a row at a time."""
+    folder = folder or cfg.run_dir / "embed" / "data"
     if cfg.embed.data.source in ("synth", "pairs"):
-        return row_data(cfg)
-    return corpus_data(cfg)
+        return row_data(cfg, folder)
+    return corpus_data(cfg, folder)
 
 
-def row_data(cfg: SpeedRayConfig):
-    """(Rows, info) of a synth run's training set or a user's pairs file (``embed.data.max_rows`` of
+def row_data(cfg: SpeedRayConfig, folder: Path):
+    """(data, info) of a synth run's training set or a user's pairs file (``embed.data.max_rows`` of
     them, a nested sample)."""
-    from speed_ray.embed.batches import Rows
-    from speed_ray.io.data import locate, nested_sample, read_pairs
-    from speed_ray.io.schemas import split_query
+    from speed_ray.embed.data import write_rows
+    from speed_ray.io.data import iter_pairs, locate
 
     d = cfg.embed.data
     if d.source == "synth":
         path = (Path(d.path).resolve() if d.path else cfg.run_dir) / "synth" / "train"
-        finished_manifest(path)  # a step that has not finished is never read
+        total = finished_manifest(path)["num_rows"]  # a step that has not finished is never read
     else:
         path = locate(str(d.path))
-    # An anchor in SPEED/E5 form carries its instruction: the trainer applies it as it applies
-    # every instruction (decoders see it, encoders the bare query: ``embed.model.format_query``).
-    rows = [
-        dict(zip(("instruction", "query"), split_query(r["anchor"]), strict=True))
-        | {"positive": r["positive"], "negatives": r["negatives"]}
-        for r in read_pairs(path)
-    ]
-    kept = nested_sample(rows, d.max_rows, cfg.run.seed)
+        total = sum(1 for _ in iter_pairs(path))
+    data = write_rows(folder, iter_pairs(path), total, d.max_rows, cfg.run.seed)
     if d.source == "synth":
-        log(f"embed: {len(kept)} of {len(rows)} synthetic rows from {path}")
+        log(f"embed: {len(data)} of {total} synthetic rows from {path}")
     where = str(path) if d.source == "synth" else d.path
-    return Rows(kept), {"source": d.source, "path": where, "rows_available": len(rows)}
+    return data, {"source": d.source, "path": where, "rows_available": total}
 
 
-def corpus_data(cfg: SpeedRayConfig):
-    """(CorpusPairs, info) of an unlabelled corpus: its documents but the held-out ones, cropped into
-    new pairs each epoch."""
-    from speed_ray.embed.batches import CorpusPairs
-    from speed_ray.embed.pairs import build_pairs
-    from speed_ray.io.data import locate, read_corpus
+def corpus_data(cfg: SpeedRayConfig, folder: Path):
+    """(data, info) of an unlabelled corpus: its documents but the held-out ones, cropped into new
+    pairs each epoch on the workers."""
+    from speed_ray.embed.data import write_docs
+    from speed_ray.io.data import iter_corpus, locate
 
-    d, rule = cfg.embed.data, cfg.embed.data.crop_rule()
-    docs, held_out = held_out_docs(read_corpus(locate(str(d.path))), d)
-    pairs, skipped = build_pairs(docs, d.pair_mode, rule, seed=cfg.run.seed)
-    reasons = Counter(s["reason"] for s in skipped)
+    d, rule, path = cfg.embed.data, cfg.embed.data.crop_rule(), locate(str(cfg.embed.data.path))
+    held_out = held_out_ids(path, d)
+    data, made = write_docs(folder, iter_corpus(path), held_out, d.pair_mode, rule, cfg.run.seed)
     logger.info(
-        f"embed: {len(docs)} documents -> {len(pairs)} {d.pair_mode} pairs per epoch (drawn anew each "
-        f"epoch); {len(skipped)} documents too short for a pair: {dict(reasons)}"
+        f"embed: {made['documents']} documents -> {made['pairs']} {d.pair_mode} pairs per epoch (drawn anew "
+        f"each epoch); {sum(made['skipped'].values())} documents too short for a pair: {made['skipped']}"
     )
-    info = {
-        "source": "corpus",
-        "path": d.path,
-        "pair_mode": d.pair_mode,
-        "documents": len(docs),
-        "pairs": len(pairs),
-        "skipped": dict(reasons),
-        "skipped_ids": [s["id"] for s in skipped][:100],
-        "held_out": held_out,
-    }
-    return CorpusPairs(docs, d.pair_mode, rule, cfg.run.seed, size=len(pairs)), info
+    return data, {"source": "corpus", "path": d.path, "pair_mode": d.pair_mode} | made
 
 
-def held_out_docs(docs: list[dict[str, Any]], d: EmbedDataConfig) -> tuple[list[dict[str, Any]], int]:
-    """(the documents to train on, how many were held out: ``embed.data.holdout_fraction``)."""
-    from speed_ray.io.data import holdout_ids
+def held_out_ids(path: Path, d: EmbedDataConfig) -> set[str]:
+    """The ids of the documents held out (``embed.data.holdout_fraction``): only the ids are held."""
+    from speed_ray.io.data import holdout_ids, iter_corpus
 
     if not d.holdout_fraction:
-        return docs, 0
-    test = holdout_ids([doc["id"] for doc in docs], d.holdout_fraction, d.holdout_seed)
+        return set()
+    test = holdout_ids([doc["id"] for doc in iter_corpus(path)], d.holdout_fraction, d.holdout_seed)
     logger.info(f"embed: {len(test)} documents held out ({d.holdout_fraction:.0%}, seed {d.holdout_seed})")
-    return [doc for doc in docs if doc["id"] not in test], len(test)
-
-
-def num_negatives(data, wanted: int) -> int:
-    """Hard negatives per query: ``embed.hard_negatives``, or fewer if no row has that many."""
-    rows = getattr(data, "rows", [])
-    return min(wanted, max((len(r["negatives"]) for r in rows), default=0))
+    return test
 
 
 def train_settings(
     cfg: SpeedRayConfig, negatives: int, model_card: dict[str, Any] | None, data: Any = None
 ) -> EmbedTrainSettings:
     """What every worker gets (Ray pickles it to each): the ``embed`` section, the model resolved to a
-    local folder, ``data`` (the training data's ObjectRef) and the exported model's ``model_card``."""
+    local folder, ``data`` (``speed_ray.embed.data.TrainingData``: where its shards are) and the
+    exported model's ``model_card``."""
     from speed_ray.embed.train import EmbedTrainSettings
 
     return EmbedTrainSettings(
@@ -158,8 +137,6 @@ def train_settings(
 
 
 def _train(cfg: SpeedRayConfig) -> dict:
-    import ray
-
     from speed_ray.embed.train import train_loop
     from speed_ray.ray_utils import init_ray, train
 
@@ -172,11 +149,11 @@ def _train(cfg: SpeedRayConfig) -> dict:
             f"embed: {len(data)} training rows from {ec.data.source}, expected at least one global batch: "
             f"embed.resources.workers x embed.batch_size = {need}"
         )
-    negatives = num_negatives(data, ec.hard_negatives)
+    negatives = min(ec.hard_negatives, data.max_negatives)
     card = card_info(cfg, data_info, len(data), negatives)
     init_ray(cfg)
-    # the object store carries the rows to every node's workers
-    settings = train_settings(cfg, negatives, card, ray.put(data))
+    # each worker reads its share of the shards in <run>/embed/data (shared storage on a cluster)
+    settings = train_settings(cfg, negatives, card, data)
     out = cfg.run_dir / "embed" / "model"
     metrics = train(cfg, "embed", train_loop, settings, res, None, out, ec.max_failures)
     history = metrics["history"]

@@ -1,9 +1,9 @@
 """Contrastive embedding training: the per-worker loop that Ray Train runs (STYLE P9).
 
 The driver (``speed_ray.embed.driver``) hands every worker one ``EmbedTrainSettings``: the ``embed``
-section as configured, and what it resolved from it. Each step takes global batch ``s``
-(``speed_ray.embed.batches``) and this worker's slice of it through ``speed_ray.embed.step.train_step``,
-seeding dropout from (seed, step, rank); checkpoints and the exported model come from
+section as configured, and what it resolved from it. Each step takes this worker's slice of global
+batch ``s``, read from the training data's shards (``speed_ray.embed.data.WorkerBatches``), through
+``speed_ray.embed.step.train_step``, seeding dropout from (seed, step, rank); checkpoints and the exported model come from
 ``speed_ray.embed.export``. So a run resumed from a checkpoint after a killed worker takes exactly
 the steps an uninterrupted run takes.
 """
@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from speed_ray.embed.batches import CorpusPairs, Rows, global_batch
 from speed_ray.embed.config import EmbedConfig, embed_finetune
+from speed_ray.embed.data import TrainingData, WorkerBatches, rows_digest
 from speed_ray.embed.export import export, full_state_dict, load_state, probe, save_state, snapshot
 from speed_ray.embed.prepare import setup_model, wrap
 from speed_ray.embed.step import train_step
@@ -43,8 +43,8 @@ class EmbedTrainSettings:
     """Where ``embed.snapshot_steps`` exports go (``<run>/embed/snapshots``)."""
     model_card: dict[str, Any] | None = None
     """What the exported model's card says (``speed_ray.embed.driver.card_info``); None: no card."""
-    data: Any = None
-    """The training data (``Rows`` or ``CorpusPairs``) in Ray's object store, as an ObjectRef."""
+    data: TrainingData | None = None
+    """The training data's shards, of which each worker reads its share."""
 
     @property
     def finetune(self) -> str:
@@ -94,15 +94,14 @@ def resume(w: Worker) -> tuple[int, list[dict[str, Any]]]:
     return state["step"], state["history"]
 
 
-def one_step(w: Worker, s: EmbedTrainSettings, data: Rows | CorpusPairs, step: int) -> dict[str, Any]:
+def one_step(w: Worker, s: EmbedTrainSettings, batches: WorkerBatches, step: int) -> dict[str, Any]:
     """Step ``step``: this worker's slice of global batch ``step``, dropout seeded by (seed, step, rank);
     returns the step's metrics."""
     per_worker, steps = s.embed.batch_size, s.embed.steps
     t0 = time.perf_counter()
-    epoch, rows = global_batch(data, step, per_worker * w.world, s.seed)
+    epoch, mine = batches(step)
     torch.manual_seed(s.seed * 1_000_003 + step * 1_009 + w.rank)
     lr = w.scheduler.get_last_lr()[0]
-    mine = rows[w.rank * per_worker : (w.rank + 1) * per_worker]
     metrics: dict[str, Any] = train_step(w.model, w.optimizer, mine, s, w.frozen, w.scheduler)
     seconds = time.perf_counter() - t0
     metrics |= {
@@ -114,7 +113,7 @@ def one_step(w: Worker, s: EmbedTrainSettings, data: Rows | CorpusPairs, step: i
     }
     if w.rank == 0:
         logger.info(f"embed step {step}/{steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    return metrics
+    return metrics | {"batch": rows_digest(mine)}
 
 
 def keep(w: Worker, s: EmbedTrainSettings, step: int, history: list[dict[str, Any]]) -> None:
@@ -153,16 +152,15 @@ def report_model(w: Worker, s: EmbedTrainSettings, metrics: dict[str, Any]) -> N
 def train_loop(s: EmbedTrainSettings) -> None:
     """One Ray Train worker: train from the last checkpoint (if any) to ``embed.steps``, then report
     the exported model."""
-    import ray
-
-    data = ray.get(s.data)
     w = start_worker(s)
+    assert s.data is not None
+    batches = WorkerBatches(s.data, s.embed.batch_size, w.world, w.rank, s.seed)
     step, history = resume(w)
     resumed_from = step
     bar = logs.worker_bar(s.embed.steps, "embed", done=step) if w.rank == 0 else None
     while step < s.embed.steps:
         step += 1
-        history.append(one_step(w, s, data, step))
+        history.append(one_step(w, s, batches, step))
         if bar is not None:
             bar.update(1)
         keep(w, s, step, history)

@@ -20,7 +20,7 @@ import hashlib
 import io
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -69,9 +69,8 @@ def member(folder: Path, name: str) -> Path:
     return gz if not path.is_file() and gz.is_file() else path
 
 
-def _numbered_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) for every non-blank line; each must be a JSON object."""
-    rows = []
+def _numbered_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) for every non-blank line, one at a time; each must be a JSON object."""
     n = 0
     try:
         with open_text(path) as f:
@@ -87,10 +86,9 @@ def _numbered_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
                     ) from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}:{n}: expected a JSON object, got {_shown(row)}")
-                rows.append((n, row))
+                yield n, row
     except UnicodeDecodeError as e:
         raise DataError(f"{path}:{n + 1}: not UTF-8 text ({e.reason}); expected JSON lines") from None
-    return rows
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -142,7 +140,7 @@ def _scalar(row: dict, key: str, path: Path, n: int) -> str:
     return str(value)
 
 
-def _some(rows: list, path: Path) -> None:
+def _some(rows: list | int, path: Path) -> None:
     if not rows:
         raise DataError(f"{path}: no rows (expected one JSON object per line)")
 
@@ -191,12 +189,17 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
 
 def read_corpus(path: Path) -> list[dict[str, Any]]:
     """[{id, text}] from an unlabelled JSONL corpus (extra keys such as ``label`` are ignored)."""
-    rows = []
+    return list(iter_corpus(path))
+
+
+def iter_corpus(path: Path) -> Iterator[dict[str, Any]]:
+    """``read_corpus``'s rows one at a time, for readers that must not hold a whole corpus."""
+    count = 0
     for n, r in _numbered_jsonl(path):
         _required(r, ("id", "text"), path, n)
-        rows.append({"id": _scalar(r, "id", path, n), "text": _text(r, "text", path, n)})
-    _some(rows, path)
-    return rows
+        count += 1
+        yield {"id": _scalar(r, "id", path, n), "text": _text(r, "text", path, n)}
+    _some(count, path)
 
 
 def read_labelled(path: Path, text_field: str = "text", label_field: str = "label") -> list[dict[str, Any]]:
@@ -242,37 +245,50 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [row for _, row in _numbered_rows(path)]
 
 
-def _numbered_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(n, row): n is the line of a JSONL file, the row (from 1) of a table or step folder."""
+def _numbered_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(n, row), one at a time: n is the line of a JSONL file, the row (from 1) of a table or step
+    folder (read a shard or a record batch at a time)."""
+    numbered = (
+        enumerate(_table_rows(path), 1)
+        if path.is_dir() or path.suffix == ".parquet"
+        else _numbered_jsonl(path)
+    )
+    count = 0
+    for n, row in numbered:
+        count += 1
+        yield n, row
+    if not count:
+        raise DataError(f"{path}: no rows")
+
+
+def _table_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """The rows of a step folder, a ``datasets`` folder or a parquet file, a batch at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     manifest = path / "_manifest.json"
     if manifest.is_file():
-        import pyarrow.parquet as pq
-
-        files = [path / f["name"] for f in json.loads(manifest.read_text())["files"]]
-        rows = list(enumerate((r for f in files for r in pq.read_table(f).to_pylist()), 1))
+        for f in json.loads(manifest.read_text())["files"]:
+            yield from pq.read_table(path / f["name"]).to_pylist()
     elif path.is_dir():
         from datasets import load_from_disk
 
         try:
-            rows = list(enumerate(load_from_disk(str(path)).to_list(), 1))
+            ds = load_from_disk(str(path))
         except FileNotFoundError:
             raise DataError(
                 f"{path}: a folder, but neither a finished speed-ray step (no _manifest.json) nor a "
                 "datasets folder saved with save_to_disk; expected one of those, or a parquet or JSONL file"
             ) from None
+        for batch in ds.with_format("arrow").iter(batch_size=4096):
+            yield from batch.to_pylist()
     elif path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         try:
-            rows = list(enumerate(pq.read_table(path).to_pylist(), 1))
+            f = pq.ParquetFile(path)
+            for batch in f.iter_batches(batch_size=4096):
+                yield from batch.to_pylist()
         except pa.ArrowInvalid as e:
             raise DataError(f"{path}: not a readable parquet file ({e})") from None
-    else:
-        rows = _numbered_jsonl(path)
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
 
 
 def read_pairs(path: Path) -> list[dict[str, Any]]:
@@ -280,16 +296,18 @@ def read_pairs(path: Path) -> list[dict[str, Any]]:
     negatives in ``negative`` / ``negative_1``, ``negative_2``... columns (empty ones are skipped),
     from parquet, JSONL, a step folder (``synth/train``) or a ``datasets`` folder saved with
     ``save_to_disk``."""
-    rows = _numbered_rows(path)
-    columns = {k for _, r in rows for k in r if k.startswith("negative")}  # JSONL rows may omit some
-    negatives = sorted(columns, key=_negative_order)
-    out = []
-    for n, r in rows:
+    return list(iter_pairs(path))
+
+
+def iter_pairs(path: Path) -> Iterator[dict[str, Any]]:
+    """``read_pairs``'s rows one at a time, for readers that must not hold a whole file. A JSONL row
+    may omit negative columns that others have: each row's own are taken, in column order."""
+    for n, r in _numbered_rows(path):
         _required(r, ("anchor", "positive"), path, n)
         anchor, positive = _text(r, "anchor", path, n), _text(r, "positive", path, n)
-        negs = [_text(r, k, path, n, optional=True) for k in negatives]
-        out.append({"anchor": anchor, "positive": positive, "negatives": [x for x in negs if x]})
-    return out
+        columns = sorted((k for k in r if k.startswith("negative")), key=_negative_order)
+        negs = [_text(r, k, path, n, optional=True) for k in columns]
+        yield {"anchor": anchor, "positive": positive, "negatives": [x for x in negs if x]}
 
 
 def _negative_order(column: str) -> int:
@@ -308,7 +326,7 @@ def shuffled(items: Iterable[Any], stream: str) -> list[Any]:
     return order
 
 
-def nested_sample(rows: list[Any], n: int, seed: int) -> list[Any]:
+def nested_sample(rows: Sequence[Any], n: int, seed: int) -> Sequence[Any]:
     """``n`` rows (all when 0 or more than there are) in their input order: the first ``n`` of one
     seeded shuffle, so with the same rows and seed the sample for a smaller ``n`` lies inside the
     sample for a larger one (training-data sizes for a scaling curve)."""

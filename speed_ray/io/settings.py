@@ -7,6 +7,7 @@ declares its own (a dataclass and its ``validate``).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -206,7 +207,7 @@ def check_rows(key: str, path: str | None, reader: str, *args: Any) -> None:
     if seen in _SOUND_DATA:
         return
     try:
-        getattr(data, reader)(located, *args)
+        collections.deque(getattr(data, reader)(located, *args), maxlen=0)  # a list, or rows streamed
     except data.DataError as e:
         raise ConfigError(f"{key}: {e}") from None
     _SOUND_DATA.add(seen)

@@ -199,7 +199,7 @@ def test_a_killed_worker_resumes_and_matches_the_uninterrupted_run(
     assert [h["step"] for h in resumed["history"]] == list(range(1, 151))
     # the same batches, dropout masks, optimizer and schedule: the same run
     for a, b in zip(whole["history"], resumed["history"], strict=True):
-        assert (a["lr"], a["epoch"]) == (b["lr"], b["epoch"])
+        assert (a["lr"], a["epoch"], a["batch"]) == (b["lr"], b["epoch"], b["batch"])
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), a["step"]
     w0, w1 = weights(cfg.run_dir.parent / "whole/embed/model"), weights(cfg.run_dir / "embed/model")
     for k in w0:

@@ -285,7 +285,7 @@ def test_sound_data_is_read_once_per_process(tmp_path, monkeypatch):
     args = ["embed.data.source=corpus", f"embed.data.path={path}", "eval.retrieval.path=null"]
     load_config(None, args)
     calls = []
-    monkeypatch.setattr(data, "read_corpus", lambda p: calls.append(p) or [])
+    monkeypatch.setattr(data, "iter_corpus", lambda p: calls.append(p) or [])
     load_config(None, args)  # e.g. the run's saved config, loaded again to compare
     assert calls == []
     jsonl(path, [*OK, {"id": "c", "text": "changed"}])

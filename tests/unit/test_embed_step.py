@@ -9,8 +9,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from speed_ray.embed.batches import CorpusPairs, Rows, batch_texts, global_batch
+from speed_ray.embed.batches import batch_texts, global_batch
 from speed_ray.embed.config import EmbedConfig
+from speed_ray.embed.data import TrainingData, WorkerBatches, write_docs, write_rows
 from speed_ray.embed.pairs import CropRule, build_pairs
 from speed_ray.embed.step import even_passes, length_passes, train_step
 from speed_ray.embed.train import EmbedTrainSettings
@@ -115,7 +116,7 @@ def test_masked_negatives_and_query_format():
 
 
 def test_global_batches_walk_seeded_epochs():
-    data = Rows([{"id": i} for i in range(10)])
+    data = [{"id": i} for i in range(10)]
     seen = [global_batch(data, s, 4, seed=3) for s in range(1, 7)]
     assert [e for e, _ in seen] == [0, 0, 1, 1, 2, 2]  # 2 batches of 4 per epoch, the rest dropped
     first_epoch = [r["id"] for _, b in seen[:2] for r in b]
@@ -126,18 +127,83 @@ def test_global_batches_walk_seeded_epochs():
         global_batch(data, 1, 16, seed=0)
 
 
-def test_corpus_pairs_are_cropped_anew_each_epoch():
+def test_corpus_pairs_are_cropped_anew_each_epoch(tmp_path):
     from speed_ray.io.data import read_labelled
     from tests.conftest import DEBIAN
 
     docs = read_labelled(DEBIAN / "labelled.jsonl.gz")[:200]
-    data = CorpusPairs(docs, "crops", CropRule(), seed=0)
-    pairs, skipped = build_pairs(docs, "crops", CropRule(), seed=0)
-    assert len(data) == len(pairs) and len(pairs) + len(skipped) == 200 and skipped
-    e0, e1 = data.epoch(0), data.epoch(1)
-    assert [r["query"] for r in e0] == [p["anchor"] for p in pairs]
+    held_out = {docs[0]["id"], docs[5]["id"]}
+    data, info = write_docs(tmp_path / "data", iter(docs), held_out, "crops", CropRule(), seed=0)
+    kept = [d for d in docs if d["id"] not in held_out]
+    pairs, skipped = build_pairs(kept, "crops", CropRule(), seed=0)
+    assert len(data) == len(pairs) and len(pairs) + len(skipped) == 198 and skipped
+    assert info["documents"] == 198 and info["pairs"] == len(pairs) and info["held_out"] == 2
+    assert (
+        sum(info["skipped"].values()) == len(skipped)
+        and info["skipped_ids"] == [s["id"] for s in skipped][:100]
+    )
+    e0, e1 = data.all_rows(0), data.all_rows(1)
+    assert [r["query"] for r in e0] == [p["anchor"] for p in pairs]  # as if the corpus were cropped whole
     assert [r["positive"] for r in e0] == [p["positive"] for p in pairs]
     assert sum(a["query"] != b["query"] for a, b in zip(e0, e1, strict=True)) > len(e0) // 3
+
+
+def sharded_rows(tmp_path, n: int, monkeypatch) -> tuple[TrainingData, list[dict]]:
+    """``n`` rows written as shards of 7 (so a batch spans shards), and the rows as written."""
+    from speed_ray.embed import data as embed_data
+
+    monkeypatch.setattr(embed_data, "SHARD_ROWS", 7)
+    pairs = [{"anchor": f"q{i}", "positive": f"p{i}", "negatives": [f"n{i}"] * (i % 3)} for i in range(n)]
+    data = write_rows(tmp_path / "data", iter(pairs), n, 0, seed=5)
+    want = [
+        {"instruction": None, "query": f"q{i}", "positive": f"p{i}", "negatives": [f"n{i}"] * (i % 3)}
+        for i in range(n)
+    ]
+    return data, want
+
+
+@pytest.mark.parametrize("world,per_worker,window", [(1, 4, 3), (2, 3, 1), (3, 2, 100)])
+def test_each_rank_reads_its_slice_of_the_global_batch_from_the_shards(
+    tmp_path, monkeypatch, world, per_worker, window
+):
+    from speed_ray.embed import data as embed_data
+
+    data, rows = sharded_rows(tmp_path, 50, monkeypatch)
+    assert data.counts == (7,) * 7 + (1,) and data.max_negatives == 2 and data.all_rows() == rows
+    monkeypatch.setattr(embed_data, "WINDOW_ROWS", window * per_worker)
+    ranks = [WorkerBatches(data, per_worker, world, r, seed=5) for r in range(world)]
+    size = per_worker * world
+    for step in range(1, 3 * (50 // size) + 2):  # three epochs and a step into the fourth
+        epoch, whole = global_batch(rows, step, size, seed=5)
+        slices = [rank(step) for rank in ranks]
+        assert all(e == epoch for e, _ in slices)
+        assert [r for _, mine in slices for r in mine] == whole
+    # a worker holds one window of batches: its reads are the windows walked, not the steps
+    per_epoch = 50 // size
+    assert ranks[0].reads == 3 * -(-per_epoch // max(1, window)) + 1
+
+
+def test_a_resumed_worker_takes_the_batches_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    from speed_ray.embed import data as embed_data
+    from speed_ray.embed.data import rows_digest
+
+    data, _ = sharded_rows(tmp_path, 40, monkeypatch)
+    monkeypatch.setattr(embed_data, "WINDOW_ROWS", 8)
+    whole = WorkerBatches(data, 4, 2, 1, seed=5)
+    walked = [rows_digest(whole(s)[1]) for s in range(1, 21)]
+    resumed = WorkerBatches(data, 4, 2, 1, seed=5)  # a fresh worker, started at a checkpoint's step 13
+    assert [rows_digest(resumed(s)[1]) for s in range(13, 21)] == walked[12:]
+
+
+def test_a_nested_sample_of_rows_is_written_in_input_order(tmp_path):
+    pairs = [
+        {"anchor": f"Instruct: find\nQuery: q{i}", "positive": f"p{i}", "negatives": []} for i in range(20)
+    ]
+    small = write_rows(tmp_path / "small", iter(pairs), 20, 5, seed=1).all_rows()
+    large = write_rows(tmp_path / "large", iter(pairs), 20, 12, seed=1).all_rows()
+    assert len(small) == 5 and len(large) == 12 and all(r in large for r in small)
+    assert [int(r["query"][1:]) for r in large] == sorted(int(r["query"][1:]) for r in large)
+    assert small[0]["instruction"] == "find"
 
 
 def test_report_lines_and_plot_for_the_embedding_model(tmp_path):

@@ -127,14 +127,16 @@ def test_training_on_another_runs_synthetic_rows_and_a_sample_of_them(tmp_path):
     write_stage(synth / "train", [training_triplets(examples)], TRIPLETS, {}, time.time())  # what embed reads
     base = [f"run.output_dir={tmp_path}", "run.name=embed-run", f"embed.data.path={tmp_path / 'synth-run'}"]
     data, info = training_data(load_config(None, base))
-    assert [r["query"] for r in data.rows] == [f"q{i}" for i in range(10)]
-    assert data.rows[1] == {"instruction": "i1", "query": "q1", "positive": "p1", "negatives": ["n1"]}
-    assert data.rows[0]["negatives"] == []
+    rows = data.all_rows()
+    assert [r["query"] for r in rows] == [f"q{i}" for i in range(10)]
+    assert rows[1] == {"instruction": "i1", "query": "q1", "positive": "p1", "negatives": ["n1"]}
+    assert rows[0]["negatives"] == [] and data.max_negatives == 1
     assert info["rows_available"] == 10 and info["path"] == str(synth / "train")
-    small, _ = training_data(load_config(None, [*base, "embed.data.max_rows=3"]))
-    larger, _ = training_data(load_config(None, [*base, "embed.data.max_rows=6"]))
-    assert len(small.rows) == 3 and len(larger.rows) == 6
-    assert all(r in larger.rows for r in small.rows)
+    assert data.folder == str(tmp_path / "embed-run" / "embed" / "data")
+    small, _ = training_data(load_config(None, [*base, "embed.data.max_rows=3"]), tmp_path / "small")
+    larger, _ = training_data(load_config(None, [*base, "embed.data.max_rows=6"]), tmp_path / "larger")
+    assert len(small) == 3 and len(larger) == 6
+    assert all(r in larger.all_rows() for r in small.all_rows())
     with pytest.raises(FileNotFoundError, match=r"nowhere/synth/train: no _manifest.json"):
         training_data(load_config(None, [*base[:2], f"embed.data.path={tmp_path / 'nowhere'}"]))
 

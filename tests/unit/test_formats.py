@@ -127,18 +127,18 @@ def test_embed_reads_the_synthetic_training_set_through_the_pairs_reader(tmp_pat
     base = [f"run.output_dir={tmp_path}", "run.name=other", f"embed.data.path={tmp_path / 'run'}"]
     data, info = training_data(load_config(None, base))
     # the instruction comes back apart, so the trainer applies it per pooling as before
-    assert data.rows[1] == {
+    assert data.all_rows()[1] == {
         "instruction": INSTRUCTION,
         "query": "how do I resize photo number 1",
         "positive": "an image tool that resizes pictures, release 1",
         "negatives": ["a text editor, version 1"],
     }
-    assert data.rows[0]["instruction"] is None
+    assert data.all_rows()[0]["instruction"] is None
     assert info == {"source": "synth", "path": str(train), "rows_available": 8}
     same, _ = training_data(
-        load_config(None, [*base[:2], "embed.data.source=pairs", f"embed.data.path={train}"])
+        load_config(None, [*base[:2], "embed.data.source=pairs", f"embed.data.path={train}"]), tmp_path / "same"
     )
-    assert same.rows == data.rows
+    assert same.all_rows() == data.all_rows()
 
 
 # ----------------------------------------------------------------------------------------------
