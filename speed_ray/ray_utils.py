@@ -21,6 +21,7 @@ from speed_ray.io.settings import ConfigError, TrainResources
 logger = logging.getLogger(__name__)
 
 S = TypeVar("S")  # a training loop's settings (``EmbedTrainSettings``, ``AlignTrainSettings``)
+T = TypeVar("T")
 
 # Every Ray worker runs offline: weights come from local folders, never from a hub.
 WORKER_ENV = {
@@ -104,6 +105,18 @@ def require_resources(what: str, cpus: float, gpus: float) -> None:
         )
     if have.get("CPU", 0) < cpus:
         raise ConfigError(f"{what}: needs {cpus} CPUs but the Ray cluster has {have.get('CPU', 0)}")
+
+
+def run_task(cfg: SpeedRayConfig, name: str, fn: Callable[..., T], *args: Any, cpus: float, gpus: float) -> T:
+    """``fn(*args)`` in a Ray task that holds ``cpus`` CPUs and ``gpus`` GPUs (the cluster must be able
+    to host it), not in the driver; its result comes back. Not retried: ``fn`` writes its own records."""
+    import ray
+
+    init_ray(cfg)
+    require_resources(name, cpus, gpus)
+    return ray.get(
+        ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus, max_retries=0, name=name).remote(*args)
+    )
 
 
 def train(

@@ -9,12 +9,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from speed_ray.io.settings import ConfigError, check_choices, check_model, check_rows, locate, looks_like_path
+from speed_ray.io.settings import (
+    ConfigError,
+    check_choices,
+    check_model,
+    check_non_negative,
+    check_rows,
+    locate,
+    looks_like_path,
+)
 
 # The eval.models entries that name no model spec: the run's own models and the lexical baselines.
 NAMES = ("base", "trained", "tfidf", "bm25")
 # Keys that change how fast eval runs, never its scores (``speed_ray.io.fingerprint``).
-RUNTIME = ("eval.batch_size", "eval.cache")
+RUNTIME = ("eval.batch_size", "eval.cache", "eval.resources.cpus", "eval.resources.gpus")
+
+
+@dataclass
+class EvalResources:
+    """What the Ray task that scores one model asks for: the models encode there, not in the driver
+    (on a cluster, the driver's head node has no GPU)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    """1 on a GPU cluster: the model encodes on that GPU (a 7B embedder cannot be scored on CPU)."""
 
 
 @dataclass
@@ -73,6 +91,7 @@ class EvalConfig:
     cache: bool = True
     """Keep embeddings, keyed on the model's weights, prompts and length, and the text, so scoring a
     model again embeds nothing it has embedded before."""
+    resources: EvalResources = field(default_factory=EvalResources)
 
     def validate(self, variants: Iterable[str] = ()) -> None:
         """``variants``: an experiment's variant names, which stand for their models in ``models``."""
@@ -83,6 +102,9 @@ class EvalConfig:
             )
         if self.knn.k < 1:
             raise ConfigError(f"eval.knn.k: expected at least 1, got {self.knn.k}")
+        check_non_negative(
+            {"eval.resources.cpus": self.resources.cpus, "eval.resources.gpus": self.resources.gpus}
+        )
         if self.layers and self.knn.path is None:
             raise ConfigError("eval.layers: the layer analysis scores the kNN task; set eval.knn.path")
         self._check_files()

@@ -47,25 +47,25 @@ def _evaluate(
     models: list[tuple[str, str]],
     units: dict[tuple[str, str], dict[str, Any]],
 ) -> dict:
-    """Score every model in turn, then write the manifest and the layer plot."""
-    from speed_ray.io.models import cache_dir
-
+    """Score every model in turn, each in a Ray task, then write the manifest and the layer plot."""
     started = time.time()
     log(f"eval: {len(models)} models x {len(specs)} tasks: {', '.join(s.name for s in specs)}")
     drop_unasked(out, set(units))
-    cache_root = cache_dir() / "embeddings" if cfg.eval.cache else None
     scores: dict[str, dict[str, Any]] = {}
     layers: dict[str, dict[str, float]] = {}
+    scored_on: dict[str, dict[str, Any]] = {}
     for label, spec in models:
         task_fps = {task: fp for (lb, task), fp in units.items() if lb == label}
-        scores[label], model_layers = _evaluate_model(cfg, out, specs, label, spec, task_fps, cache_root)
-        if model_layers is not None:
-            layers[label] = model_layers
+        model_scores, where = _evaluate_model(cfg, out, specs, label, spec, task_fps)
+        layers |= {label: model_scores.pop(LAYERS)} if LAYERS in model_scores else {}
+        scores[label] = model_scores
+        scored_on |= {label: where} if where else {}
     manifest = {
         "tasks": {s.name: s.kind for s in specs},
         "models": dict(models),
         "scores": scores,
         "layers": layers,
+        "scored_on": scored_on,
         "duration_s": round(time.time() - started, 2),
     }
     if layers:
@@ -83,35 +83,65 @@ def _evaluate_model(
     label: str,
     spec: str,
     task_fps: dict[str, dict[str, Any]],
-    cache_root: Path | None,
-) -> tuple[dict[str, Any], dict[str, float] | None]:
-    """(scores per task, layer scores or None) of one model; ``task_fps`` is {task: fingerprint}. The
-    model loads only when a score is to be made; a kept record gives its scores."""
-    from speed_ray.eval.tasks import as_mteb_model
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(scores per task, the layer scores under ``LAYERS`` when asked for; where it was scored, or None
+    when every score was kept) of one model; ``task_fps`` is {task: fingerprint}. A kept record gives
+    its scores; the rest are scored in one Ray task with ``eval.resources``, where the model loads."""
+    from speed_ray.ray_utils import run_task
 
     t0 = time.time()
     recs = {task: kept(out, label, task, fp) for task, fp in task_fps.items()}  # None: to score
-    todo = [task for task, rec in recs.items() if rec is None]
-    st = None if spec in BASELINES or not todo else load_model(spec, cfg)
-    encoder = None if st is None else as_mteb_model(st, label, cache_root)
-    scores: dict[str, Any] = {}
+    todo = {task: task_fps[task] for task, rec in recs.items() if rec is None}
     for ts in specs:
         if not can_score(spec, ts):
             log(f"eval: {label}: {ts.name}: skipped ({spec} scores no {ts.kind} task)")
-            continue
-        rec = recs[ts.name]
-        if rec is None:
-            scores[ts.name] = _score(cfg, out, label, spec, ts, encoder, task_fps[ts.name])
-        else:
-            scores[ts.name] = rec["scores"]
-    if spec == "trained" and st is not None:
-        card_with_scores(cfg, st, _card_results(specs, scores))
-    layers = None
-    if cfg.eval.layers and spec not in BASELINES:
-        rec = recs[LAYERS]
-        layers = _score_layers(cfg, out, label, st, specs, task_fps[LAYERS]) if rec is None else rec["scores"]
+    scores = {task: rec["scores"] for task, rec in recs.items() if rec is not None}
+    where = None
+    if todo:
+        res = cfg.eval.resources
+        args = (cfg, out, label, spec, todo, scores)
+        new, where = run_task(cfg, f"eval-{label}", score_model, *args, cpus=res.cpus, gpus=res.gpus)
+        scores |= new
     log(f"eval: {label} done in {time.time() - t0:.0f}s" + ("" if todo else " (every score kept)"))
-    return scores, layers
+    return {t: scores[t] for t in task_fps}, where
+
+
+def score_model(
+    cfg: SpeedRayConfig,
+    out: Path,
+    label: str,
+    spec: str,
+    todo: dict[str, dict[str, Any]],
+    known: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """On a Ray worker: (the scores of the tasks in ``todo``, each recorded with its fingerprint; where
+    they were made: node, process and device). The model loads here, on the worker's GPU if its task
+    has one. This run's trained model gets a model card with every score (``known`` and the new)."""
+    import os
+    import socket
+
+    import torch
+
+    from speed_ray.eval.tasks import as_mteb_model
+    from speed_ray.io.models import cache_dir
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides the GPUs a task did not ask for
+    specs = task_specs(cfg)
+    st = None if spec in BASELINES else load_model(spec, cfg).to(device)
+    cache_root = cache_dir() / "embeddings" if cfg.eval.cache else None
+    encoder = None if st is None else as_mteb_model(st, label, cache_root)
+    scores = {
+        ts.name: _score(cfg, out, label, spec, ts, encoder, todo[ts.name]) for ts in specs if ts.name in todo
+    }
+    if spec == "trained" and st is not None:
+        card_with_scores(
+            cfg, st, _card_results(specs, {t: v for t, v in (known | scores).items() if t != LAYERS})
+        )
+    if LAYERS in todo:
+        assert st is not None
+        scores[LAYERS] = _score_layers(cfg, out, label, st, specs, todo[LAYERS])
+    where = {"host": socket.gethostname(), "pid": os.getpid(), "device": device}
+    return scores, where
 
 
 def _score(

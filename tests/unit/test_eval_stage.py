@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ def _tfidf_knn_by_hand(path: Path, seed: int) -> float:
     return float(np.mean(accs))
 
 
-def test_eval_stage_scores_every_model_on_every_task(tmp_path, tiny_bert, beir_tiny, labelled):
+def test_eval_stage_scores_every_model_on_every_task(tmp_path, tiny_bert, beir_tiny, labelled, ray_session):
     from speed_ray.eval import driver as evaluate
     from speed_ray.io.schemas import read_manifest
 
@@ -79,6 +80,10 @@ def test_eval_stage_scores_every_model_on_every_task(tmp_path, tiny_bert, beir_t
     }
     for label in ("base", "tfidf", "tiny"):
         assert set(m["scores"][label]) == tasks
+    # every model was scored in a Ray task (eval.resources: one CPU here), none in this process
+    assert set(m["scored_on"]) == {"base", "tfidf", "bm25", "tiny"}
+    assert {w["device"] for w in m["scored_on"].values()} == {"cpu"}
+    assert os.getpid() not in {w["pid"] for w in m["scored_on"].values()}
     assert set(m["scores"]["bm25"]) == {"DebianPackageRetrieval"}  # BM25 only retrieves
 
     # mteb's own layout; a SentenceTransformer's revision is its content hash
@@ -170,7 +175,7 @@ def test_models_keep_their_saved_prompts_and_others_get_the_configured_one(tmp_p
 
 
 def test_eval_scores_only_what_changed_per_model_and_task(
-    tmp_path, tiny_bert, beir_tiny, monkeypatch, caplog
+    tmp_path, tiny_bert, beir_tiny, caplog, ray_session
 ):
     """Adding a model scores that model alone; a retrained model is scored again, the base is not;
     a model dropped from eval.models takes its results with it."""
@@ -179,14 +184,16 @@ def test_eval_scores_only_what_changed_per_model_and_task(
     from speed_ray.eval import driver as evaluate
     from speed_ray.io.schemas import read_manifest, write_json_atomic
 
-    loaded: list[str] = []
-    load = evaluate.load_model
-    monkeypatch.setattr(evaluate, "load_model", lambda spec, cfg: loaded.append(spec) or load(spec, cfg))
+    loaded: list[str] = []  # the models scored (so loaded, on a worker), in order
 
     def run(models: str) -> dict:
         args = [f"run.output_dir={tmp_path}", "run.name=ev", f"embed.model={tiny_bert}"]
         args += [f"eval.models={models}", f"eval.retrieval.path={beir_tiny}", "eval.batch_size=16"]
-        return evaluate.run(load_config(None, args))
+        before = read_manifest(tmp_path / "ev/eval")
+        m = evaluate.run(load_config(None, args))
+        if m != before:  # not skipped whole
+            loaded.extend(m["models"][label] for label in m["scored_on"])
+        return m
 
     def result(label: str) -> Path:
         (path,) = (tmp_path / "ev/eval/results" / f"speed-ray__{label}").glob("*/DebianPackageRetrieval.json")

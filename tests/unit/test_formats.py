@@ -136,7 +136,8 @@ def test_embed_reads_the_synthetic_training_set_through_the_pairs_reader(tmp_pat
     assert data.all_rows()[0]["instruction"] is None
     assert info == {"source": "synth", "path": str(train), "rows_available": 8}
     same, _ = training_data(
-        load_config(None, [*base[:2], "embed.data.source=pairs", f"embed.data.path={train}"]), tmp_path / "same"
+        load_config(None, [*base[:2], "embed.data.source=pairs", f"embed.data.path={train}"]),
+        tmp_path / "same",
     )
     assert same.all_rows() == data.all_rows()
 
@@ -263,7 +264,9 @@ def test_users_preference_pairs_in_trls_format_or_the_earlier_one(tmp_path):
 # The embedding model's card -> sentence-transformers' model card, scores added by the eval stage
 
 
-def test_model_card_is_sentence_transformers_own_and_gets_the_eval_scores(tmp_path, tiny_llama, beir_tiny):
+def test_model_card_is_sentence_transformers_own_and_gets_the_eval_scores(
+    tmp_path, tiny_llama, beir_tiny, ray_session
+):
     from sentence_transformers import SentenceTransformer
 
     from speed_ray.embed.driver import card_info, train_settings
