@@ -42,6 +42,8 @@ CORPUS_DOCS = pa.schema(
 )
 SHARD_ROWS = 50_000
 """Rows per shard of ``<run>/embed/data``: what a worker holds while it takes its rows from one."""
+BATCH_ROWS = 4096
+"""Rows the driver holds as Python objects while it writes a shard."""
 WINDOW_ROWS = 32_768
 """Rows a worker reads ahead: its slices of as many global batches as make about this many."""
 
@@ -134,10 +136,19 @@ def rows_digest(rows: list[dict[str, Any]]) -> str:
 
 
 def chunks(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> Iterator[pa.Table]:
-    """``rows`` as tables of ``SHARD_ROWS``, one shard each."""
+    """``rows`` as tables of ``SHARD_ROWS``, one shard each, turned into Arrow ``BATCH_ROWS`` at a time
+    (a shard's worth of Python rows at once would be the driver's biggest buffer)."""
     it = iter(rows)
-    while chunk := list(itertools.islice(it, SHARD_ROWS)):
-        yield pa.Table.from_pylist(chunk, schema=schema)
+    batches: list[pa.RecordBatch] = []
+    filled = 0
+    while batch := list(itertools.islice(it, min(BATCH_ROWS, SHARD_ROWS - filled))):
+        batches.append(pa.RecordBatch.from_pylist(batch, schema=schema))
+        filled += len(batch)
+        if filled == SHARD_ROWS:
+            yield pa.Table.from_batches(batches, schema)
+            batches, filled = [], 0
+    if batches:
+        yield pa.Table.from_batches(batches, schema)
 
 
 def write_rows(

@@ -269,7 +269,8 @@ def _table_rows(path: Path) -> Iterator[dict[str, Any]]:
     manifest = path / "_manifest.json"
     if manifest.is_file():
         for f in json.loads(manifest.read_text())["files"]:
-            yield from pq.read_table(path / f["name"]).to_pylist()
+            for batch in pq.ParquetFile(path / f["name"]).iter_batches(batch_size=4096):
+                yield from batch.to_pylist()
     elif path.is_dir():
         from datasets import load_from_disk
 
