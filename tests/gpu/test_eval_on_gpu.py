@@ -13,9 +13,7 @@ from speed_ray.io.settings import local_gpu_count
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(local_gpu_count() == 0, reason="needs an NVIDIA GPU")]
 
 
-def test_models_encode_on_the_gpu_worker_the_config_asks_for(tmp_path, tiny_bert, beir_tiny):
-    import ray
-
+def test_models_encode_on_the_gpu_worker_the_config_asks_for(tmp_path, tiny_bert, beir_tiny, ray_session):
     from speed_ray.eval import driver as evaluate
 
     def scored(name: str, gpus: int) -> dict:
@@ -23,11 +21,8 @@ def test_models_encode_on_the_gpu_worker_the_config_asks_for(tmp_path, tiny_bert
         args += ["eval.models=[base]", f"eval.retrieval.path={beir_tiny}", "eval.cache=false"]
         return evaluate.run(load_config(None, [*args, f"eval.resources.gpus={gpus}"]))
 
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
-    try:
-        gpu, cpu = scored("gpu", 1), scored("cpu", 0)
-    finally:
-        ray.shutdown()
+    assert ray_session.cluster_resources().get("GPU", 0) >= 1  # a local instance finds the node's GPUs
+    gpu, cpu = scored("gpu", 1), scored("cpu", 0)
     assert gpu["scored_on"]["base"]["device"] == "cuda" and cpu["scored_on"]["base"]["device"] == "cpu"
     assert gpu["scored_on"]["base"]["pid"] != os.getpid()
     on_gpu, on_cpu = (m["scores"]["base"]["DebianPackageRetrieval"]["ndcg_at_10"] for m in (gpu, cpu))
