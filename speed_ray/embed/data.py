@@ -154,8 +154,9 @@ def chunks(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> Iterator[pa.Tab
 def write_rows(
     folder: Path, rows: Iterable[dict[str, Any]], total: int, max_rows: int, seed: int
 ) -> TrainingData:
-    """Write ``rows`` (``{anchor, positive, negatives}``, ``total`` of them) as ``TRAIN_ROWS`` shards:
-    all, or the ``max_rows`` of ``speed_ray.io.data.nested_sample``, in input order."""
+    """Write ``rows`` (``{anchor, positive, negatives}``) as ``TRAIN_ROWS`` shards: all, or the
+    ``max_rows`` of ``speed_ray.io.data.nested_sample`` in input order, which needs their number
+    ``total`` (read only when ``max_rows`` is set)."""
     from speed_ray.io.data import nested_sample
     from speed_ray.io.schemas import split_query, write_stage
 

@@ -82,12 +82,12 @@ def row_data(cfg: SpeedRayConfig, folder: Path):
         total = finished_manifest(path)["num_rows"]  # a step that has not finished is never read
     else:
         path = locate(str(d.path))
-        total = sum(1 for _ in iter_pairs(path))
+        total = sum(1 for _ in iter_pairs(path)) if d.max_rows else 0  # counted only to sample from
     data = write_rows(folder, iter_pairs(path), total, d.max_rows, cfg.run.seed)
     if d.source == "synth":
         log(f"embed: {len(data)} of {total} synthetic rows from {path}")
     where = str(path) if d.source == "synth" else d.path
-    return data, {"source": d.source, "path": where, "rows_available": total}
+    return data, {"source": d.source, "path": where, "rows_available": total or len(data)}
 
 
 def corpus_data(cfg: SpeedRayConfig, folder: Path):

@@ -99,7 +99,7 @@ def _evaluate_model(
     where = None
     if todo:
         res = cfg.eval.resources
-        args = (cfg, out, label, spec, todo, scores)
+        args = (cfg, out, specs, label, spec, todo, scores)
         new, where = run_task(cfg, f"eval-{label}", score_model, *args, cpus=res.cpus, gpus=res.gpus)
         scores |= new
     log(f"eval: {label} done in {time.time() - t0:.0f}s" + ("" if todo else " (every score kept)"))
@@ -109,14 +109,16 @@ def _evaluate_model(
 def score_model(
     cfg: SpeedRayConfig,
     out: Path,
+    specs: list[TaskSpec],
     label: str,
     spec: str,
     todo: dict[str, dict[str, Any]],
     known: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """On a Ray worker: (the scores of the tasks in ``todo``, each recorded with its fingerprint; where
-    they were made: node, process and device). The model loads here, on the worker's GPU if its task
-    has one. This run's trained model gets a model card with every score (``known`` and the new)."""
+    they were made: host, process and device). ``specs`` come with their data, read and checked once
+    by the driver. The model loads here, on the worker's GPU if its task has one. This run's trained
+    model gets a model card with every score (``known`` and the new)."""
     import os
     import socket
 
@@ -126,7 +128,6 @@ def score_model(
     from speed_ray.io.models import cache_dir
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides the GPUs a task did not ask for
-    specs = task_specs(cfg)
     st = None if spec in BASELINES else load_model(spec, cfg).to(device)
     cache_root = cache_dir() / "embeddings" if cfg.eval.cache else None
     encoder = None if st is None else as_mteb_model(st, label, cache_root)
