@@ -27,6 +27,7 @@ from speed_ray.io import logs, storage
 from speed_ray.io.data import DataError
 from speed_ray.io.settings import ConfigError
 from speed_ray.pipeline import STAGES, stage_module
+from speed_ray.ray_utils import check_shared_folder
 
 # Nothing downloads from a model hub at run time (set before any HF library is imported).
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -76,6 +77,7 @@ def run_stages(cfg: SpeedRayConfig) -> None:
     saved one needs no note here: each step compares its own fingerprint and says which step is
     stale and why (speed_ray.io.steps.step)."""
     stages = [s for s in STAGES if s in cfg.run.stages]
+    check_shared_folder(cfg)  # on a multi-node cluster, every node must see the run folder
     saved = cfg.run_dir / "config.yaml"
     save_config(cfg, saved)
     remote = f"{cfg.run.upload_to.rstrip('/')}/{cfg.run.name}" if cfg.run.upload_to else None

@@ -66,6 +66,10 @@ class RunSection:
     upload_to: str | None = None
     """Object storage for the outputs (``s3://bucket/prefix``, ``gs://...``, ``file://...``): each stage
     folder is copied to ``<upload_to>/<name>/`` as it finishes. Credentials from the environment."""
+    resource_wait_s: float = 600.0
+    """How long an engine pool, a training worker group or an eval task may wait for the cluster to
+    place it (an autoscaler adding nodes included). Past it the run stops (exit 2), saying what it
+    asked for and what the cluster has and can add."""
 
 
 @dataclass
@@ -198,6 +202,7 @@ RUNTIME_KEYS = (
     "run.ray_address",
     "run.num_cpus",
     "run.upload_to",
+    "run.resource_wait_s",
     "experiment",
     *synth_config.RUNTIME,
     *(f"{engine}.{key}" for engine in ENGINE_KEYS for key in engine_config.RUNTIME),
@@ -218,6 +223,8 @@ def _check_run(run: RunSection) -> None:
         raise ConfigError(
             f"run.stages: expected a list of stages from {', '.join(STAGES)}, got {run.stages!r}"
         )
+    if not run.resource_wait_s > 0:
+        raise ConfigError(f"run.resource_wait_s: expected seconds > 0, got {run.resource_wait_s!r}")
     if run.upload_to is not None:
         from speed_ray.io.storage import check_uri
 

@@ -1,9 +1,11 @@
-"""Ray at the edges: starting or joining Ray, and resource checks before any pool is built.
+"""Ray at the edges: starting or joining Ray, the checks before any pool is built, and the secrets
+each worker gets.
 
 A vLLM pool that asks for GPUs on a cluster without them waits forever instead of failing (seen with
 Ray 2.60's ``ray.data.llm`` vLLM processor: the autoscaler reports "No available node types can
-fulfill resource request" every ~35 s and the job never errors), so every pool and trainer checks
-``cluster_resources`` first.
+fulfill resource request" every ~35 s and the job never errors), so every pool, trainer and eval task
+first checks what the cluster has and can add, then holds a placement group of what it asks for until
+the cluster places it, for at most ``run.resource_wait_s``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from speed_ray.config import SpeedRayConfig
-from speed_ray.io import logs
+from speed_ray.io import logs, secrets
 from speed_ray.io.settings import ConfigError, TrainResources
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,65 @@ def where(address: str | None, num_cpus: int | None) -> dict:
     return {"address": address}
 
 
+def check_shared_folder(cfg: SpeedRayConfig) -> None:
+    """On a multi-node cluster this run joins, one task on every node checks that it sees the run
+    folder: a file the driver writes there must be there, with the same contents, on every node. A
+    node that does not stops the run before its first stage. Nodes an autoscaler adds later are not
+    seen here; the cluster files mount the same volume on every node group for that reason."""
+    if where(cfg.run.ray_address, cfg.run.num_cpus)["address"] == "local":
+        return  # a local Ray is one node
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    init_ray(cfg)
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) < 2:
+        return
+    folder = cfg.run_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    probe = folder / f".node-check-{token}"
+    probe.write_text(token)
+    try:
+        sees = ray.remote(_sees)
+        refs = [
+            sees.options(
+                num_cpus=0,
+                max_retries=0,
+                name="speed-ray-folder-check",
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+            ).remote(str(probe), token)
+            for n in nodes
+        ]
+        # Each task needs only a worker process on its node (no CPU); its start can take a while.
+        seen = ray.get(refs, timeout=max(FOLDER_CHECK_S, cfg.run.resource_wait_s))
+    finally:
+        probe.unlink(missing_ok=True)
+    blind = [
+        f"{n['NodeManagerAddress']} (node id {n['NodeID']})"
+        for n, ok in zip(nodes, seen, strict=True)
+        if not ok
+    ]
+    if blind:
+        raise ConfigError(
+            f"run.output_dir: the run folder {folder} is not shared with {len(blind)} of {len(nodes)} "
+            f"nodes: {'; '.join(blind)} (a file the driver wrote there is not there on those nodes); "
+            "every node needs the same shared file system at that path (NFS, EFS, Filestore, a volume "
+            "mounted in every pod)"
+        )
+
+
+FOLDER_CHECK_S = 120.0
+"""The least time the nodes get to answer the folder check."""
+
+
+def _sees(probe: str, token: str) -> bool:
+    path = Path(probe)
+    return path.is_file() and path.read_text() == token
+
+
 def reachable_resources() -> dict[str, float] | None:
     """What the cluster has, or on an autoscaling cluster the most its autoscaler may bring up (node
     groups that start at zero count at their maximum). None for a cluster this process joined whose
@@ -85,26 +146,59 @@ def reachable_resources() -> dict[str, float] | None:
     return {k: max(have.get(k, 0), most.get(k, 0)) for k in set(have) | set(most)}
 
 
-def require_resources(what: str, cpus: float, gpus: float) -> None:
-    """Fail at once when the cluster can never host ``what`` (rather than hang waiting for it)."""
-    have = reachable_resources()
-    if have is None:
-        import ray
+def require_resources(cfg: SpeedRayConfig, what: str, cpus: float, gpus: float, count: int = 1) -> None:
+    """Wait until the cluster places ``count`` bundles of ``cpus`` CPUs and ``gpus`` GPUs (``what``: one
+    engine actor, training worker or eval task each), for at most ``run.resource_wait_s``; fail at once
+    when the cluster can never host them. Past the deadline: a ``ConfigError`` that says what was
+    asked for and what the cluster has and can add. A placement group is what an autoscaler scales
+    for; it is removed once placed, and the pool or worker group takes the freed resources."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
 
-        now = ray.cluster_resources()
-        if now.get("GPU", 0) < gpus or now.get("CPU", 0) < cpus:
-            logger.warning(
-                f"{what}: needs {gpus} GPU(s) and {cpus} CPUs per actor, the cluster has "
-                f"{now.get('GPU', 0)} and {now.get('CPU', 0)} now: waiting for its autoscaler to add nodes"
-            )
+    bundle = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
+    if not bundle:
         return
-    if gpus > 0 and have.get("GPU", 0) < gpus:
-        raise ConfigError(
-            f"{what}: needs {gpus} GPU(s) but the Ray cluster has {have.get('GPU', 0)}; "
-            "set num_gpus: 0 / use_gpu: false to run on CPU, or add GPU nodes"
+    need = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
+    asked = f"{what}: needs {count} x ({need})"
+    most = reachable_resources()
+    if most is not None:
+        short = [k for k, v in bundle.items() if most.get(k, 0) < v * count]
+        if short:
+            hint = (
+                "set num_gpus: 0 / use_gpu: false to run on CPU, or add GPU nodes"
+                if "GPU" in short
+                else "lower num_cpus, or add nodes"
+            )
+            raise ConfigError(
+                f"{asked}, but the Ray cluster has {_amounts(most, bundle)} at most (its nodes and what "
+                f"its autoscaler can add); {hint}"
+            )
+    wait_s = cfg.run.resource_wait_s
+    group = placement_group([bundle] * count, strategy="PACK", name=f"speed-ray-wait-{what}"[:100])
+    try:
+        placed = group.wait(timeout_seconds=wait_s)
+    finally:
+        remove_placement_group(group)
+    if not placed:
+        can_add = (
+            "unknown (its autoscaler publishes no node groups)" if most is None else _amounts(most, bundle)
         )
-    if have.get("CPU", 0) < cpus:
-        raise ConfigError(f"{what}: needs {cpus} CPUs but the Ray cluster has {have.get('CPU', 0)}")
+        raise ConfigError(
+            f"{asked}; after {wait_s:g} s (run.resource_wait_s) the Ray cluster has "
+            f"{_amounts(ray.cluster_resources(), bundle)} in all and {_amounts(ray.available_resources(), bundle)} "
+            f"free; the most it can have: {can_add}. Add nodes, free them, or ask for less"
+        )
+
+
+def _amounts(resources: dict[str, float], keys: dict[str, float]) -> str:
+    return ", ".join(f"{resources.get(k, 0):g} {k}" for k in keys)
+
+
+def run_secrets(cfg: SpeedRayConfig) -> dict[str, secrets.Secret]:
+    """The secrets this run's workers need, from the driver's environment: the API keys its ``openai``
+    engines name, and ``HF_TOKEN`` for gated hub models."""
+    keys = [e.api_key_env for e in cfg.engines().values() if e.kind == "openai" and e.api_key_env]
+    return secrets.collect([*keys, secrets.HUB_TOKEN])
 
 
 def run_task(cfg: SpeedRayConfig, name: str, fn: Callable[..., T], *args: Any, cpus: float, gpus: float) -> T:
@@ -113,10 +207,14 @@ def run_task(cfg: SpeedRayConfig, name: str, fn: Callable[..., T], *args: Any, c
     import ray
 
     init_ray(cfg)
-    require_resources(name, cpus, gpus)
-    return ray.get(
-        ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus, max_retries=0, name=name).remote(*args)
-    )
+    require_resources(cfg, name, cpus, gpus)
+    task = ray.remote(_with_secrets).options(num_cpus=cpus, num_gpus=gpus, max_retries=0, name=name)
+    return ray.get(task.remote(run_secrets(cfg), fn, *args))
+
+
+def _with_secrets(handed: dict[str, secrets.Secret], fn: Callable[..., T], *args: Any) -> T:
+    secrets.export(handed)
+    return fn(*args)
 
 
 def train(
@@ -143,9 +241,10 @@ def train(
 
     # [1] Ray: the worker group must fit the cluster, or fail now.
     init_ray(cfg)
-    require_resources(name, res.workers * res.cpus_per_worker, res.workers * int(res.use_gpu))
+    require_resources(cfg, name, res.cpus_per_worker, int(res.use_gpu), count=res.workers)
     # [2] Ray Train: the loop on every worker, the dataset sharded across them.
-    trainer = torch_trainer(cfg, name, {"loop": loop, "settings": settings}, res, dataset, max_failures)
+    loop_config = {"loop": loop, "settings": settings, "secrets": run_secrets(cfg)}
+    trainer = torch_trainer(cfg, name, loop_config, res, dataset, max_failures)
     result = trainer.fit()
     # [3] The model comes back as the last checkpoint.
     if result.checkpoint is None or result.metrics is None:
@@ -156,8 +255,9 @@ def train(
 
 
 def run_loop(config: dict[str, Any]) -> None:
-    """What every Ray Train worker runs: the stage's loop on its settings. Ray's ``train_loop_config``
-    is a dict, so both travel in one (``train``)."""
+    """What every Ray Train worker runs: the stage's loop on its settings, with the run's secrets in its
+    environment. Ray's ``train_loop_config`` is a dict, so they travel in one (``train``)."""
+    secrets.export(config.get("secrets"))
     config["loop"](config["settings"])
 
 

@@ -28,6 +28,7 @@ from speed_ray.engines import Request, Sampling, build_generator
 from speed_ray.engines.config import EngineConfig
 from speed_ray.io.models import resolve_model
 from speed_ray.io.schemas import finished_manifest
+from speed_ray.io.secrets import Secret, export
 from speed_ray.io.settings import ConfigError
 from speed_ray.io.shards import (
     DONE,
@@ -69,8 +70,12 @@ class GenerateStage:
         generator: Any = None,
         model: str = "",
         seed: int = 0,
+        secrets: dict[str, Secret] | None = None,
     ) -> None:
-        """``engine`` and ``model`` (resolved) build the engine; ``generator``: one to use instead."""
+        """``engine`` and ``model`` (resolved) build the engine; ``generator``: one to use instead;
+        ``secrets``: the API key and hub token the engine reads from the environment (handed by the
+        driver, so the actor's node needs none of them)."""
+        export(secrets)
         if generator is None:
             assert engine is not None
             generator = build_generator(engine, model, seed)
@@ -279,14 +284,21 @@ def engine_pool(
     actor pool and ``parse``; yields parsed blocks, each row with its input's ``shard``."""
     if not request_files:
         return
-    from speed_ray.ray_utils import init_ray, require_resources
+    from speed_ray.ray_utils import init_ray, require_resources, run_secrets
 
     model = engine_model(cfg, eng, check=generator is None)
-    # [1] Ray: start or join the cluster, and fail fast if the pool could never be placed.
+    # [1] Ray: start or join the cluster, and wait (up to run.resource_wait_s) for room for the pool.
     init_ray(cfg)
     gpus = eng.num_gpus * eng.tensor_parallel_size
-    require_resources(f"{eng.kind} engine {eng.model}", eng.num_cpus, gpus)
-    stage = dict(engine=eng, model=model, seed=cfg.run.seed, sampling=sampling, generator=generator)
+    require_resources(cfg, f"{eng.kind} engine {eng.model}", eng.num_cpus, gpus, count=eng.min_actors)
+    stage = dict(
+        engine=eng,
+        model=model,
+        seed=cfg.run.seed,
+        sampling=sampling,
+        generator=generator,
+        secrets=run_secrets(cfg),
+    )
     ds = _pool(request_files, eng, stage, parse)
     # [4] Stream results back; the caller writes each shard as soon as it is complete.
     yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
