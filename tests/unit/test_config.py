@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +21,13 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
-def test_every_config_in_the_repo_loads(path, monkeypatch):
+def test_every_config_in_the_repo_loads(path, monkeypatch, hub_cache):
     monkeypatch.setenv(
         "OPENAI_API_KEY", "sk-test"
     )  # synth-teacher.yaml names it; only its presence is checked
+    # the hub models a config names (org/name), in a local cache: the suite runs offline
+    for repo_id in re.findall(r"^\s*model:\s*([\w.-]+/[\w.-]+)\s*(?:#.*)?$", path.read_text(), re.M):
+        hub_cache(repo_id)
     assert isinstance(load_config(path), SpeedRayConfig)
 
 
