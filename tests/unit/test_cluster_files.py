@@ -49,6 +49,10 @@ def test_launcher_configs_pass_rays_own_validation(name):
         sum(t["max_workers"] for n, t in types.items() if n != config["head_node_type"])
         == config["max_workers"]  # the cluster cap never cuts a group short
     )
+    # the head's `ray start` gets the secrets from the cloud's secret store, never a literal value
+    start = " ".join(raw["head_start_ray_commands"])
+    for var in ("OPENAI_API_KEY", "HF_TOKEN"):
+        assert f'export {var}="$(python -c ' in start and f"{var}=sk" not in start
 
 
 def _is_spot(provider: str, node_config: dict) -> bool:
@@ -95,7 +99,7 @@ def test_kuberay_clusters_autoscale_gpu_groups_from_zero_on_the_image(name):
     assert gpus == {"head": 0, "cpu": 0, "gpu-l4": 4, "gpu-a100": 8, "gpu-h100": 8}
 
 
-def test_the_rayjob_runs_a_job_script_and_config_of_this_repo(monkeypatch):
+def test_the_rayjob_runs_a_job_script_and_config_of_this_repo(monkeypatch, hub_cache):
     job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())["spec"]
     assert job["shutdownAfterJobFinishes"] is True
     words = shlex.split(job["entrypoint"])
@@ -107,8 +111,28 @@ def test_the_rayjob_runs_a_job_script_and_config_of_this_repo(monkeypatch):
     overrides = words[words.index("--config") + 2 :]
     assert overrides == ["run.output_dir=/mnt/shared/runs"]  # the shared volume
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")  # the pod gets it from the Secret
+    for hub_model in ("meta-llama/Meta-Llama-3-8B", "mistralai/Mistral-7B-v0.1"):
+        hub_cache(hub_model)  # offline here; on the cluster they come from the hub (HF_TOKEN: gated)
     cfg = load_config(str(REPO / config), overrides)
     assert cfg.run.output_dir == "/mnt/shared/runs"
     assert cfg.eval.retrieval.path == "builtin:debian/retrieval"  # shipped inside the package
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     assert "WORKDIR /home/ray/speed-ray" in dockerfile and "COPY --chown=ray:users jobs ./jobs" in dockerfile
+
+
+SECRETS = {"OPENAI_API_KEY": ("speed-ray-teacher", "api-key"), "HF_TOKEN": ("speed-ray-hub", "token")}
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_puts_the_secrets_on_every_group(name):
+    """The teacher's key and the hub token, from Kubernetes Secrets, in the head (where the driver of a
+    submitted job runs) and in every worker group (where actors run); never as a literal value."""
+    spec = _ray_clusters()[name]
+    pods = {"head": spec["headGroupSpec"]} | {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    for group, pod in pods.items():
+        (container,) = pod["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container.get("env", [])}
+        for var, (secret, key) in SECRETS.items():
+            assert "value" not in env[var], f"{group}: {var} written into the manifest"
+            ref = env[var]["valueFrom"]["secretKeyRef"]
+            assert (ref["name"], ref["key"], ref["optional"]) == (secret, key, True), f"{group}: {var}"
