@@ -65,12 +65,12 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
     from vllm import LLM
 
     from speed_ray.engines import Request, Sampling
-    from speed_ray.engines.vllm_engine import llm_kwargs, sampling_params
+    from speed_ray.engines.vllm_engine import llm_kwargs, sampling_params, vllm_platform
 
     rows = requests(args.prompts, seed=0)
     t0 = time.time()
     eng = engine_settings(args)
-    llm = LLM(**llm_kwargs(eng, eng.model, seed=0))
+    llm = LLM(**llm_kwargs(eng, eng.model, seed=0, platform=vllm_platform()))  # as the engine actor does
     ready = time.time()
     arrivals = []
     for i in range(0, len(rows), args.batch_size):

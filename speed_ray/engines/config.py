@@ -4,13 +4,16 @@ the fields it needs (``from_config``)."""
 
 from __future__ import annotations
 
+import difflib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from speed_ray.io.settings import ConfigError, check_positive
 
 KINDS = ("vllm", "transformers", "openai")
 # Settings that size, place or pace a pool, or price its calls: never the text it writes.
+# ``engine_kwargs`` is not one: some vLLM arguments (quantization, kv_cache_dtype) change the text.
 RUNTIME = (
     "num_cpus",
     "num_gpus",
@@ -23,11 +26,23 @@ RUNTIME = (
     "max_retries",
     "api_key_env",
     "kv_cache_gib",
+    "gpu_memory_utilization",
     "enforce_eager",
     "tensor_parallel_size",
     "price_per_million_input_tokens",
     "price_per_million_output_tokens",
 )
+# vLLM engine arguments speed-ray sets from a config key of its own: that key (``{engine}``: the
+# engine's place in the config, ``synth.judge``), which ``engine_kwargs`` must not contradict.
+OWNED_ENGINE_ARGS = {
+    "model": "{engine}.model",
+    "dtype": "{engine}.dtype",
+    "max_model_len": "{engine}.max_model_len",
+    "gpu_memory_utilization": "{engine}.gpu_memory_utilization",
+    "enforce_eager": "{engine}.enforce_eager",
+    "tensor_parallel_size": "{engine}.tensor_parallel_size",
+    "seed": "run.seed",
+}
 
 
 @dataclass
@@ -43,9 +58,14 @@ class EngineConfig:
     max_model_len: int = 1536
     """Prompt plus completion tokens per request."""
     kv_cache_gib: float = 0.5
-    """KV-cache size. The CPU build needs it explicitly (its memory probe misreads NUMA nodes)."""
-    enforce_eager: bool = True
-    """Skip torch.compile: 17 s start instead of 50-90 s on CPU, same speed."""
+    """KV-cache size on the CPU build of vLLM, which needs it given (its memory probe reads NUMA
+    node 0 alone and refuses to start). Ignored on GPUs: there ``gpu_memory_utilization`` rules."""
+    gpu_memory_utilization: float = 0.9
+    """GPUs: the share of each GPU's memory the engine takes (weights, activations, KV cache);
+    vLLM's own default. Ignored by the CPU build (``kv_cache_gib``)."""
+    enforce_eager: bool | None = None
+    """Skip torch.compile and CUDA graphs. None: True on the CPU build (17 s start instead of
+    50-90 s, same speed), False on GPUs (CUDA graphs speed up decoding)."""
     tensor_parallel_size: int = 1
     num_gpus: float = 0.0
     """GPUs per tensor-parallel rank of an engine actor (0 on CPU); an actor takes
@@ -72,6 +92,10 @@ class EngineConfig:
     price_per_million_input_tokens: float = 0.0
     price_per_million_output_tokens: float = 0.0
     """openai: prices for the cost column of the accounting (e.g. GPT-4o-2024-05-13: 5.0 and 15.0 USD)."""
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """vllm: more ``vllm.LLM`` engine arguments (``max_num_seqs``, ``quantization``,
+    ``kv_cache_dtype``...), applied over the ones speed-ray sets; names are checked against vLLM's
+    ``EngineArgs`` at config load. Part of the fingerprint: some change the text."""
 
     def validate(self, key: str) -> None:
         """Checks of this engine's own fields; ``key`` is its place in the config (``synth.judge``)."""
@@ -79,6 +103,10 @@ class EngineConfig:
             raise ConfigError(f"{key}.kind: expected one of {', '.join(KINDS)}, got {self.kind!r}")
         names = ("batch_size", "min_actors", "max_concurrency", "tensor_parallel_size")
         check_positive({f"{key}.{name}": getattr(self, name) for name in names})
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(
+                f"{key}.gpu_memory_utilization: expected a share in (0, 1], got {self.gpu_memory_utilization}"
+            )
         if self.max_actors < self.min_actors:
             raise ConfigError(
                 f"{key}.max_actors: expected >= {key}.min_actors ({self.min_actors}), got {self.max_actors}"
@@ -93,3 +121,33 @@ class EngineConfig:
                     f"{key}.api_key_env: environment variable {self.api_key_env} is not set "
                     "(export it; the key is never read from a config file)"
                 )
+        if self.engine_kwargs:
+            if self.kind != "vllm":
+                raise ConfigError(
+                    f"{key}.engine_kwargs: vLLM engine arguments, only for kind vllm (got {self.kind})"
+                )
+            check_engine_kwargs(key, self.engine_kwargs)
+
+
+def check_engine_kwargs(engine: str, kwargs: dict[str, Any]) -> None:
+    """Each name in ``{engine}.engine_kwargs`` must be a ``vllm.LLM`` engine argument that speed-ray
+    does not set from a key of its own."""
+    key = f"{engine}.engine_kwargs"
+    for name in map(str, kwargs):
+        if name in OWNED_ENGINE_ARGS:
+            raise ConfigError(
+                f"{key}.{name}: set by speed-ray; use {OWNED_ENGINE_ARGS[name].format(engine=engine)} instead"
+            )
+    try:
+        from speed_ray.engines.vllm_engine import engine_arg_names
+
+        names = engine_arg_names()
+    except ImportError as e:
+        raise ConfigError(
+            f"{key}: checking vLLM engine arguments needs vllm, which cannot be imported ({e})"
+        ) from None
+    for name in map(str, kwargs):
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+            hint = f"closest: {', '.join(close)}" if close else "see vllm.engine.arg_utils.EngineArgs"
+            raise ConfigError(f"{key}.{name}: not a vLLM engine argument ({hint})")

@@ -51,3 +51,15 @@ def test_a_prompt_too_long_for_the_context_is_an_error_row_not_a_failed_batch(en
     assert [c.text for c in too_long] == ["", ""] and too_long[1].error == too_long[0].error
     assert too_long[0].error.startswith("prompt of ") and "max_model_len=512" in too_long[0].error
     assert too_long[0].num_input_tokens > 512 and fine[0].error is None and fine[0].num_output_tokens > 0
+
+
+def test_engine_argument_names_are_the_fields_of_vllms_engine_args():
+    """The config check reads them from vLLM's source; the import gives the same names."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from speed_ray.engines.vllm_engine import engine_arg_names
+
+    fields = {f.name for f in dataclasses.fields(EngineArgs) if not f.name.startswith("_")}
+    assert engine_arg_names() == fields and "max_num_seqs" in fields
