@@ -116,9 +116,9 @@ class EngineConfig:
                 raise ConfigError(
                     f"{key}.base_url: expected an http(s):// URL for kind openai, got {self.base_url!r}"
                 )
-            if self.api_key_env is not None and self.api_key_env not in os.environ:
+            if self.api_key_env is not None and not os.environ.get(self.api_key_env):
                 raise ConfigError(
-                    f"{key}.api_key_env: environment variable {self.api_key_env} is not set "
+                    f"{key}.api_key_env: environment variable {self.api_key_env} is not set or empty "
                     "(export it; the key is never read from a config file)"
                 )
         if self.engine_kwargs:

@@ -14,7 +14,7 @@ def test_generate_on_gpu(tiny_llama):
     from speed_ray.engines.vllm_engine import VllmGenerator
 
     engine = VllmGenerator(
-        tiny_llama, dtype="float32", max_model_len=512, kv_cache_gib=1.0, enforce_eager=False
+        tiny_llama, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3
     )
     outs = engine.generate(
         [Request([{"role": "user", "content": "hi"}], seed=1)], Sampling(max_tokens=8, n=2)
