@@ -13,7 +13,7 @@ from speed_ray.io.settings import (
     check_non_negative,
     check_positive,
     check_rows,
-    locate,
+    locate_input,
 )
 
 POOLING_MODES = ("mean", "cls", "lasttoken")
@@ -39,7 +39,9 @@ class EmbedDataConfig:
     path: str | None = None
     """synth: another run's folder, to train on its ``synth/train`` (null: this run's);
     pairs: parquet, JSONL, a step folder or a ``datasets`` folder with anchor, positive[, negative*] columns;
-    corpus: a JSONL file with ``id`` and ``text``."""
+    corpus: a JSONL file with ``id`` and ``text``. A pairs or corpus file may also be a URI on object
+    storage (``s3://bucket/pairs.parquet``, ``gs://...``), read through pyarrow with credentials from
+    the environment."""
     max_rows: int = 0
     """synth and pairs: train on this many rows, a seeded sample (0: all). A smaller sample is part
     of a larger one with the same seed (``run.seed``), so data sizes make a scaling curve."""
@@ -92,12 +94,16 @@ class EmbedDataConfig:
         return CropRule(self.crop_min_chars, self.crop_max_chars, self.sentences_per_crop, self.min_crops)
 
     def _check_files(self) -> None:
-        """A pairs file or a corpus is read now; synth data may be another run's folder, which an
-        experiment makes after loading this config."""
+        """A pairs file or a corpus is read now (a local one, or one on object storage: a missing
+        object is named by the reader); synth data may be another run's folder, which an experiment
+        makes after loading this config."""
+        from pathlib import Path
+
         if self.source == "synth":
             return
         assert self.path is not None
-        if not locate("embed.data.path", self.path).exists():
+        located = locate_input("embed.data.path", self.path)
+        if isinstance(located, Path) and not located.exists():
             raise ConfigError(f"embed.data.path: {self.path} not found")
         reader = "iter_pairs" if self.source == "pairs" else "iter_corpus"
         check_rows("embed.data.path", self.path, reader)

@@ -27,6 +27,7 @@ from speed_ray.io.steps import log, step
 
 if TYPE_CHECKING:
     from speed_ray.embed.train import EmbedTrainSettings
+    from speed_ray.io.data import Source
 
 # What the model depends on (``speed_ray.io.fingerprint`` leaves out what only places or paces the
 # training): every embed setting, the seed, and the training data (``fingerprint``).
@@ -74,14 +75,15 @@ def row_data(cfg: SpeedRayConfig, folder: Path):
     """(data, info) of a synth run's training set or a user's pairs file (``embed.data.max_rows`` of
     them, a nested sample)."""
     from speed_ray.embed.data import write_rows
-    from speed_ray.io.data import iter_pairs, locate
+    from speed_ray.io.data import iter_pairs, locate_input
 
     d = cfg.embed.data
+    path: Source
     if d.source == "synth":
         path = (Path(d.path).resolve() if d.path else cfg.run_dir) / "synth" / "train"
         total = finished_manifest(path)["num_rows"]  # a step that has not finished is never read
     else:
-        path = locate(str(d.path))
+        path = locate_input(str(d.path))
         total = sum(1 for _ in iter_pairs(path)) if d.max_rows else 0  # counted only to sample from
     data = write_rows(folder, iter_pairs(path), total, d.max_rows, cfg.run.seed)
     if d.source == "synth":
@@ -94,9 +96,9 @@ def corpus_data(cfg: SpeedRayConfig, folder: Path):
     """(data, info) of an unlabelled corpus: its documents but the held-out ones, cropped into new
     pairs each epoch on the workers."""
     from speed_ray.embed.data import write_docs
-    from speed_ray.io.data import iter_corpus, locate
+    from speed_ray.io.data import iter_corpus, locate_input
 
-    d, rule, path = cfg.embed.data, cfg.embed.data.crop_rule(), locate(str(cfg.embed.data.path))
+    d, rule, path = cfg.embed.data, cfg.embed.data.crop_rule(), locate_input(str(cfg.embed.data.path))
     held_out = held_out_ids(path, d)
     data, made = write_docs(folder, iter_corpus(path), held_out, d.pair_mode, rule, cfg.run.seed)
     logger.info(
@@ -106,7 +108,7 @@ def corpus_data(cfg: SpeedRayConfig, folder: Path):
     return data, {"source": "corpus", "path": d.path, "pair_mode": d.pair_mode} | made
 
 
-def held_out_ids(path: Path, d: EmbedDataConfig) -> set[str]:
+def held_out_ids(path: Source, d: EmbedDataConfig) -> set[str]:
     """The ids of the documents held out (``embed.data.holdout_fraction``): only the ids are held."""
     from speed_ray.io.data import holdout_ids, iter_corpus
 

@@ -8,7 +8,9 @@ the ``README.md`` there): Debian package descriptions, one per source package.
 uncompressed files, so a loader proves it reads them unchanged.
 
 Any config key that takes a data path also takes a built-in name. Readers open ``.gz`` files
-transparently, and a BEIR folder may hold its files plain or gzipped.
+transparently, and a BEIR folder may hold its files plain or gzipped. The pairs and corpus readers
+also read a file on object storage, named by its URI (``s3://bucket/pairs.parquet``: ``locate_input``),
+as a stream through pyarrow's filesystems.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from speed_ray.io.schemas import assistant
+from speed_ray.io.storage import RemoteFile, is_uri
 
 
 class DataError(ValueError):
@@ -55,8 +58,32 @@ def locate(spec: str) -> Path:
     return DATA_DIR / BUILTIN_DATA[name]
 
 
-def open_text(path: Path) -> IO[str]:
+# A data file as the pairs and corpus readers take it: a local path or a file on object storage.
+Source = Path | RemoteFile
+
+
+def locate_input(spec: str) -> Source:
+    """``locate``, or for a URI (``s3://bucket/pairs.parquet``) the file on object storage."""
+    return RemoteFile(spec) if is_uri(spec) else locate(spec)
+
+
+def _remote(file: RemoteFile) -> RemoteFile:
+    """``file``, once it is known to be a file: a missing object or a folder raises ``DataError``."""
+    kind = file.info().type.name
+    if kind == "NotFound":
+        raise DataError(f"{file}: not found (no object with key {file.key!r} in bucket {file.bucket!r})")
+    if kind == "Directory":
+        raise DataError(
+            f"{file}: a folder on object storage; expected a parquet or JSONL file there (step and "
+            "datasets folders are read from a local path)"
+        )
+    return file
+
+
+def open_text(path: Source) -> IO[str]:
     """A text file, decompressed on the fly when its name ends in ``.gz``."""
+    if isinstance(path, RemoteFile):
+        return io.TextIOWrapper(_remote(path).open_stream(), encoding="utf-8")
     if path.suffix == ".gz":
         return io.TextIOWrapper(gzip.open(path), encoding="utf-8")
     return path.open(encoding="utf-8")
@@ -69,7 +96,7 @@ def member(folder: Path, name: str) -> Path:
     return gz if not path.is_file() and gz.is_file() else path
 
 
-def _numbered_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _numbered_jsonl(path: Source) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) for every non-blank line, one at a time; each must be a JSON object."""
     n = 0
     try:
@@ -91,7 +118,7 @@ def _numbered_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise DataError(f"{path}:{n + 1}: not UTF-8 text ({e.reason}); expected JSON lines") from None
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Source) -> list[dict[str, Any]]:
     return [row for _, row in _numbered_jsonl(path)]
 
 
@@ -107,13 +134,13 @@ def _cut(text: str) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _required(row: dict, keys: tuple[str, ...], path: Path, n: int) -> None:
+def _required(row: dict, keys: tuple[str, ...], path: Source, n: int) -> None:
     missing = [k for k in keys if k not in row]
     if missing:
         raise DataError(f"{path}:{n}: missing keys {missing} (expected {list(keys)})")
 
 
-def _text(row: dict, key: str, path: Path, n: int, optional: bool = False) -> str | None:
+def _text(row: dict, key: str, path: Source, n: int, optional: bool = False) -> str | None:
     """``row[key]`` as a non-empty string (``optional``: a missing, null or empty one is None)."""
     if key not in row and not optional:
         raise DataError(f"{path}:{n}: missing keys [{key!r}] (expected a non-empty string in {key!r})")
@@ -130,7 +157,7 @@ def _text(row: dict, key: str, path: Path, n: int, optional: bool = False) -> st
     return value
 
 
-def _scalar(row: dict, key: str, path: Path, n: int) -> str:
+def _scalar(row: dict, key: str, path: Source, n: int) -> str:
     """``row[key]`` (an id or a label) as a string: a non-empty string or a number."""
     value = row.get(key)
     if key not in row:
@@ -140,7 +167,7 @@ def _scalar(row: dict, key: str, path: Path, n: int) -> str:
     return str(value)
 
 
-def _some(rows: list | int, path: Path) -> None:
+def _some(rows: list | int, path: Source) -> None:
     if not rows:
         raise DataError(f"{path}: no rows (expected one JSON object per line)")
 
@@ -187,12 +214,12 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
     return qrels
 
 
-def read_corpus(path: Path) -> list[dict[str, Any]]:
+def read_corpus(path: Source) -> list[dict[str, Any]]:
     """[{id, text}] from an unlabelled JSONL corpus (extra keys such as ``label`` are ignored)."""
     return list(iter_corpus(path))
 
 
-def iter_corpus(path: Path) -> Iterator[dict[str, Any]]:
+def iter_corpus(path: Source) -> Iterator[dict[str, Any]]:
     """``read_corpus``'s rows one at a time, for readers that must not hold a whole corpus."""
     count = 0
     for n, r in _numbered_jsonl(path):
@@ -239,18 +266,18 @@ def verify_checksums(folder: Path) -> list[str]:
     return checked
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Source) -> list[dict[str, Any]]:
     """Rows of a parquet file, a JSONL file, a finished speed-ray step folder (its manifest's parquet
     shards, such as ``synth/train``) or a ``datasets`` folder saved with ``save_to_disk``."""
     return [row for _, row in _numbered_rows(path)]
 
 
-def _numbered_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _numbered_rows(path: Source) -> Iterator[tuple[int, dict[str, Any]]]:
     """(n, row), one at a time: n is the line of a JSONL file, the row (from 1) of a table or step
     folder (read a shard or a record batch at a time)."""
     numbered = (
         enumerate(_table_rows(path), 1)
-        if path.is_dir() or path.suffix == ".parquet"
+        if path.suffix == ".parquet" or path.is_dir()
         else _numbered_jsonl(path)
     )
     count = 0
@@ -261,11 +288,15 @@ def _numbered_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise DataError(f"{path}: no rows")
 
 
-def _table_rows(path: Path) -> Iterator[dict[str, Any]]:
-    """The rows of a step folder, a ``datasets`` folder or a parquet file, a batch at a time."""
-    import pyarrow as pa
+def _table_rows(path: Source) -> Iterator[dict[str, Any]]:
+    """The rows of a step folder, a ``datasets`` folder or a parquet file, a batch at a time (on
+    object storage: a parquet file)."""
     import pyarrow.parquet as pq
 
+    if isinstance(path, RemoteFile):
+        with _remote(path).open_random() as f:
+            yield from _parquet_rows(f, path)
+        return
     manifest = path / "_manifest.json"
     if manifest.is_file():
         for f in json.loads(manifest.read_text())["files"]:
@@ -284,15 +315,22 @@ def _table_rows(path: Path) -> Iterator[dict[str, Any]]:
         for batch in ds.with_format("arrow").iter(batch_size=4096):
             yield from batch.to_pylist()
     elif path.suffix == ".parquet":
-        try:
-            f = pq.ParquetFile(path)
-            for batch in f.iter_batches(batch_size=4096):
-                yield from batch.to_pylist()
-        except pa.ArrowInvalid as e:
-            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+        yield from _parquet_rows(path, path)
 
 
-def read_pairs(path: Path) -> list[dict[str, Any]]:
+def _parquet_rows(source: Any, path: Source) -> Iterator[dict[str, Any]]:
+    """The rows of the parquet file ``source`` (a path or an open file), a batch at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=4096):
+            yield from batch.to_pylist()
+    except pa.ArrowInvalid as e:
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def read_pairs(path: Source) -> list[dict[str, Any]]:
     """Pairs in the sentence-transformers convention: ``anchor``, ``positive`` and optional hard
     negatives in ``negative`` / ``negative_1``, ``negative_2``... columns (empty ones are skipped),
     from parquet, JSONL, a step folder (``synth/train``) or a ``datasets`` folder saved with
@@ -300,7 +338,7 @@ def read_pairs(path: Path) -> list[dict[str, Any]]:
     return list(iter_pairs(path))
 
 
-def iter_pairs(path: Path) -> Iterator[dict[str, Any]]:
+def iter_pairs(path: Source) -> Iterator[dict[str, Any]]:
     """``read_pairs``'s rows one at a time, for readers that must not hold a whole file. A JSONL row
     may omit negative columns that others have: each row's own are taken, in column order."""
     for n, r in _numbered_rows(path):

@@ -18,7 +18,10 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from speed_ray.io.storage import RemoteFile
 
 VERSION = 1
 
@@ -103,13 +106,17 @@ def output_hash(manifest: dict[str, Any] | None) -> str | None:
 
 def path_hash(path: str | os.PathLike | None) -> str | None:
     """The content of a data file, or of every file under a folder (by relative path); ``path`` may
-    be a built-in data name. None: no path, or nothing there."""
+    be a built-in data name, or a file's URI on object storage (its bytes hashed as they stream in:
+    the same hash as a local copy's). None: no path, or nothing there."""
     if path is None:
         return None
-    from speed_ray.io.data import locate
+    from speed_ray.io.data import locate_input
     from speed_ray.io.schemas import sha256_file
+    from speed_ray.io.storage import RemoteFile
 
-    p = locate(str(path))
+    p = locate_input(str(path))
+    if isinstance(p, RemoteFile):
+        return _stream_hash(p) if p.is_file() else None
     if p.is_file():
         return sha256_file(p)
     if not p.is_dir():
@@ -117,6 +124,15 @@ def path_hash(path: str | os.PathLike | None) -> str | None:
     h = hashlib.sha256()
     for f in sorted(q for q in p.rglob("*") if q.is_file()):
         h.update(f"{f.relative_to(p)}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _stream_hash(file: RemoteFile) -> str:
+    """The SHA-256 of a file on object storage, read a MiB at a time (as stored: not decompressed)."""
+    h = hashlib.sha256()
+    with file.open_stream(decompress=False) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
     return h.hexdigest()
 
 

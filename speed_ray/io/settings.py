@@ -15,9 +15,12 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from speed_ray.io.data import Source
 
 
 class ConfigError(ValueError):
@@ -180,6 +183,20 @@ def locate(key: str, spec: str) -> Path:
         raise ConfigError(f"{key}: {e}") from None
 
 
+def locate_input(key: str, spec: str) -> Source:
+    """``locate``, or for a URI (``s3://bucket/pairs.parquet``) the file on object storage; a URI
+    with credentials in it, or one pyarrow cannot read, is a ConfigError naming ``key``."""
+    from speed_ray.io import data, storage
+
+    if not storage.is_uri(spec):
+        return locate(key, spec)
+    try:
+        storage.check_uri(spec, key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return data.locate_input(spec)
+
+
 def check_model(key: str, spec: str) -> None:
     from speed_ray.io.models import spec_problem
 
@@ -202,19 +219,24 @@ def check_rows(key: str, path: str | None, reader: str, *args: Any) -> None:
 
     if path is None:
         return
-    located = locate(key, path)
-    seen = (reader, args, *_stamp(located))
-    if seen in _SOUND_DATA:
-        return
+    located = locate_input(key, path)
     try:
+        seen = (reader, args, *_stamp(located))
+        if seen in _SOUND_DATA:
+            return
         collections.deque(getattr(data, reader)(located, *args), maxlen=0)  # a list, or rows streamed
-    except data.DataError as e:
+    except (data.DataError, OSError) as e:  # OSError: a store that refuses or cannot be reached
         raise ConfigError(f"{key}: {e}") from None
     _SOUND_DATA.add(seen)
 
 
-def _stamp(path: Path) -> tuple[Any, ...]:
+def _stamp(path: Source) -> tuple[Any, ...]:
     """A file's (or a folder's files') path, size and modification time."""
+    from speed_ray.io.storage import RemoteFile
+
+    if isinstance(path, RemoteFile):
+        info = path.info()
+        return ((path.uri, info.size, info.mtime_ns),)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     return tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
