@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.speed-ray-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install quickstart test check test-job test-cluster test-faults test-slow test-gpu clean
+.PHONY: help install quickstart test check test-job test-cluster test-cloud test-faults test-slow test-gpu clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -40,8 +40,11 @@ test: check  ## lint, type-check, then the default test suite (no slow, no GPU t
 test-job: install  ## the quickstart as a Ray job: ray start --head, ray job submit, wait for SUCCEEDED, check, ray stop
 	bash cluster/check_local_job.sh
 
-test-cluster: install  ## the synth stage on Ray's fake autoscaling cloud: GPU nodes from zero, one killed midway (runs ray stop --force)
+test-cluster: install  ## Ray's fake autoscaling cloud (GPU nodes from zero, one killed midway; runs ray stop --force) and a multi-node local cluster (secrets, resource deadline, shared folder)
 	AUTOSCALING_REPORT=benchmarks/results/autoscaling.json $(VENV)/bin/pytest -q -m cluster tests/cluster
+
+test-cloud: install  ## embed from and to a local S3 server (moto), and the [gpu] extra resolved against the package index
+	$(VENV)/bin/pytest -q -m cloud
 
 test-faults: install  ## fault injection: killed actors/drivers/workers, damaged shards, full disk, teacher faults; figures to benchmarks/results/faults.json
 	FAULTS_REPORT=benchmarks/results/faults.json $(VENV)/bin/pytest -q -m faults

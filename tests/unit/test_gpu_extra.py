@@ -71,7 +71,7 @@ def resolve(tmp_path: Path, *requirements: str) -> dict[str, dict]:
     return {i["metadata"]["name"].lower(): i for i in json.loads(report.read_text())["install"]}
 
 
-@pytest.mark.slow
+@pytest.mark.cloud
 def test_the_gpu_extra_resolves_to_a_cuda_torch_on_rays_image(tmp_path):
     ray = _dockerfile_ray()
     found = resolve(tmp_path, f"{REPO}[gpu]", f"ray=={ray}")  # the base image's Ray stays

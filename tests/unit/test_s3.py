@@ -211,6 +211,7 @@ def test_bad_s3_input_is_a_config_error_naming_the_key_and_the_uri(tmp_path, s3,
         _reset_auth(moto_url, "inf")
 
 
+@pytest.mark.cloud
 def test_embed_trains_from_a_pairs_file_on_s3_and_uploads_the_model(tmp_path, s3, tiny_bert, ray_session):
     from speed_ray.io.schemas import read_manifest
 
