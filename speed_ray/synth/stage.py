@@ -26,6 +26,7 @@ import pyarrow as pa
 from speed_ray.config import SpeedRayConfig
 from speed_ray.engines import Request, Sampling, build_generator
 from speed_ray.engines.config import EngineConfig
+from speed_ray.engines.watch import watch_descendants
 from speed_ray.io.models import resolve_model
 from speed_ray.io.schemas import finished_manifest
 from speed_ray.io.settings import ConfigError
@@ -73,6 +74,8 @@ class GenerateStage:
         """``engine`` and ``model`` (resolved) build the engine; ``generator``: one to use instead."""
         if generator is None:
             assert engine is not None
+            if engine.kind == "vllm":  # vLLM's engine processes must not outlive this actor
+                watch_descendants()
             generator = build_generator(engine, model, seed)
         self.engine = generator
         self.sampling = Sampling(**sampling)
