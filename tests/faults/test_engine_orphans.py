@@ -115,35 +115,44 @@ def head_node(env: dict[str, str]):
         cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}"]
         cmd += ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false"]
         cmd += [f"--temp-dir={tmp}", "--disable-usage-stats"]
-        env = env | {"RAY_process_group_cleanup_enabled": "0"}
-        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
-        yield f"127.0.0.1:{port}"
+        try:
+            subprocess.run(cmd, env=env | {"RAY_process_group_cleanup_enabled": "0"}, check=True, timeout=300)
+            yield f"127.0.0.1:{port}"
+        finally:
+            kill_marked(env[MARK])  # the head's processes, before their folder goes
 
 
 @pytest.mark.vllm
 @pytest.mark.slow  # a vLLM start on 2 CPUs, 1.5-3 minutes each; make test-faults runs them
 @pytest.mark.parametrize("ray", ["local", "cluster"])
 def test_a_killed_driver_leaves_no_vllm_process(tmp_path, model_cache, fault_record, ray):
+    """local: the driver's own Ray goes down with it (the actor exits and kills its children, but not
+    vLLM's workers, its grandchildren). cluster: a head that stays up, without process-group cleanup
+    (Ray before it was the default); the engine actor is SIGKILLed with the driver."""
     marker = uuid.uuid4().hex
     env = os.environ | {MARK: marker}
     cmd = [sys.executable, "-m", "tests.faults.driver", str(tmp_path), "200", "vllm"]
-    try:
-        with contextlib.ExitStack() as stack:
-            if ray == "cluster":
-                cmd.append(f"run.ray_address={stack.enter_context(head_node(env))}")
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.DEVNULL, start_new_session=True)
-            gens = tmp_path / "generations"
-            deadline = time.time() + 600
-            while not any(gens.glob("shard_*.parquet")):  # generation is under way
-                assert proc.poll() is None, "the step ended before it could be killed"
-                assert time.time() < deadline, "no shard within 600 s"
-                time.sleep(0.05)
-            before = engine_processes(marker)
-            kinds = sorted({c.split()[0] if c.startswith("VLLM") else "watch" for c in before.values()})
-            assert kinds == ["VLLM::EngineCore", "VLLM::Worker", "watch"], before
-            os.kill(proc.pid, signal.SIGKILL)  # the driver only, as a crashed head would
-            proc.wait(timeout=60)
-            took = wait_until_gone(list(before), 30)
-    finally:
-        kill_marked(marker)  # what is left of Ray (and the head node)
-    fault_record(f"driver SIGKILL mid-generation, real vLLM, {ray} Ray", vllm_gone_after_s=round(took, 1))
+    with contextlib.ExitStack() as stack:
+        stack.callback(kill_marked, marker)  # what is left of the run and its Ray
+        if ray == "cluster":
+            cmd.append(f"run.ray_address={stack.enter_context(head_node(env))}")
+        log = tmp_path / "driver.log"
+        with log.open("w") as err:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=err, start_new_session=True)
+        gens = tmp_path / "generations"
+        deadline = time.time() + 600
+        while not any(gens.glob("shard_*.parquet")):  # generation is under way
+            assert proc.poll() is None, f"the step ended before it could be killed: {log.read_text()[-3000:]}"
+            assert time.time() < deadline, "no shard within 600 s"
+            time.sleep(0.05)
+        before = engine_processes(marker)
+        kinds = {c.split()[0] if c.startswith("VLLM") else "watch" for c in before.values()}
+        assert kinds == {"VLLM::EngineCore", "VLLM::Worker", "watch"}, before
+        if ray == "cluster":  # the actor too, as a node's OOM killer would: it gets no exit request
+            [actor] = [p for p, c in marked(marker).items() if c.startswith("ray::MapWorker(MapBatches(Gen")]
+            os.kill(actor, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver, as a crashed head would
+        proc.wait(timeout=60)
+        took = wait_until_gone(list(before), 30)
+    what = "driver" if ray == "local" else "driver and engine actor"
+    fault_record(f"{what} SIGKILL mid-generation, real vLLM, {ray} Ray", vllm_gone_after_s=round(took, 1))
