@@ -5,8 +5,9 @@ outlive a parent killed with SIGKILL and keep their GPU memory (vllm-project/vll
 no option against it). Ray 2.60 kills a dead worker's process group, which holds them, but only while
 its raylet lives: a driver with its own local Ray takes the raylet down with it, and the engine
 workers, grandchildren of the actor, are left to vLLM's own shutdown (5-15 s on CPU; never, upstream
-reports, for a GPU worker stuck in a collective). Ray before 2.5x, or with
-``RAY_process_group_cleanup_enabled=0``, leaves the engine core running for good.
+reports, for a GPU worker stuck in a collective). Without process-group cleanup (the default only since
+ray-project/ray#64407; ``RAY_process_group_cleanup_enabled=0`` turns it off), a SIGKILLed actor leaves
+its engine core and workers running for good.
 
 ``watch_descendants()`` starts a watcher of the calling process. The watcher is detached: its own
 session (out of the reach of a kill of the caller's process group) and nobody's child (a Ray worker
