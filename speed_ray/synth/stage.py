@@ -26,6 +26,7 @@ import pyarrow as pa
 from speed_ray.config import SpeedRayConfig
 from speed_ray.engines import Request, Sampling, build_generator
 from speed_ray.engines.config import EngineConfig
+from speed_ray.engines.watch import watch_descendants
 from speed_ray.io.models import resolve_model
 from speed_ray.io.schemas import finished_manifest
 from speed_ray.io.secrets import Secret, export
@@ -78,6 +79,8 @@ class GenerateStage:
         export(secrets)
         if generator is None:
             assert engine is not None
+            if engine.kind == "vllm":  # vLLM's engine processes must not outlive this actor
+                watch_descendants()
             generator = build_generator(engine, model, seed)
         self.engine = generator
         self.sampling = Sampling(**sampling)
