@@ -44,8 +44,8 @@ test: check  ## lint, type-check, then the default test suite (no slow, no GPU t
 test-job: install  ## the quickstart as a Ray job: ray start --head, ray job submit, wait for SUCCEEDED, check, ray stop
 	bash cluster/check_local_job.sh
 
-test-cluster: install  ## Ray's fake autoscaling cloud (GPU nodes from zero, one killed midway; runs ray stop --force) and a multi-node local cluster (secrets, resource deadline, shared folder)
-	AUTOSCALING_REPORT=benchmarks/results/autoscaling.json $(VENV)/bin/pytest -q -m cluster tests/cluster
+test-cluster: install  ## Ray's fake autoscaling cloud (GPU nodes from zero, one killed midway; runs ray stop --force) a multi-node local cluster (secrets, resource deadline, shared folder), a killed driver leaving no vLLM
+	AUTOSCALING_REPORT=benchmarks/results/autoscaling.json $(VENV)/bin/pytest -q -m cluster tests/cluster tests/faults/test_engine_orphans.py
 
 test-cloud: install  ## embed from and to a local S3 server (moto), and the [gpu] extra resolved against the package index
 	$(VENV)/bin/pytest -q -m cloud

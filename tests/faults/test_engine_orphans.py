@@ -124,7 +124,8 @@ def head_node(env: dict[str, str]):
 
 @pytest.mark.vllm
 @pytest.mark.slow  # a vLLM start on 2 CPUs, 1.5-3 minutes each; make test-faults runs them
-@pytest.mark.parametrize("ray", ["local", "cluster"])
+# the cluster case also runs in make test-cluster (CI), beside the other tests that start Ray nodes
+@pytest.mark.parametrize("ray", ["local", pytest.param("cluster", marks=pytest.mark.cluster)])
 def test_a_killed_driver_leaves_no_vllm_process(tmp_path, model_cache, fault_record, ray):
     """local: the driver's own Ray goes down with it (the actor exits and kills its children, but not
     vLLM's workers, its grandchildren). cluster: a head that stays up, without process-group cleanup
