@@ -62,13 +62,13 @@ def steady(arrivals: list[tuple[float, int]]) -> dict[str, float]:
 def run_raw(args: argparse.Namespace) -> dict[str, Any]:
     """(a) bare vLLM: one ``LLM``, ``chat`` on each batch in turn."""
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    rows = requests(args.prompts, seed=0)
+    t0 = time.time()  # vLLM's import counts, as it does in the engine actor on the other side
     from vllm import LLM
 
     from speed_ray.engines import Request, Sampling
     from speed_ray.engines.vllm_engine import llm_kwargs, sampling_params, vllm_platform
 
-    rows = requests(args.prompts, seed=0)
-    t0 = time.time()
     eng = engine_settings(args)
     llm = LLM(**llm_kwargs(eng, eng.model, seed=0, platform=vllm_platform()))  # as the engine actor does
     ready = time.time()

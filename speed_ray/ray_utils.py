@@ -37,7 +37,14 @@ WORKER_ENV = {
 }
 # Passed on only when the driver's environment sets them: the driver's decision to go offline
 # (``speed_ray.io.hub``; HF_TOKEN never travels this way).
-PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "SPEED_RAY_CACHE")
+FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+PASSED_ENV = (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "SPEED_RAY_CACHE",
+    FOOTER_ACTORS,
+)
 
 
 def worker_env() -> dict[str, str]:
@@ -56,9 +63,16 @@ def init_ray(cfg: SpeedRayConfig) -> None:
 
     if ray.is_initialized():
         return
+    place = where(cfg.run.ray_address, cfg.run.num_cpus)
+    if place["address"] == "local":
+        # Ray Data 2.60's parquet reader starts RAY_DATA_PARQUET_FOOTER_NUM_ACTORS (32) footer-reading
+        # actor processes for every read_parquet, and each synth step reads its request shards that
+        # way: on a small machine they take the CPUs the engine actors start on. One per 8 CPUs here;
+        # a cluster keeps Ray's default unless the driver's environment sets it.
+        os.environ.setdefault(FOOTER_ACTORS, str(max(1, min(32, place["num_cpus"] // 8))))
     env = worker_env()
     ray.init(
-        **where(cfg.run.ray_address, cfg.run.num_cpus),
+        **place,
         # Every worker process logs speed_ray lines like the driver, and Ray's known repeaters once.
         runtime_env={"env_vars": env, "worker_process_setup_hook": logs.setup_ray_worker},
         include_dashboard=False,
