@@ -324,7 +324,12 @@ def _pool(request_files: list[str], eng: EngineConfig, stage: dict[str, Any], pa
         fn_constructor_kwargs=stage,
         batch_size=eng.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=eng.min_actors, max_size=eng.max_actors),
+        # One batch in flight per actor: a batch waits in the pool's queue, not behind another on a
+        # busy actor, so a new actor takes the next one; and outputs come back in order from the start
+        # (with two in flight, the measured first output came back one batch late).
+        compute=ray.data.ActorPoolStrategy(
+            min_size=eng.min_actors, max_size=eng.max_actors, max_tasks_in_flight_per_actor=1
+        ),
         num_cpus=eng.num_cpus,
         num_gpus=eng.num_gpus * eng.tensor_parallel_size,
     )

@@ -13,9 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(local_gpu_count() == 0, reason
 def test_generate_on_gpu(tiny_llama):
     from speed_ray.engines.vllm_engine import VllmGenerator
 
-    engine = VllmGenerator(
-        tiny_llama, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3
-    )
+    engine = VllmGenerator(tiny_llama, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3)
     outs = engine.generate(
         [Request([{"role": "user", "content": "hi"}], seed=1)], Sampling(max_tokens=8, n=2)
     )
