@@ -157,6 +157,9 @@ PATH_KEYS = frozenset(
     {
         "run.output_dir",
         "synth.taxonomy.path",
+        "synth.corpus.path",
+        "synth.corpus.exclude",
+        "synth.pairs",
         "align.seed_data",
         "align.pairs_data",
         "align.revision_data",

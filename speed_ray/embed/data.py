@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from speed_ray.embed.batches import batch_span, epoch_order
 from speed_ray.embed.pairs import CropRule, build_pairs, sentence_crops
+from speed_ray.io.schemas import DOCUMENTS
 
 TRAIN_ROWS = pa.schema(
     [
@@ -37,9 +38,7 @@ TRAIN_ROWS = pa.schema(
         pa.field("negatives", pa.list_(pa.string()), nullable=False),
     ]
 )
-CORPUS_DOCS = pa.schema(
-    [pa.field("id", pa.string(), nullable=False), pa.field("text", pa.string(), nullable=False)]
-)
+CORPUS_DOCS = DOCUMENTS
 SHARD_ROWS = 50_000
 """Rows per shard of ``<run>/embed/data``: what a worker holds while it takes its rows from one."""
 BATCH_ROWS = 4096

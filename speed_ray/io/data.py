@@ -229,6 +229,15 @@ def iter_corpus(path: Source) -> Iterator[dict[str, Any]]:
     _some(count, path)
 
 
+def document_ids(path: Source) -> set[str]:
+    """The document ids of a corpus: a JSONL file's ``id`` or a BEIR folder's ``corpus.jsonl`` ``_id``
+    (``exclude`` keys: the documents an evaluation scores, left out of training)."""
+    if isinstance(path, Path) and path.is_dir():
+        corpus = member(path, "corpus.jsonl")
+        return {_scalar(r, "_id", corpus, n) for n, r in _numbered_jsonl(corpus) if "_id" in r}
+    return {doc["id"] for doc in iter_corpus(path)}
+
+
 def read_labelled(path: Path, text_field: str = "text", label_field: str = "label") -> list[dict[str, Any]]:
     """[{id, text, label}] from a labelled JSONL file: a non-empty string in ``text_field`` and a
     string or number in ``label_field`` (kept as a string) per row; ``id`` defaults to the line number."""

@@ -111,6 +111,12 @@ TRIPLETS = pa.schema(
     ]
 )
 
+# Documents of a corpus: what crops are cut from (``embed``) and what grounded queries are written for
+# and mined from (``synth/documents``).
+DOCUMENTS = pa.schema(
+    [pa.field("id", pa.string(), nullable=False), pa.field("text", pa.string(), nullable=False)]
+)
+
 # A chat as TRL's conversational datasets hold it: a list of {role, content} messages.
 MESSAGES = pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())]))
 

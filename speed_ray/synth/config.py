@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from speed_ray.engines.config import EngineConfig
-from speed_ray.io.settings import ConfigError, check_positive
+from speed_ray.io.settings import ConfigError, check_non_negative, check_positive, check_rows
 
 TASK_TYPES = ("classification", "sts", "retrieval", "text_matching")
+SOURCES = ("taxonomy", "corpus", "pairs")
+QUERY_KINDS = ("keyword", "question", "paraphrase")
 # Keys that change how fast synth runs, never what it writes (``speed_ray.io.fingerprint``).
 RUNTIME = ("synth.shard_rows",)
 
@@ -49,7 +51,56 @@ class DedupConfig:
 
 
 @dataclass
+class CorpusConfig:
+    """``synth.source: corpus``: queries grounded in the user's own documents (Promptagator, InPars;
+    NVIDIA's domain-specific embedding recipe): for each document or chunk the generator writes one
+    query of each kind, and the document is the positive."""
+
+    path: str | None = None
+    """The documents: a JSONL file (or .jsonl.gz) with ``id`` and ``text`` per row, a built-in set
+    (``builtin:debian/labelled``) or a file on object storage."""
+    exclude: str | None = None
+    """Leave out the documents whose ids are in this corpus (a JSONL file or a BEIR folder such as
+    ``builtin:debian/retrieval``): the documents an evaluation scores are never trained on."""
+    max_docs: int = 0
+    """0: every document; N: a seeded sample of N (a smaller sample lies inside a larger one)."""
+    min_chars: int = 100
+    """Documents (or chunks) shorter than this give no query; counted in the manifest."""
+    chunk_chars: int = 1500
+    """Longer documents are cut into chunks of at most this many characters, at paragraph or
+    sentence ends; each chunk is a positive of its own (id ``<doc id>#<n>``)."""
+    kinds: list[str] = field(default_factory=lambda: list(QUERY_KINDS))
+    """The queries written per chunk: keyword (a short search-box query), question (a natural
+    question the chunk answers), paraphrase (one sentence saying what the chunk says in other words)."""
+
+    def validate(self) -> None:
+        if self.path is None:
+            raise ConfigError("synth.corpus.path: required when synth.source is 'corpus' (a JSONL corpus)")
+        unknown = [k for k in self.kinds if k not in QUERY_KINDS]
+        if unknown or not self.kinds:
+            raise ConfigError(
+                f"synth.corpus.kinds: expected a non-empty list of {', '.join(QUERY_KINDS)}, got {self.kinds}"
+            )
+        check_non_negative({"synth.corpus.max_docs": self.max_docs, "synth.corpus.min_chars": self.min_chars})
+        check_positive({"synth.corpus.chunk_chars": self.chunk_chars})
+        if self.min_chars > self.chunk_chars:
+            raise ConfigError(
+                f"synth.corpus.min_chars: expected at most chunk_chars ({self.chunk_chars}), got {self.min_chars}"
+            )
+        check_rows("synth.corpus.path", self.path, "iter_corpus")
+        if self.exclude is not None:
+            check_rows("synth.corpus.exclude", self.exclude, "document_ids")
+
+
+@dataclass
 class SynthConfig:
+    source: str = "taxonomy"
+    """taxonomy: SPEED, tasks brainstormed per topic | corpus: queries grounded in ``synth.corpus``
+    | pairs: a user's pairs file (``synth.pairs``), no generation: only the filters and mining."""
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    pairs: str | None = None
+    """``synth.source: pairs``: parquet, JSONL, a step folder or a ``datasets`` folder with anchor,
+    positive[, negative*] columns."""
     taxonomy: TaxonomyConfig = field(default_factory=TaxonomyConfig)
     num_topics: int = 4
     """How many topics to use (the first N after a seeded shuffle); one task per topic (SPEED Table 3)."""
@@ -84,6 +135,15 @@ class SynthConfig:
         return {k: e for k, e in engines.items() if e is not None}
 
     def validate(self) -> None:
+        from speed_ray.io.settings import check_choices
+
+        check_choices({"synth.source": (self.source, SOURCES)})
+        if self.source == "corpus":
+            self.corpus.validate()
+        if self.source == "pairs":
+            if self.pairs is None:
+                raise ConfigError("synth.pairs: required when synth.source is 'pairs' (a pairs file)")
+            check_rows("synth.pairs", self.pairs, "iter_pairs")
         for t, w in self.mix.items():
             if t not in TASK_TYPES:
                 raise ConfigError(

@@ -86,18 +86,27 @@ KEYS = {
 def run(cfg: SpeedRayConfig, generator: Any = None) -> dict:
     """Every synth step; ``generator``: an engine object for every call instead of the configured
     engines (benchmarks)."""
+    loop = Loop(cfg, "synth", KEYS, generator)
+    for eng in cfg.synth.engines().values():
+        if eng.model.startswith("run:"):
+            resolve_model(
+                eng.model, cfg.run_dir
+            )  # fails now, not after the first steps, if align has not run
+    sources = {"taxonomy": speed_steps, "corpus": grounded_steps, "pairs": pairs_steps}
+    m = sources[cfg.synth.source](cfg, loop)
+    m["train"] = loop.step("train", lambda: training_set_step(cfg, loop.out), ("examples",))
+    return m
+
+
+def speed_steps(cfg: SpeedRayConfig, loop: Loop) -> dict:
+    """SPEED: tasks brainstormed per topic -> samples -> judge -> pairs -> drafts -> revisions ->
+    examples."""
     sc = cfg.synth
     try:
         topics = speed.load_topics(sc.taxonomy.path, sc.taxonomy.topics, sc.num_topics, cfg.run.seed)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     logger.info(f"synth: {len(topics)} topics, mix {sc.mix}, generator {sc.engine.kind}:{sc.engine.model}")
-    for eng in sc.engines().values():
-        if eng.model.startswith("run:"):
-            resolve_model(
-                eng.model, cfg.run_dir
-            )  # fails now, not after the first steps, if align has not run
-    loop = Loop(cfg, "synth", KEYS, generator)
     brainstormer = "synth.brainstormer" if sc.brainstormer is not None else "synth.engine"
     m = {"tasks": loop.tasks(topics, brainstormer)}
     m["generations"] = loop.samples(
@@ -109,8 +118,17 @@ def run(cfg: SpeedRayConfig, generator: Any = None) -> dict:
     revised = _optional(loop, m, "revisions", "synth.reviser", lambda: loop.revise("drafts", "synth.reviser"))
     reads = ("drafts", "revisions") if revised else ("drafts",)
     m["examples"] = loop.step("examples", lambda: examples_step(cfg, loop.out, revised), reads)
-    m["train"] = loop.step("train", lambda: training_set_step(cfg, loop.out), ("examples",))
     return m
+
+
+def grounded_steps(cfg: SpeedRayConfig, loop: Loop) -> dict:
+    """Grounded queries: documents -> queries of each kind per chunk -> examples."""
+    raise ConfigError("synth.source: corpus is not built yet")
+
+
+def pairs_steps(cfg: SpeedRayConfig, loop: Loop) -> dict:
+    """A user's pairs file as the examples."""
+    raise ConfigError("synth.source: pairs is not built yet")
 
 
 def _optional(loop: Loop, manifests: dict, name: str, key: str, build: Callable[[], dict]) -> bool:
