@@ -134,16 +134,18 @@ def rows_digest(rows: list[dict[str, Any]]) -> str:
     return hashlib.sha1(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def chunks(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> Iterator[pa.Table]:
-    """``rows`` as tables of ``SHARD_ROWS``, one shard each, turned into Arrow ``BATCH_ROWS`` at a time
+def chunks(
+    rows: Iterable[dict[str, Any]], schema: pa.Schema, shard_rows: int = SHARD_ROWS
+) -> Iterator[pa.Table]:
+    """``rows`` as tables of ``shard_rows``, one shard each, turned into Arrow ``BATCH_ROWS`` at a time
     (a shard's worth of Python rows at once would be the driver's biggest buffer)."""
     it = iter(rows)
     batches: list[pa.RecordBatch] = []
     filled = 0
-    while batch := list(itertools.islice(it, min(BATCH_ROWS, SHARD_ROWS - filled))):
+    while batch := list(itertools.islice(it, min(BATCH_ROWS, shard_rows - filled))):
         batches.append(pa.RecordBatch.from_pylist(batch, schema=schema))
         filled += len(batch)
-        if filled == SHARD_ROWS:
+        if filled == shard_rows:
             yield pa.Table.from_batches(batches, schema)
             batches, filled = [], 0
     if batches:

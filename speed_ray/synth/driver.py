@@ -32,6 +32,7 @@ import pyarrow as pa
 from speed_ray.config import SpeedRayConfig
 from speed_ray.io.models import resolve_model
 from speed_ray.io.schemas import (
+    DOCUMENTS,
     EXAMPLES,
     GENERATIONS,
     TRIPLETS,
@@ -41,7 +42,7 @@ from speed_ray.io.schemas import (
 )
 from speed_ray.io.settings import ConfigError
 from speed_ray.io.steps import log, pending, remove
-from speed_ray.synth import speed
+from speed_ray.synth import grounded, speed
 from speed_ray.synth.dedup import drop_shard
 from speed_ray.synth.loop import Loop
 from speed_ray.synth.stage import SHARD_MAP_CPUS, derive_step
@@ -76,6 +77,22 @@ KEYS = {
         "run.seed",
         "synth.sampling.max_field_chars",
         "synth.sampling.revise_max_tokens",
+        *SAMPLING,
+    ),
+    "documents": (
+        "run.seed",
+        "synth.corpus.path",
+        "synth.corpus.exclude",
+        "synth.corpus.max_docs",
+        "synth.corpus.min_chars",
+        "synth.corpus.chunk_chars",
+        "synth.shard_rows",
+    ),
+    "queries": (
+        "run.seed",
+        "synth.corpus.kinds",
+        "synth.sampling.max_field_chars",
+        "synth.sampling.max_tokens",
         *SAMPLING,
     ),
     "examples": ("run.seed", "synth.dedup"),
@@ -117,13 +134,60 @@ def speed_steps(cfg: SpeedRayConfig, loop: Loop) -> dict:
     m["drafts"] = loop.drafts("generations", judged)
     revised = _optional(loop, m, "revisions", "synth.reviser", lambda: loop.revise("drafts", "synth.reviser"))
     reads = ("drafts", "revisions") if revised else ("drafts",)
-    m["examples"] = loop.step("examples", lambda: examples_step(cfg, loop.out, revised), reads)
+    folders = [(loop.out / name, GENERATIONS) for name in reads]
+    build = lambda: examples_step(cfg, loop.out, folders, speed.final_shard)  # noqa: E731
+    m["examples"] = loop.step("examples", build, reads)
     return m
 
 
 def grounded_steps(cfg: SpeedRayConfig, loop: Loop) -> dict:
-    """Grounded queries: documents -> queries of each kind per chunk -> examples."""
-    raise ConfigError("synth.source: corpus is not built yet")
+    """Queries grounded in the user's corpus: documents (chunks) -> one query of each kind per chunk,
+    by ``synth.engine`` -> examples (each query with its chunk as the positive), near duplicates
+    removed."""
+    c, s = cfg.synth.corpus, cfg.synth.sampling
+    logger.info(f"synth: queries ({', '.join(c.kinds)}) grounded in {c.path}, by {cfg.synth.engine.model}")
+    m = {"documents": loop.step("documents", lambda: documents_step(cfg, loop.out / "documents"))}
+
+    def queries() -> dict:
+        kw = {"seed": cfg.run.seed, "kinds": c.kinds, "max_chars": s.max_field_chars}
+        reads = [(loop.out / "documents", DOCUMENTS)]
+        params = loop.params(s.max_tokens)
+        parse = grounded.parse_queries
+        return loop.generate_from(
+            "queries", "synth.engine", reads, grounded.query_requests, kw, grounded.QUERIES, parse, params
+        )
+
+    m["queries"] = loop.step("queries", queries, ("documents",), "synth.engine")
+    reads = [(loop.out / "queries", grounded.QUERIES)]
+    build = lambda: examples_step(cfg, loop.out, reads, grounded.grounded_examples)  # noqa: E731
+    m["examples"] = loop.step("examples", build, ("queries",))
+    return m
+
+
+def documents_step(cfg: SpeedRayConfig, out: Path) -> dict:
+    """The corpus as DOCUMENTS shards of ``synth.shard_rows`` chunks, streamed a document at a time:
+    the excluded documents left out, a seeded sample of ``max_docs`` (which reads the ids once more),
+    long documents cut into chunks, short chunks counted and dropped."""
+    from collections import Counter
+
+    from speed_ray.embed.data import chunks
+    from speed_ray.io.data import document_ids, iter_corpus, locate_input, nested_sample
+    from speed_ray.io.schemas import write_stage
+
+    started, c = time.time(), cfg.synth.corpus
+    path = locate_input(str(c.path))
+    excluded = document_ids(locate_input(c.exclude)) if c.exclude else set()
+    counts = Counter[str]({"excluded": len(excluded)})  # filled as the shards are written
+    docs = (d for d in iter_corpus(path) if d["id"] not in excluded)
+    if c.max_docs:
+        ids = [d["id"] for d in docs]
+        keep = set(nested_sample(ids, c.max_docs, cfg.run.seed))
+        docs = (d for d in iter_corpus(path) if d["id"] in keep)
+    rows = grounded.document_chunks(docs, c.chunk_chars, c.min_chars, counts)
+    tables = chunks(rows, DOCUMENTS, cfg.synth.shard_rows)
+    manifest = write_stage(out, tables, DOCUMENTS, counts, started)
+    logger.info(f"synth/documents: {dict(counts)}")
+    return manifest
 
 
 def pairs_steps(cfg: SpeedRayConfig, loop: Loop) -> dict:
@@ -149,19 +213,18 @@ def _no_longer_configured(out_dir: Path, name: str, key: str) -> None:
         remove(path)
 
 
-def examples_step(cfg: SpeedRayConfig, out: Path, revised: bool) -> dict:
-    """Final rows (revised where possible) shard by shard, then MinHash LSH near-duplicate removal on
-    Ray Data: the candidates are written to ``examples/_candidates``, read by ``near_duplicates``,
+def examples_step(cfg: SpeedRayConfig, out: Path, reads: list[tuple[Path, pa.Schema]], fn: Callable) -> dict:
+    """The example rows ``fn`` makes from each shard of ``reads`` (SPEED: each draft's revision where
+    it parsed; grounded: a row per query), then MinHash LSH near-duplicate removal on Ray Data: the candidates are written to ``examples/_candidates``, read by ``near_duplicates``,
     and written again without the removed ids, shard by shard; only the duplicate edges and removed
     ids pass through the driver."""
     started = time.time()
-    reads = [(out / "drafts", GENERATIONS)] + ([(out / "revisions", GENERATIONS)] if revised else [])
     dd = cfg.synth.dedup
     if not dd.enabled:
-        return derive_step(cfg, out / "examples", EXAMPLES, reads, speed.final_shard)
+        return derive_step(cfg, out / "examples", EXAMPLES, reads, fn)
     candidates = out / "examples" / CANDIDATES
-    found = derive_step(cfg, candidates, EXAMPLES, reads, speed.final_shard)
-    extra = {k: found[k] for k in ("drafts", "revised") if k in found}
+    found = derive_step(cfg, candidates, EXAMPLES, reads, fn)
+    extra = {k: found[k] for k in ("drafts", "revised", "chunks", "queries", "failed") if k in found}
     removed = pa.array([], pa.string())
     if found["num_rows"] > 1:
         import ray
@@ -171,7 +234,8 @@ def examples_step(cfg: SpeedRayConfig, out: Path, revised: bool) -> dict:
         files = [str(candidates / f["name"]) for f in found["files"]]
         gone, extra["dedup"], removed = near_duplicates(
             ray.data.read_parquet(files),
-            ["query", "positive"],
+            # a grounded row's positive is a whole document that each of its queries shares
+            ["query"] if cfg.synth.source == "corpus" else ["query", "positive"],
             threshold=dd.threshold,
             num_perm=dd.num_perm,
             shingle_size=dd.shingle_size,

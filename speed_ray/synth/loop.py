@@ -64,6 +64,9 @@ class Loop:
         tax = self.cfg.synth.taxonomy
         if name == "tasks" and tax.path is not None and not tax.topics:
             inputs["synth.taxonomy.path"] = path_hash(tax.path)  # the file's topics
+        if name == "documents":  # the corpus files' contents
+            corpus = self.cfg.synth.corpus
+            inputs |= {f"synth.corpus.{k}": path_hash(getattr(corpus, k)) for k in ("path", "exclude")}
         if name in SHARD_BY_SHARD:
             inputs["sharding"] = (
                 "shard s from shard s of each step read"  # older runs, one shard per step, redo it
