@@ -21,6 +21,7 @@ from speed_ray.eval.report_eval import eval_lines
 from speed_ray.eval.report_synth import SYNTH_STEPS, degenerate_rows, plot_synth, synth_lines
 from speed_ray.eval.report_training import plot_embed, plot_training, training_lines
 from speed_ray.io.schemas import EXAMPLES, GENERATIONS, TASKS, error_kind, read_manifest, stage_shards
+from speed_ray.synth.grounded import QUERIES
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ def collect(run_dir: Path) -> dict[str, Any]:
         m["examples_by_type"], m["degenerate"] = dict(by_type), dict(degenerate)
         m["error_kinds"] = {
             k: error_kinds(run_dir / f"synth/{k}", schema)
-            for k, schema in (("tasks", TASKS), ("generations", GENERATIONS))
+            for k, schema in (("tasks", TASKS), ("generations", GENERATIONS), ("queries", QUERIES))
+            if m[k] is not None
         }
     return m
 
@@ -95,7 +97,7 @@ def render(cfg: SpeedRayConfig, m: dict[str, Any], plot: str | None) -> str:
     lines = [f"# speed-ray run `{cfg.run.name}`", "", *_stage_table(m)]
     if any(m[f"align/{k}"] is not None for k in ALIGN_STEPS):
         lines += align_lines(cfg, m)
-    if m["generations"] is not None:
+    if m["examples"] is not None:
         lines += synth_lines(cfg, m)
     lines += training_lines(m)
     if m["eval"] is not None:

@@ -12,8 +12,12 @@ from typing import Any
 from speed_ray.config import SpeedRayConfig
 
 # The synth steps; the model-calling ones, in order; the paper's teacher budget (SPEED §4.5, Table 5).
-SYNTH_STEPS = ("tasks", "generations", "judgments", "pairs", "drafts", "revisions", "examples", "train")
-CALL_STEPS = ("tasks", "generations", "judgments", "revisions")
+SYNTH_STEPS = (
+    *("documents", "queries"),  # grounded in a corpus
+    *("tasks", "generations", "judgments", "pairs", "drafts", "revisions"),  # SPEED
+    *("examples", "train"),
+)
+CALL_STEPS = ("tasks", "generations", "queries", "judgments", "revisions")
 PAPER_TEACHER = {"calls": 45_000, "tokens": 32_000_000}
 
 
@@ -70,8 +74,15 @@ def _call_row(key: str, man: dict[str, Any]) -> str:
 def _example_lines(m: dict[str, Any]) -> list[str]:
     """The training rows: from how many drafts, revised, deduplicated, by task type, degenerate; and
     the error rows of tasks and generations by kind."""
-    ex = m["examples"]
-    lines = [f"- training rows: {ex['num_rows']} from {ex.get('drafts', ex['num_rows'])} drafts"]
+    ex, docs = m["examples"], m.get("documents")
+    if docs is not None and "queries" in ex:
+        lines = [
+            f"- documents: {docs['documents']} read, {docs['excluded']} excluded by id, {docs['chunks']} chunks "
+            f"({docs['chunks_too_short']} too short for a query)",
+            f"- training rows: {ex['num_rows']} from {ex['queries']} queries of {ex['chunks']} chunks",
+        ]
+    else:
+        lines = [f"- training rows: {ex['num_rows']} from {ex.get('drafts', ex['num_rows'])} drafts"]
     if "revised" in ex:
         lines.append(f"- revised: {ex['revised']} of {ex['drafts']} (the rest kept their draft)")
     if "dedup" in ex:

@@ -60,7 +60,9 @@ def empty_config(tmp_path: Path) -> str:
 
 def test_grounded_queries_from_a_corpus(tmp_path, ray_session):
     with FakeTeacher() as teacher:
-        assert main(["synth", empty_config(tmp_path), *grounded_overrides(tmp_path, teacher.url)]) == 0
+        args = [empty_config(tmp_path), *grounded_overrides(tmp_path, teacher.url)]
+        assert main(["synth", *args]) == 0
+    assert main(["report", *args]) == 0
     run = tmp_path / "grounded" / "synth"
 
     docs = read_stage(run / "documents", DOCUMENTS).to_pylist()
@@ -86,3 +88,8 @@ def test_grounded_queries_from_a_corpus(tmp_path, ray_session):
     train = read_stage(run / "train", TRIPLETS).to_pylist()
     assert sorted(r["positive"] for r in train) == sorted(ex["positive"] for ex in examples)
     assert all(r["anchor"].startswith("Instruct: Given a") and r["negative"] == "" for r in train)
+
+    report = (tmp_path / "grounded" / "report.md").read_text()
+    assert "- documents: 4 read, 1 excluded by id, 4 chunks (1 too short for a query)" in report
+    assert "- training rows: 12 from 12 queries of 4 chunks" in report
+    assert "| queries | openai:`teacher-model` | 4 | 4 | 0 |" in report
