@@ -95,7 +95,7 @@ def render(cfg: SpeedRayConfig, m: dict[str, Any], plot: str | None) -> str:
     lines = [f"# speed-ray run `{cfg.run.name}`", "", *_stage_table(m)]
     if any(m[f"align/{k}"] is not None for k in ALIGN_STEPS):
         lines += align_lines(cfg, m)
-    if m["generations"] is not None:
+    if m["generations"] is not None or m["examples"] is not None:  # a pairs file: no generations
         lines += synth_lines(cfg, m)
     lines += training_lines(m)
     if m["eval"] is not None:
