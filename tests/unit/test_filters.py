@@ -133,7 +133,8 @@ def test_hard_negatives_skip_the_positive_equal_texts_and_false_negatives():
     # another query: the 0.75 text is a candidate now; the row's own negative "c060" is skipped
     got = hard_negatives("q", "pos", 0.80, candidates, scores, 5, 0.95, exclude=["c060"])
     assert got == ["find  tea shops", "c070", "c050"]
-    assert hard_negatives("q", "pos", 0.80, candidates, scores, 2, 1.0) == ["c078", "c070"]
+    # max_ratio 1.0: only candidates above the positive itself are guarded
+    assert hard_negatives("Find Tea Shops", "pos", 0.80, candidates, scores, 2, 1.0) == ["c078", "c070"]
 
 
 def test_rank_corpus_is_exact_blockwise_and_keeps_groups_apart():
