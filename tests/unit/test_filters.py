@@ -207,3 +207,22 @@ def test_mined_negatives_go_to_numbered_columns_after_the_rows_own():
         },
     ]
     assert speed.training_triplets(table, 1)["negative"].to_pylist() == ["cron", "ls"]
+
+
+def test_the_report_tables_the_drops_by_reason():
+    from speed_ray.eval.report_synth import filter_lines
+
+    filtered = {
+        "num_rows": 6,
+        "rows_in": 10,
+        "dropped": {"query placeholder": 3, "round trip": 1},
+        "negatives_dropped": {"negative = positive": 2},
+        "samples": {"query placeholder": [{"query": "S1", "positive": "a|b", "negative": ""}]},
+        "mined": 12,
+        "negatives_per_row": {"2": 6},
+    }
+    lines = filter_lines(filtered, {"model": "all-minilm-l6-v2", "pooling": "mean", "corpus": 10})
+    assert "Quality filters: kept 6 of 10 rows." in lines
+    assert "| query placeholder | row | 3 | `S1` / `a\\|b` / - |" in lines
+    assert "| negative = positive | negative | 2 |  |" in lines
+    assert lines[-1].endswith('12 hard negatives mined; rows by number of negatives: {"2": 6}')
