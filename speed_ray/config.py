@@ -116,7 +116,15 @@ class SpeedRayConfig:
             specs["align.model"] = self.align.model
         if stages & {"embed", "eval"}:  # eval scores the untouched base as ``base``
             specs["embed.model"] = self.embed.model
+        if "synth" in stages and self.synth.needs_retriever():
+            model = self.synth.retriever.model
+            specs["synth.retriever.model" if model else "embed.model"] = model or self.embed.model
         return specs
+
+    def retriever(self) -> tuple[str, str]:
+        """(model spec, pooling) of ``synth.retriever``, its nulls filled from ``embed``."""
+        r = self.synth.retriever
+        return r.model or self.embed.model, r.pooling or self.embed.pooling
 
     def fingerprint(
         self, keys: Iterable[str], inputs: dict[str, str | None] | None = None, exclude: Iterable[str] = ()
@@ -177,7 +185,9 @@ ENGINE_KEYS = (
     "align.teacher",
     "align.generator",
 )
-MODEL_KEYS = frozenset({"align.model", "embed.model", *(f"{k}.model" for k in ENGINE_KEYS)})
+MODEL_KEYS = frozenset(
+    {"align.model", "embed.model", "synth.retriever.model", *(f"{k}.model" for k in ENGINE_KEYS)}
+)
 # Sections that map a name to ``{dotted.key: value}`` overrides of the run config.
 OVERRIDE_SECTIONS = ("experiment.prepare", "experiment.variants", "experiment.evals")
 

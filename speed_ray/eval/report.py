@@ -20,8 +20,15 @@ from speed_ray.eval.report_align import ALIGN_CALL_STEPS, ALIGN_STEPS, align_lin
 from speed_ray.eval.report_eval import eval_lines
 from speed_ray.eval.report_synth import SYNTH_STEPS, degenerate_rows, plot_synth, synth_lines
 from speed_ray.eval.report_training import plot_embed, plot_training, training_lines
-from speed_ray.io.schemas import EXAMPLES, GENERATIONS, TASKS, error_kind, read_manifest, stage_shards
-from speed_ray.synth.grounded import QUERIES
+from speed_ray.io.schemas import (
+    EXAMPLES,
+    GENERATIONS,
+    QUERIES,
+    TASKS,
+    error_kind,
+    read_manifest,
+    stage_shards,
+)
 
 logger = logging.getLogger(__name__)
 

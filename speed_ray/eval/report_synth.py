@@ -15,7 +15,7 @@ from speed_ray.config import SpeedRayConfig
 SYNTH_STEPS = (
     *("documents", "queries"),  # grounded in a corpus
     *("tasks", "generations", "judgments", "pairs", "drafts", "revisions"),  # SPEED
-    *("examples", "train"),
+    *("examples", "neighbours", "filtered", "train"),
 )
 CALL_STEPS = ("tasks", "generations", "queries", "judgments", "revisions")
 PAPER_TEACHER = {"calls": 45_000, "tokens": 32_000_000}
@@ -51,6 +51,8 @@ def synth_lines(cfg: SpeedRayConfig, m: dict[str, Any]) -> list[str]:
     lines.append("")
     if m["examples"] is not None:
         lines += _example_lines(m)
+    if m.get("filtered") is not None:
+        lines += filter_lines(m["filtered"], m.get("neighbours"))
     if m["pairs"] is not None:
         p = m["pairs"]
         lines.append(
@@ -101,6 +103,33 @@ def _example_lines(m: dict[str, Any]) -> list[str]:
     for key, kinds in m.get("error_kinds", {}).items():
         lines.append(f"- {key} errors by kind: {json.dumps(kinds) if kinds else 'none'}")
     return lines
+
+
+def filter_lines(f: dict[str, Any], neighbours: dict[str, Any] | None) -> list[str]:
+    """``synth/filtered``: rows kept, a table of what was dropped by reason (the row, or only its
+    negative) with a few dropped rows each, and the negatives mined."""
+    lines = ["", f"Quality filters: kept {f['num_rows']} of {f.get('rows_in', f['num_rows'])} rows.", ""]
+    drops = [(why, n, "row") for why, n in f.get("dropped", {}).items()]
+    drops += [(why, n, "negative") for why, n in f.get("negatives_dropped", {}).items()]
+    if drops:
+        lines += ["| reason | dropped | count | e.g. (query / positive / negative) |", "|---|---|---:|---|"]
+        for why, n, what in sorted(drops, key=lambda d: -d[1]):
+            shown = "; ".join(_shown(r) for r in f.get("samples", {}).get(why, []))
+            lines.append(f"| {why} | {what} | {n} | {shown} |")
+        lines.append("")
+    if neighbours is not None:
+        lines.append(
+            f"- retriever `{neighbours['model']}` ({neighbours['pooling']} pooling) ranked "
+            f"{neighbours['corpus']} corpus texts; {f.get('mined', 0)} hard negatives mined; rows by "
+            f"number of negatives: {json.dumps(f.get('negatives_per_row', {}), sort_keys=True)}"
+        )
+    return lines
+
+
+def _shown(row: dict[str, Any]) -> str:
+    """A dropped row in a table cell: its texts cut short, pipes escaped."""
+    texts = [(row.get(k) or "")[:40] for k in ("query", "positive", "negative")]
+    return " / ".join(f"`{t}`" if t else "-" for t in texts).replace("|", "\\|")
 
 
 def _teacher_line(m: dict[str, Any]) -> str:

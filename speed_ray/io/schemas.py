@@ -111,10 +111,61 @@ TRIPLETS = pa.schema(
     ]
 )
 
+# What the retriever found for each example (``synth/neighbours``): the score and rank of the row's own
+# positive among the corpus (rank 1: nothing scores higher), and the top-k corpus texts by cosine with
+# their scores, best first.
+NEIGHBOURS = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("positive_score", pa.float64()),
+        pa.field("rank", pa.int64()),
+        pa.field("candidates", pa.list_(pa.string())),
+        pa.field("scores", pa.list_(pa.float64())),
+    ]
+)
+
+# The examples the quality filters kept (``synth/filtered``): ``negative`` is the row's own negative
+# where the filters kept it (else null), ``mined_negatives`` the hard negatives mined for it, and
+# ``rank`` its positive's rank for its query (null when nothing ranked the corpus).
+FILTERED = pa.schema(
+    [
+        *EXAMPLES,
+        pa.field("mined_negatives", pa.list_(pa.string())),
+        pa.field("rank", pa.int64()),
+    ]
+)
+
+
+def triplets_schema(negatives: int) -> pa.Schema:
+    """TRIPLETS, or for rows with more than one negative sentence-transformers' ``negative_1`` ..
+    ``negative_n`` columns (an empty one: the row has fewer)."""
+    if negatives <= 1:
+        return TRIPLETS
+    names = ["anchor", "positive", *(f"negative_{i}" for i in range(1, negatives + 1))]
+    return pa.schema([pa.field(n, pa.string()) for n in names])
+
+
 # Documents of a corpus: what crops are cut from (``embed``) and what grounded queries are written for
 # and mined from (``synth/documents``).
 DOCUMENTS = pa.schema(
     [pa.field("id", pa.string(), nullable=False), pa.field("text", pa.string(), nullable=False)]
+)
+
+# Grounded queries (``synth/queries``): one row per chunk of a document, with the query the generator
+# wrote for each kind (null where not asked or invalid).
+QUERY_KINDS = ("keyword", "question", "paraphrase")
+QUERIES = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("sample", pa.int64()),
+        pa.field("doc_id", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("raw", pa.string()),
+        *(pa.field(kind, pa.string()) for kind in QUERY_KINDS),
+        pa.field("error", pa.string()),
+        *_PROVENANCE,
+        *_ACCOUNTING,
+    ]
 )
 
 # A chat as TRL's conversational datasets hold it: a list of {role, content} messages.

@@ -275,10 +275,11 @@ def finish_derived(
 
 
 def add_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """``a`` + ``b`` key by key: numbers add, nested dicts (counts by reason) add the same way."""
+    """``a`` + ``b`` key by key: numbers add, nested dicts (counts by reason) add the same way, lists
+    (a few sample rows) join."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = add_counts(out.get(k, {}), v) if isinstance(v, dict) else out.get(k, 0) + v
+        out[k] = add_counts(out.get(k, {}), v) if isinstance(v, dict) else out.get(k, type(v)()) + v
     return out
 
 

@@ -6,13 +6,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from speed_ray.engines.config import EngineConfig
-from speed_ray.io.settings import ConfigError, check_non_negative, check_positive, check_rows
+from speed_ray.io.schemas import QUERY_KINDS
+from speed_ray.io.settings import (
+    ConfigError,
+    check_choices,
+    check_non_negative,
+    check_positive,
+    check_rows,
+)
 
 TASK_TYPES = ("classification", "sts", "retrieval", "text_matching")
 SOURCES = ("taxonomy", "corpus", "pairs")
-QUERY_KINDS = ("keyword", "question", "paraphrase")
 # Keys that change how fast synth runs, never what it writes (``speed_ray.io.fingerprint``).
-RUNTIME = ("synth.shard_rows",)
+RUNTIME = (
+    "synth.shard_rows",
+    "synth.retriever.batch_size",
+    "synth.retriever.num_cpus",
+    "synth.retriever.num_gpus",
+    "synth.retriever.actors",
+)
 
 
 @dataclass
@@ -123,6 +135,13 @@ class SynthConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     shard_rows: int = 256
     """Input rows per output shard: a killed run keeps finished shards and redoes the rest."""
+    filters: FiltersConfig = field(default_factory=lambda: FiltersConfig())
+    mining: MiningConfig = field(default_factory=lambda: MiningConfig())
+    retriever: RetrieverConfig = field(default_factory=lambda: RetrieverConfig())
+
+    def needs_retriever(self) -> bool:
+        """Whether a filter or the mining ranks the corpus (``synth/neighbours``), which loads a model."""
+        return (self.filters.enabled and self.filters.round_trip_k > 0) or self.mining.negatives > 0
 
     def engines(self) -> dict[str, EngineConfig]:
         """The configured engines by dotted key (brainstormer, judge and reviser are optional)."""
@@ -132,11 +151,11 @@ class SynthConfig:
             "synth.judge": self.judge,
             "synth.reviser": self.reviser,
         }
+        if self.source == "pairs":  # a user's pairs: nothing is generated
+            return {}
         return {k: e for k, e in engines.items() if e is not None}
 
     def validate(self) -> None:
-        from speed_ray.io.settings import check_choices
-
         check_choices({"synth.source": (self.source, SOURCES)})
         if self.source == "corpus":
             self.corpus.validate()
@@ -170,6 +189,99 @@ class SynthConfig:
                 "synth.dedup.shingle_size": self.dedup.shingle_size,
             }
         )
+        self.filters.validate()
+        self.mining.validate()
+        self.retriever.validate()
         tax = self.taxonomy
         if tax.path is not None and not tax.topics and not Path(tax.path).is_file():
             raise ConfigError(f"synth.taxonomy.path: file {tax.path} not found")
+
+
+# ----------------------------------------------------------------------------------------------
+# Quality filters and hard-negative mining (``synth/neighbours`` and ``synth/filtered``)
+
+
+@dataclass
+class FiltersConfig:
+    """What ``synth/filtered`` drops (``speed_ray.synth.filters``), each drop counted by reason."""
+
+    enabled: bool = True
+    """The rule filters (placeholders, positive = query, short queries, a negative equal to the
+    positive) and, with ``round_trip_k``, the round-trip check; false keeps every row as it is."""
+    min_query_words: int = 2
+    """A query with fewer words is dropped. 2, not 3: a grounded keyword query ("nginx modules") has
+    two; one-word queries ("S1", "it") are what a small generator writes when it fails."""
+    min_query_chars: int = 6
+    """...and with fewer characters (surrounding blanks aside): two tiny words ("a b") say nothing."""
+    round_trip_k: int = 0
+    """Round-trip consistency (Promptagator, InPars): a row is kept only when ``synth.retriever``
+    ranks its own positive within the top k of the corpus for its query. 0: off (no model loaded
+    for it); 20 suits an all-MiniLM-L6-v2-class retriever."""
+
+    def validate(self) -> None:
+        check_non_negative(
+            {
+                "synth.filters.min_query_words": self.min_query_words,
+                "synth.filters.min_query_chars": self.min_query_chars,
+                "synth.filters.round_trip_k": self.round_trip_k,
+            }
+        )
+
+
+@dataclass
+class MiningConfig:
+    """Hard negatives mined from the corpus by ``synth.retriever`` (NV-Retriever, arXiv 2407.15831)."""
+
+    negatives: int = 0
+    """Mined negatives per row, added after the row's own (generated or given) negative where the
+    filters kept one. 0: off."""
+    top_k: int = 30
+    """Candidates ranked per query (``synth/neighbours``): the negatives are the first ``negatives``
+    of them that survive the false-negative guard."""
+    max_ratio: float = 0.95
+    """NV-Retriever's TopK-PercPos guard: a candidate scoring above ``max_ratio`` x the positive's
+    score is likely a false negative (another relevant text) and is skipped."""
+
+    def validate(self) -> None:
+        check_non_negative({"synth.mining.negatives": self.negatives})
+        check_positive({"synth.mining.top_k": self.top_k})
+        if self.top_k < self.negatives:
+            raise ConfigError(
+                f"synth.mining.top_k: expected at least synth.mining.negatives ({self.negatives}), got {self.top_k}"
+            )
+        if not 0.0 < self.max_ratio <= 1.0:
+            raise ConfigError(f"synth.mining.max_ratio: expected a value in (0, 1], got {self.max_ratio}")
+
+
+@dataclass
+class RetrieverConfig:
+    """The embedder that ranks the corpus for the round-trip filter and the mining, in a Ray Data actor
+    pool (each actor loads it once)."""
+
+    model: str | None = None
+    """A model spec (``speed_ray.io.models``); None: ``embed.model``, the base the run fine-tunes."""
+    pooling: str | None = None
+    """mean | cls | lasttoken; None: ``embed.pooling``."""
+    max_seq_length: int = 256
+    batch_size: int = 64
+    """Texts per encode call."""
+    num_cpus: float = 1.0
+    """Per actor."""
+    num_gpus: float = 0.0
+    """Per actor."""
+    actors: int = 1
+
+    def validate(self) -> None:
+        from speed_ray.embed.config import POOLING_MODES
+
+        if self.pooling is not None:
+            check_choices({"synth.retriever.pooling": (self.pooling, POOLING_MODES)})
+        check_positive(
+            {
+                "synth.retriever.max_seq_length": self.max_seq_length,
+                "synth.retriever.batch_size": self.batch_size,
+                "synth.retriever.num_cpus": self.num_cpus,
+                "synth.retriever.actors": self.actors,
+            }
+        )
+        check_non_negative({"synth.retriever.num_gpus": self.num_gpus})

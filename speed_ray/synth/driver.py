@@ -10,9 +10,17 @@ Produces under ``<run>/synth/``, one folder per step, each finished by a ``_mani
 - ``revisions/``: each draft rewritten once by ``synth.reviser`` (only with a reviser);
 - ``examples/``: the final rows (revision where it parsed, else the draft), near duplicates removed,
   with their instruction, task type, topic and provenance (EXAMPLES);
-- ``train/``: the same rows as the embedding training set in sentence-transformers' columns, exactly
-  ``anchor`` (``Instruct: {instruction}\nQuery: {query}``), ``positive`` and ``negative`` (TRIPLETS):
+- ``neighbours/``: the retriever's ranking of the corpus for each example's query (NEIGHBOURS; only
+  with the round-trip filter or mining on, ``speed_ray.synth.neighbours``);
+- ``filtered/``: the examples the quality filters keep, with their mined hard negatives (FILTERED;
+  every drop counted by reason in its manifest, ``speed_ray.synth.filters``);
+- ``train/``: the filtered rows as the embedding training set in sentence-transformers' columns,
+  exactly ``anchor`` (``Instruct: {instruction}\nQuery: {query}``), ``positive`` and ``negative``
+  (TRIPLETS), or ``negative_1`` .. ``negative_n`` when rows have more than one negative:
   ``datasets.load_dataset("parquet", ...)`` loads it and ``SentenceTransformerTrainer`` trains on it.
+
+With ``synth.source: pairs`` the user's pairs file is the ``examples/`` step, and only the steps
+after it run (no engine).
 
 The loop's steps are ``speed_ray.synth.loop.Loop``'s, which align runs too. The model-calling steps
 write fixed shards as they complete (``speed_ray.io.shards``): a killed run keeps them, and the rerun
@@ -23,26 +31,37 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from speed_ray.config import SpeedRayConfig
+from speed_ray.io.data import iter_pairs, locate_input
+from speed_ray.io.fingerprint import path_hash
 from speed_ray.io.models import resolve_model
 from speed_ray.io.schemas import (
     DOCUMENTS,
     EXAMPLES,
+    FILTERED,
     GENERATIONS,
-    TRIPLETS,
+    MANIFEST,
+    NEIGHBOURS,
+    QUERIES,
+    cast_rows,
     finished_manifest,
     shard_name,
+    split_query,
+    triplets_schema,
+    write_json_atomic,
     write_manifest,
+    write_stage,
 )
 from speed_ray.io.settings import ConfigError
-from speed_ray.io.steps import log, pending, remove
-from speed_ray.synth import grounded, speed
+from speed_ray.io.steps import log, pending, remove, step
+from speed_ray.synth import filters, grounded, speed
 from speed_ray.synth.dedup import drop_shard
 from speed_ray.synth.loop import Loop
 from speed_ray.synth.stage import SHARD_MAP_CPUS, derive_step
@@ -96,14 +115,24 @@ KEYS = {
         *SAMPLING,
     ),
     "examples": ("run.seed", "synth.dedup"),
-    "train": (),  # the examples alone
+    "neighbours": ("synth.retriever", "synth.mining.top_k"),
+    "filtered": ("synth.filters", "synth.mining.negatives", "synth.mining.max_ratio"),
+    "train": (),  # the filtered examples alone
 }
+
+
+def synth_keys(cfg: SpeedRayConfig) -> dict[str, tuple[str, ...]]:
+    """``KEYS``, with ``embed.model`` / ``embed.pooling`` under ``neighbours`` where the retriever
+    takes them (``synth.retriever.model`` / ``pooling`` null)."""
+    r = cfg.synth.retriever
+    defaults = tuple(k for k, v in (("embed.model", r.model), ("embed.pooling", r.pooling)) if v is None)
+    return KEYS | {"neighbours": (*KEYS["neighbours"], *defaults)}
 
 
 def run(cfg: SpeedRayConfig, generator: Any = None) -> dict:
     """Every synth step; ``generator``: an engine object for every call instead of the configured
     engines (benchmarks)."""
-    loop = Loop(cfg, "synth", KEYS, generator)
+    loop = Loop(cfg, "synth", synth_keys(cfg), generator)
     for eng in cfg.synth.engines().values():
         if eng.model.startswith("run:"):
             resolve_model(
@@ -111,7 +140,8 @@ def run(cfg: SpeedRayConfig, generator: Any = None) -> dict:
             )  # fails now, not after the first steps, if align has not run
     sources = {"taxonomy": speed_steps, "corpus": grounded_steps, "pairs": pairs_steps}
     m = sources[cfg.synth.source](cfg, loop)
-    m["train"] = loop.step("train", lambda: training_set_step(cfg, loop.out), ("examples",))
+    m |= filtered_steps(cfg, loop)
+    m["train"] = loop.step("train", lambda: training_set_step(cfg, loop.out), ("filtered",))
     return m
 
 
@@ -154,11 +184,11 @@ def grounded_steps(cfg: SpeedRayConfig, loop: Loop) -> dict:
         params = loop.params(s.max_tokens)
         parse = grounded.parse_queries
         return loop.generate_from(
-            "queries", "synth.engine", reads, grounded.query_requests, kw, grounded.QUERIES, parse, params
+            "queries", "synth.engine", reads, grounded.query_requests, kw, QUERIES, parse, params
         )
 
     m["queries"] = loop.step("queries", queries, ("documents",), "synth.engine")
-    reads = [(loop.out / "queries", grounded.QUERIES)]
+    reads = [(loop.out / "queries", QUERIES)]
     build = lambda: examples_step(cfg, loop.out, reads, grounded.grounded_examples)  # noqa: E731
     m["examples"] = loop.step("examples", build, ("queries",))
     return m
@@ -191,8 +221,83 @@ def documents_step(cfg: SpeedRayConfig, out: Path) -> dict:
 
 
 def pairs_steps(cfg: SpeedRayConfig, loop: Loop) -> dict:
-    """A user's pairs file as the examples."""
-    raise ConfigError("synth.source: pairs is not built yet")
+    """A user's pairs file as the examples: nothing is generated, the filters and mining still apply."""
+    path = cfg.synth.pairs
+    assert path is not None  # validated
+    fingerprint = cfg.fingerprint(("synth.pairs",), {"synth.pairs": path_hash(path)})
+    out = loop.out / "examples"
+    return {"examples": step(out, "synth/examples", lambda: pairs_examples_step(cfg, out), fingerprint)}
+
+
+def pairs_examples_step(cfg: SpeedRayConfig, out_dir: Path) -> dict:
+    """``synth.pairs`` read row by row (``iter_pairs``) into EXAMPLES shards of ``synth.shard_rows``."""
+    started = time.time()
+    path = str(cfg.synth.pairs)
+    rows = (pair_example(n, p) for n, p in enumerate(iter_pairs(locate_input(path)), 1))
+    tables = (cast_rows(list(chunk), EXAMPLES) for chunk in batched(rows, cfg.synth.shard_rows))
+    manifest = write_stage(out_dir, tables, EXAMPLES, {"source": "pairs", "pairs": path}, started)
+    logger.info(f"synth/examples: {manifest['num_rows']} rows from {path}")
+    return manifest
+
+
+def pair_example(n: int, pair: dict[str, Any]) -> dict[str, Any]:
+    """Row ``n`` (from 1) of a pairs file (``iter_pairs``) as an EXAMPLES row: the anchor split into
+    instruction and query, the first negative kept (EXAMPLES has one; mining adds more), and an id
+    from the row's number and texts, the same on every run."""
+    instruction, query = split_query(pair["anchor"])
+    negatives = pair["negatives"]
+    return {
+        "id": speed.stable_id("pairs", n, pair["anchor"], pair["positive"]),
+        "instruction": instruction,
+        "query": query,
+        "positive": pair["positive"],
+        "negative": negatives[0] if negatives else None,
+        "task_type": "pairs",
+        "round": "pairs",
+    }
+
+
+def filtered_steps(cfg: SpeedRayConfig, loop: Loop) -> dict:
+    """``neighbours`` (only when a filter or the mining needs the retriever's ranking), then
+    ``filtered``: the examples the quality filters keep, with their mined negatives."""
+    from speed_ray.synth.neighbours import neighbours_step
+
+    m = {}
+    if cfg.synth.needs_retriever():
+        reads = ("examples", "documents") if cfg.synth.source == "corpus" else ("examples",)
+        m["neighbours"] = loop.step("neighbours", lambda: neighbours_step(cfg, loop.out), reads)
+    else:
+        _no_longer_configured(
+            loop.out / "neighbours", "synth/neighbours", "synth.mining.negatives/round_trip_k"
+        )
+    reads = ("examples", "neighbours") if "neighbours" in m else ("examples",)
+    m["filtered"] = loop.step("filtered", lambda: filtered_step(cfg, loop.out, "neighbours" in m), reads)
+    return m
+
+
+def filtered_step(cfg: SpeedRayConfig, out: Path, ranked: bool) -> dict:
+    """``synth/filtered`` shard by shard (``filters.filtered_shard``), with at most three dropped rows
+    per reason kept in the manifest."""
+    f, mining = cfg.synth.filters, cfg.synth.mining
+    kw = {
+        "enabled": f.enabled,
+        "min_query_words": f.min_query_words,
+        "min_query_chars": f.min_query_chars,
+        "round_trip_k": f.round_trip_k,
+        "negatives": mining.negatives,
+        "max_ratio": mining.max_ratio,
+    }
+    reads = [(out / "examples", EXAMPLES)] + ([(out / "neighbours", NEIGHBOURS)] if ranked else [])
+    manifest = derive_step(cfg, out / "filtered", FILTERED, reads, filters.filtered_shard, kw)
+    manifest["samples"] = filters.trim_samples(manifest.get("samples", {}))
+    write_json_atomic(out / "filtered" / MANIFEST, manifest)
+    dropped = sum(manifest.get("dropped", {}).values())
+    logger.info(
+        f"synth/filtered: kept {manifest['num_rows']} of {manifest.get('rows_in', 0)} rows "
+        f"(dropped {dropped}: {manifest.get('dropped', {})}; negatives dropped "
+        f"{manifest.get('negatives_dropped', {})}; {manifest.get('mined', 0)} negatives mined)"
+    )
+    return manifest
 
 
 def _optional(loop: Loop, manifests: dict, name: str, key: str, build: Callable[[], dict]) -> bool:
@@ -251,13 +356,20 @@ def examples_step(cfg: SpeedRayConfig, out: Path, reads: list[tuple[Path, pa.Sch
     return manifest
 
 
+def batched(rows: Iterator[dict[str, Any]], n: int) -> Iterator[list[dict[str, Any]]]:
+    """``rows`` in lists of ``n`` (the last one shorter); ``itertools.batched`` from Python 3.12."""
+    while chunk := list(islice(rows, n)):
+        yield chunk
+
+
 CANDIDATES = "_candidates"
 """The examples before dedup, inside the examples folder until it is finished."""
 
 
 def training_set_step(cfg: SpeedRayConfig, out: Path) -> dict:
-    """``examples/`` as the embedding training set: the three text columns and nothing else, since
-    sentence-transformers embeds every column of its training dataset.
+    """``filtered/`` as the embedding training set: the text columns and nothing else, since
+    sentence-transformers embeds every column of its training dataset; as many negative columns as
+    the row with the most negatives has (``triplets_schema``).
 
     The rows are in example-id order (a hash of the prompt: a seeded shuffle of the examples that does
     not depend on how they were sharded), so training draws the same batches however the steps before
@@ -271,14 +383,15 @@ def training_set_step(cfg: SpeedRayConfig, out: Path) -> dict:
     dest = out / "train"
     remove(dest)  # parts of a killed run
     dest.mkdir(parents=True)
-    examples = finished_manifest(out / "examples")
+    examples = finished_manifest(out / "filtered")
+    negatives = max([1, *map(int, examples.get("negatives_per_row", {}))])
     parts: list[dict[str, Any]] = []
     if examples["num_rows"]:
         init_ray(cfg)
-        ds: Any = ray.data.read_parquet([str(out / "examples" / f["name"]) for f in examples["files"]])
+        ds: Any = ray.data.read_parquet([str(out / "filtered" / f["name"]) for f in examples["files"]])
         ds = ds.sort("id").map_batches(
             speed.write_triplets_part,
-            fn_kwargs={"out_dir": dest},
+            fn_kwargs={"out_dir": dest, "negatives": negatives},
             batch_size=None,
             batch_format="pyarrow",
             num_cpus=SHARD_MAP_CPUS,
@@ -289,4 +402,5 @@ def training_set_step(cfg: SpeedRayConfig, out: Path) -> dict:
         (dest / part["name"]).rename(dest / shard_name(i))
         files.append(part | {"name": shard_name(i)})
     n = sum(f["num_rows"] for f in files)
-    return write_manifest(dest, TRIPLETS, files, {"examples": n, "order": "example id"}, started)
+    extra = {"examples": n, "order": "example id", "negatives": negatives}
+    return write_manifest(dest, triplets_schema(negatives), files, extra, started)

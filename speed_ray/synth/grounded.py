@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from speed_ray.io.schemas import EXAMPLES, cast_rows
+from speed_ray.io.schemas import EXAMPLES, QUERIES, cast_rows
 from speed_ray.synth.parsing import extract_json
 from speed_ray.synth.prompts import chat
 from speed_ray.synth.speed import outcome, stable_id, stable_seed
@@ -37,24 +37,6 @@ KIND_INSTRUCTIONS = {
 }
 KIND_MAX_CHARS = {"keyword": 100, "question": 300, "paraphrase": 300}
 
-QUERIES = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("sample", pa.int64()),
-        pa.field("doc_id", pa.string()),
-        pa.field("text", pa.string()),
-        pa.field("raw", pa.string()),
-        *(pa.field(kind, pa.string()) for kind in KIND_ASKS),
-        pa.field("error", pa.string()),
-        pa.field("generator", pa.string()),
-        pa.field("prompt_id", pa.string()),
-        pa.field("seed", pa.int64()),
-        pa.field("round", pa.string()),
-        pa.field("num_input_tokens", pa.int64()),
-        pa.field("num_output_tokens", pa.int64()),
-    ]
-)
-"""One row per chunk: the generated queries of each kind (null where not asked or invalid)."""
 
 _PARAGRAPH = re.compile(r"\n\s*\n|\n")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
@@ -95,16 +77,40 @@ def document_chunks(
             yield {"id": doc["id"] if len(pieces) == 1 else f"{doc['id']}#{n}", "text": piece}
 
 
-def query_prompt(text: str, kinds: list[str]) -> list[dict[str, str]]:
-    """The chat asking for one query of each of ``kinds`` about the document ``text``."""
+# One worked example shown before the document (a made-up one: no user's corpus, no eval set): small
+# generators copy the document or the instructions without it.
+EXAMPLE_DOCUMENT = (
+    "Tidewell reads the files that tide gauges record and turns them into tables of water levels. "
+    "It fills short gaps by interpolation, flags readings that jump too far, and can plot a week of "
+    "levels as a chart. A command-line tool and a Python library are included."
+)
+EXAMPLE_QUERIES = {
+    "keyword": "tide gauge data reader",
+    "question": "How can I turn tide gauge recordings into tables of water levels?",
+    "paraphrase": "A tool and library that converts tide gauge files into water level tables, "
+    "filling gaps and flagging bad readings.",
+}
+
+
+def _ask(text: str, kinds: list[str]) -> str:
     asks = "\n".join(f'- "{kind}": {KIND_ASKS[kind]}' for kind in kinds)
-    keys = ", ".join(kinds)
-    return chat(
+    return (
         f'Here is a document:\n\n"""\n{text}\n"""\n\n'
         f"Write what a user who needs this document would type to find it:\n{asks}\n\n"
         "Use your own words; do not copy sentences from the document. "
-        f"Your output must be a JSON object with the keys {keys} only, do not explain yourself."
+        f"Your output must be a JSON object with the keys {', '.join(kinds)} only, do not explain yourself."
     )
+
+
+def query_prompt(text: str, kinds: list[str]) -> list[dict[str, str]]:
+    """The chat asking for one query of each of ``kinds`` about the document ``text``, after the same
+    request answered for ``EXAMPLE_DOCUMENT``."""
+    example = json.dumps({k: EXAMPLE_QUERIES[k] for k in kinds})
+    return [
+        *chat(_ask(EXAMPLE_DOCUMENT, kinds)),
+        {"role": "assistant", "content": example},
+        {"role": "user", "content": _ask(text, kinds)},
+    ]
 
 
 def query_schema(kinds: list[str], max_chars: int) -> dict[str, Any]:

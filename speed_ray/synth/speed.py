@@ -24,7 +24,6 @@ from speed_ray.io.schemas import (
     JUDGMENTS,
     PREFERENCE_PAIRS,
     TASKS,
-    TRIPLETS,
     assistant,
     cast_rows,
     error_kind,
@@ -307,21 +306,25 @@ def final_rows(drafts: pa.Table, revisions: pa.Table | None) -> pa.Table:
     return cast_rows(out, EXAMPLES)
 
 
-def training_triplets(examples: pa.Table) -> pa.Table:
+def training_triplets(examples: pa.Table, negatives: int = 1) -> pa.Table:
     """The embedding training set (TRIPLETS), one row per example: the anchor is the query with its
     task instruction as SPEED and E5 train it (``Instruct: {instruction}\nQuery: {query}``), the
-    negative '' where the example has none."""
-    from speed_ray.io.schemas import instructed_query
+    negative '' where the example has none. Filtered examples (FILTERED) bring their mined negatives
+    after their own; with ``negatives`` > 1 they go to ``negative_1`` .. ``negative_n``
+    (``triplets_schema``), '' where a row has fewer."""
+    from speed_ray.io.schemas import instructed_query, triplets_schema
 
-    out = [
-        {
-            "anchor": instructed_query(r["instruction"], r["query"]),
-            "positive": r["positive"],
-            "negative": r["negative"] or "",
-        }
-        for r in examples.select(["instruction", "query", "positive", "negative"]).to_pylist()
-    ]
-    return cast_rows(out, TRIPLETS)
+    mined = examples["mined_negatives"].to_pylist() if "mined_negatives" in examples.column_names else None
+    schema = triplets_schema(negatives)
+    out = []
+    for i, r in enumerate(examples.select(["instruction", "query", "positive", "negative"]).to_pylist()):
+        negs = [n for n in [r["negative"], *(mined[i] if mined else [])] if n]
+        negs += [""] * (len(schema) - 2 - len(negs))
+        out.append(
+            {"anchor": instructed_query(r["instruction"], r["query"]), "positive": r["positive"]}
+            | dict(zip(schema.names[2:], negs, strict=False))
+        )
+    return cast_rows(out, schema)
 
 
 def quality_score(row: dict[str, Any]) -> float:
@@ -434,17 +437,18 @@ def final_shard(drafts: pa.Table, revisions: pa.Table | None = None) -> tuple[pa
     return rows, counts
 
 
-def write_triplets_part(examples: pa.Table, out_dir: Path) -> pa.Table:
+def write_triplets_part(examples: pa.Table, out_dir: Path, negatives: int = 1) -> pa.Table:
     """One block of examples (sorted by id) written as a part of the training set, named by its first
     id; returns its manifest entry and that id (none for an empty block)."""
-    from speed_ray.io.schemas import write_shard
+    from speed_ray.io.schemas import triplets_schema, write_shard
 
     schema = pa.schema([("name", pa.string()), ("num_rows", pa.int64()), ("sha256", pa.string())])
     schema = schema.append(pa.field("first_id", pa.string()))
     if examples.num_rows == 0:
         return schema.empty_table()
     first = examples["id"][0].as_py()
-    entry = write_shard(out_dir / f"part_{first}.parquet", training_triplets(examples), TRIPLETS)
+    table = training_triplets(examples, negatives)
+    entry = write_shard(out_dir / f"part_{first}.parquet", table, triplets_schema(negatives))
     return pa.Table.from_pylist([entry | {"first_id": first}], schema=schema)
 
 

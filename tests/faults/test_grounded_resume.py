@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from speed_ray.io.schemas import DOCUMENTS, EXAMPLES, TRIPLETS, read_stage
-from speed_ray.synth.grounded import QUERIES
+from speed_ray.io.schemas import DOCUMENTS, EXAMPLES, QUERIES, TRIPLETS, read_stage
 from tests.conftest import rows_figures
 from tests.fakes import FakeTeacher
 from tests.faults.test_synth_resume import kill_in

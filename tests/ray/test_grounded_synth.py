@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 from speed_ray.cli import main
-from speed_ray.io.schemas import DOCUMENTS, EXAMPLES, TRIPLETS, read_manifest, read_stage
-from speed_ray.synth.grounded import KIND_INSTRUCTIONS, QUERIES
+from speed_ray.io.schemas import DOCUMENTS, EXAMPLES, QUERIES, TRIPLETS, read_manifest, read_stage
+from speed_ray.synth.grounded import KIND_INSTRUCTIONS
 from tests.conftest import TEST_API_KEY_ENV
 from tests.fakes import FakeTeacher
 

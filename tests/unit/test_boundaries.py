@@ -15,7 +15,7 @@ DOMAINS = ("synth", "align", "embed", "eval")
 ALLOWED = {
     "io": set(),  # io knows no domain
     "engines": {"io"},  # engines know no stage
-    "synth": {"io", "engines", "config", "ray_utils"},
+    "synth": {"io", "engines", "config", "ray_utils", "embed"},  # mining ranks with embed's model
     "align": {"io", "engines", "config", "ray_utils", "synth"},  # align runs synth's loop
     "embed": {"io", "config", "ray_utils"},  # neither synth nor eval
     "eval": {"io", "config", "embed", "pipeline", "ray_utils"},  # scores embed's models
@@ -28,6 +28,7 @@ EDGES = {
     "engines/vllm_engine.py",
     "synth/stage.py",
     "synth/driver.py",
+    "synth/neighbours.py",
     "align/train.py",
     "embed/train.py",
     "embed/prepare.py",

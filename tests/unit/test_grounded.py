@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from speed_ray.config import load_config
+from speed_ray.io.schemas import QUERIES
 from speed_ray.io.settings import ConfigError
 from speed_ray.synth import grounded
 from tests.conftest import DEBIAN
@@ -53,7 +54,11 @@ def test_requests_carry_the_chunk_and_ask_for_each_kind_under_a_schema():
     assert schema["required"] == ["keyword", "question"]
     assert schema["properties"]["keyword"]["maxLength"] == 100  # a keyword query stays short
     assert schema["properties"]["question"]["maxLength"] == 200
-    user = json.loads(rows[0]["messages"])[-1]["content"]
+    chat = json.loads(rows[0]["messages"])
+    user = chat[-1]["content"]
+    assert json.loads(chat[-2]["content"]) == {
+        k: grounded.EXAMPLE_QUERIES[k] for k in ("keyword", "question")
+    }
     assert "first text" in user and '"keyword"' in user and '"paraphrase"' not in user
 
 
@@ -77,7 +82,7 @@ def test_parsing_keeps_each_kind_and_names_what_is_wrong():
         '["a", "list"]',
     ]
     table = grounded.parse_queries(engine_rows(raws))
-    assert table.schema == grounded.QUERIES
+    assert table.schema == QUERIES
     rows = table.to_pylist()
     assert (rows[0]["keyword"], rows[0]["question"], rows[0]["error"]) == (
         "debian package manager",
