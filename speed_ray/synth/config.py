@@ -70,12 +70,14 @@ class CorpusConfig:
 
     path: str | None = None
     """The documents: a JSONL file (or .jsonl.gz) with ``id`` and ``text`` per row, a built-in set
-    (``builtin:debian/labelled``) or a file on object storage."""
+    (``builtin:debian/labelled``) or a file on object storage. With any source, also the corpus
+    that hard negatives are mined from and the round trip ranks (else the rows' own texts)."""
     exclude: str | None = None
     """Leave out the documents whose ids are in this corpus (a JSONL file or a BEIR folder such as
     ``builtin:debian/retrieval``): the documents an evaluation scores are never trained on."""
     max_docs: int = 0
-    """0: every document; N: a seeded sample of N (a smaller sample lies inside a larger one)."""
+    """Queries for every document (0), or for a seeded sample of N documents (chunks; a smaller
+    sample lies inside a larger one). Every document stays in the corpus that mining ranks."""
     min_chars: int = 100
     """Documents (or chunks) shorter than this give no query; counted in the manifest."""
     chunk_chars: int = 1500
@@ -157,7 +159,7 @@ class SynthConfig:
 
     def validate(self) -> None:
         check_choices({"synth.source": (self.source, SOURCES)})
-        if self.source == "corpus":
+        if self.source == "corpus" or self.corpus.path is not None:
             self.corpus.validate()
         if self.source == "pairs":
             if self.pairs is None:

@@ -99,10 +99,8 @@ KEYS = {
         *SAMPLING,
     ),
     "documents": (
-        "run.seed",
         "synth.corpus.path",
         "synth.corpus.exclude",
-        "synth.corpus.max_docs",
         "synth.corpus.min_chars",
         "synth.corpus.chunk_chars",
         "synth.shard_rows",
@@ -110,6 +108,7 @@ KEYS = {
     "queries": (
         "run.seed",
         "synth.corpus.kinds",
+        "synth.corpus.max_docs",
         "synth.sampling.max_field_chars",
         "synth.sampling.max_tokens",
         *SAMPLING,
@@ -138,8 +137,11 @@ def run(cfg: SpeedRayConfig, generator: Any = None) -> dict:
             resolve_model(
                 eng.model, cfg.run_dir
             )  # fails now, not after the first steps, if align has not run
+    m = {}
+    if cfg.synth.corpus.path is not None:  # what grounded queries are written for, and mining ranks
+        m["documents"] = loop.step("documents", lambda: documents_step(cfg, loop.out / "documents"))
     sources = {"taxonomy": speed_steps, "corpus": grounded_steps, "pairs": pairs_steps}
-    m = sources[cfg.synth.source](cfg, loop)
+    m |= sources[cfg.synth.source](cfg, loop)
     m |= filtered_steps(cfg, loop)
     m["train"] = loop.step("train", lambda: training_set_step(cfg, loop.out), ("filtered",))
     return m
@@ -176,10 +178,11 @@ def grounded_steps(cfg: SpeedRayConfig, loop: Loop) -> dict:
     removed."""
     c, s = cfg.synth.corpus, cfg.synth.sampling
     logger.info(f"synth: queries ({', '.join(c.kinds)}) grounded in {c.path}, by {cfg.synth.engine.model}")
-    m = {"documents": loop.step("documents", lambda: documents_step(cfg, loop.out / "documents"))}
+    m = {}
 
     def queries() -> dict:
         kw = {"seed": cfg.run.seed, "kinds": c.kinds, "max_chars": s.max_field_chars}
+        kw["only"] = sampled_chunks(loop.out / "documents", c.max_docs, cfg.run.seed)
         reads = [(loop.out / "documents", DOCUMENTS)]
         params = loop.params(s.max_tokens)
         parse = grounded.parse_queries
@@ -196,28 +199,36 @@ def grounded_steps(cfg: SpeedRayConfig, loop: Loop) -> dict:
 
 def documents_step(cfg: SpeedRayConfig, out: Path) -> dict:
     """The corpus as DOCUMENTS shards of ``synth.shard_rows`` chunks, streamed a document at a time:
-    the excluded documents left out, a seeded sample of ``max_docs`` (which reads the ids once more),
-    long documents cut into chunks, short chunks counted and dropped."""
+    the excluded documents left out, long documents cut into chunks, short chunks counted and
+    dropped. Every chunk stays here, the corpus that mining and the round trip rank; only a sample
+    of them gets queries (``sampled_chunks``)."""
     from collections import Counter
 
     from speed_ray.embed.data import chunks
-    from speed_ray.io.data import document_ids, iter_corpus, locate_input, nested_sample
-    from speed_ray.io.schemas import write_stage
+    from speed_ray.io.data import document_ids, iter_corpus
 
     started, c = time.time(), cfg.synth.corpus
     path = locate_input(str(c.path))
     excluded = document_ids(locate_input(c.exclude)) if c.exclude else set()
     counts = Counter[str]({"excluded": len(excluded)})  # filled as the shards are written
     docs = (d for d in iter_corpus(path) if d["id"] not in excluded)
-    if c.max_docs:
-        ids = [d["id"] for d in docs]
-        keep = set(nested_sample(ids, c.max_docs, cfg.run.seed))
-        docs = (d for d in iter_corpus(path) if d["id"] in keep)
     rows = grounded.document_chunks(docs, c.chunk_chars, c.min_chars, counts)
     tables = chunks(rows, DOCUMENTS, cfg.synth.shard_rows)
     manifest = write_stage(out, tables, DOCUMENTS, counts, started)
     logger.info(f"synth/documents: {dict(counts)}")
     return manifest
+
+
+def sampled_chunks(documents: Path, max_docs: int, seed: int) -> set[str] | None:
+    """The ids of the chunks that get queries: a seeded sample of ``max_docs`` (a smaller sample
+    lies inside a larger one), or None for all."""
+    from speed_ray.io.data import nested_sample
+    from speed_ray.io.schemas import stage_shards
+
+    if not max_docs:
+        return None
+    ids = [i for shard in stage_shards(documents, DOCUMENTS, ["id"]) for i in shard["id"].to_pylist()]
+    return set(nested_sample(ids, max_docs, seed))
 
 
 def pairs_steps(cfg: SpeedRayConfig, loop: Loop) -> dict:
@@ -329,7 +340,8 @@ def examples_step(cfg: SpeedRayConfig, out: Path, reads: list[tuple[Path, pa.Sch
         return derive_step(cfg, out / "examples", EXAMPLES, reads, fn)
     candidates = out / "examples" / CANDIDATES
     found = derive_step(cfg, candidates, EXAMPLES, reads, fn)
-    extra = {k: found[k] for k in ("drafts", "revised", "chunks", "queries", "failed") if k in found}
+    made = ("drafts", "revised", "chunks", "queries", "copied_example", "failed")
+    extra = {k: found[k] for k in made if k in found}
     removed = pa.array([], pa.string())
     if found["num_rows"] > 1:
         import ray

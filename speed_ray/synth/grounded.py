@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from speed_ray.io.schemas import EXAMPLES, QUERIES, cast_rows
+from speed_ray.synth.mining import normalised
 from speed_ray.synth.parsing import extract_json
 from speed_ray.synth.prompts import chat
 from speed_ray.synth.speed import outcome, stable_id, stable_seed
@@ -122,11 +123,16 @@ def query_schema(kinds: list[str], max_chars: int) -> dict[str, Any]:
     return {"type": "object", "properties": props, "required": list(kinds), "additionalProperties": False}
 
 
-def query_requests(documents: pa.Table, seed: int, kinds: list[str], max_chars: int) -> list[dict[str, Any]]:
-    """One generation request per chunk of a shard of DOCUMENTS, carrying the chunk (the positive)."""
+def query_requests(
+    documents: pa.Table, seed: int, kinds: list[str], max_chars: int, only: set[str] | None = None
+) -> list[dict[str, Any]]:
+    """One generation request per chunk of a shard of DOCUMENTS (those in ``only``, when given),
+    carrying the chunk (the positive)."""
     schema = json.dumps(query_schema(kinds, max_chars))
     rows = []
     for doc in documents.to_pylist():
+        if only is not None and doc["id"] not in only:
+            continue
         rid = stable_id(seed, "queries", doc["id"])
         rows.append(
             {
@@ -164,20 +170,23 @@ def parse_queries(batch: pa.Table) -> pa.Table:
 
 def grounded_examples(queries: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
     """EXAMPLES rows of one shard of QUERIES: one per valid query, the chunk its positive, no
-    negative (mining adds them). ``task_type`` is ``grounded_<kind>`` and ``topic`` the chunk id, so
+    negative (mining adds them); a query that repeats the worked example's is counted, not kept. ``task_type`` is ``grounded_<kind>`` and ``topic`` the chunk id, so
     each row names its document; the chunk's tokens are on its first row only, so sums count each
     call once. Counts: chunks in, queries out, chunks whose output failed (by error
     kind)."""
     from speed_ray.io.schemas import error_kind
 
-    rows, failed = [], Counter[str]()
+    rows, failed, copied = [], Counter[str](), 0
+    example = {k: normalised(v) for k, v in EXAMPLE_QUERIES.items()}
     for q in queries.to_pylist():
         if q["error"] is not None:
             failed[error_kind(q["error"])] += 1
             continue
         tokens = {"num_input_tokens": q["num_input_tokens"], "num_output_tokens": q["num_output_tokens"]}
         for kind in KIND_ASKS:
-            if q[kind]:
+            if q[kind] and normalised(q[kind]) == example[kind]:
+                copied += 1  # the worked example's query, not one about this document
+            elif q[kind]:
                 rows.append(
                     {
                         "id": stable_id(q["id"], kind),
@@ -192,8 +201,5 @@ def grounded_examples(queries: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
                     | tokens
                 )
                 tokens = {"num_input_tokens": 0, "num_output_tokens": 0}  # a chunk's call counted once
-    return cast_rows(rows, EXAMPLES), {
-        "chunks": queries.num_rows,
-        "queries": len(rows),
-        "failed": dict(failed),
-    }
+    counts = {"chunks": queries.num_rows, "queries": len(rows), "copied_example": copied}
+    return cast_rows(rows, EXAMPLES), counts | {"failed": dict(failed)}

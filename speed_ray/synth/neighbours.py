@@ -135,7 +135,7 @@ def neighbours_step(cfg: SpeedRayConfig, out: Path) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     (dest / DONE).mkdir(exist_ok=True)
     todo = [s for s in range(num_shards) if s not in finished_shards(dest)]
-    grouped = cfg.synth.source != "corpus"  # grounded rows rank against the documents
+    grouped = cfg.synth.corpus.path is None  # else every row ranks against the documents
     corpus = _corpus(out, grouped)
     r = cfg.synth.retriever
     spec, pooling = cfg.retriever()
@@ -184,10 +184,16 @@ def neighbours_step(cfg: SpeedRayConfig, out: Path) -> dict:
 
 
 def _corpus(out: Path, grouped: bool) -> list[tuple[str, str]]:
-    """The texts to rank: the examples' own (``grouped``), else ``synth/documents``."""
-    if not grouped:
-        return documents_corpus(stage_shards(out / "documents", DOCUMENTS, ["text"]))
-    return row_corpus(stage_shards(out / "examples", EXAMPLES, ["task_type", "positive", "negative"]))
+    """The texts to rank: the examples' own, by task type (``grouped``); else ``synth/documents``
+    and after them any positive or negative of the examples that is not a document (a pairs file's
+    rows ranked against the user's corpus)."""
+    rows = row_corpus(stage_shards(out / "examples", EXAMPLES, ["task_type", "positive", "negative"]))
+    if grouped:
+        return rows
+    docs = documents_corpus(stage_shards(out / "documents", DOCUMENTS, ["text"]))
+    known = {t for _, t in docs}
+    extra = dict.fromkeys((ANY, t) for _, t in rows if t not in known)
+    return docs + list(extra)
 
 
 def _embed_corpus(

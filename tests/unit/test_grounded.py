@@ -47,6 +47,7 @@ def test_chunks_keep_the_id_of_a_whole_document_and_count_the_short_ones():
 def test_requests_carry_the_chunk_and_ask_for_each_kind_under_a_schema():
     docs = pa.table({"id": ["d1", "d2"], "text": ["first text", "second text"]})
     rows = grounded.query_requests(docs, seed=3, kinds=["keyword", "question"], max_chars=200)
+    assert [r["doc_id"] for r in grounded.query_requests(docs, 3, ["keyword"], 200, only={"d2"})] == ["d2"]
     assert [r["doc_id"] for r in rows] == ["d1", "d2"] and rows[0]["text"] == "first text"
     assert rows == grounded.query_requests(docs, seed=3, kinds=["keyword", "question"], max_chars=200)
     assert rows[0]["id"] != grounded.query_requests(docs, 4, ["keyword"], 200)[0]["id"]  # seeded
@@ -96,7 +97,13 @@ def test_parsing_keeps_each_kind_and_names_what_is_wrong():
 
 
 def test_each_valid_query_is_an_example_with_its_chunk_as_positive():
-    raws = ['{"keyword": "k0", "question": "q0"}', "broken", '{"keyword": "k2", "question": "q2"}']
+    copied = grounded.EXAMPLE_QUERIES["question"].upper()
+    raws = [
+        '{"keyword": "k0", "question": "q0"}',
+        "broken",
+        json.dumps({"keyword": "k2", "question": "q2"}),
+        json.dumps({"keyword": "k3", "question": copied}),
+    ]
     examples, counts = grounded.grounded_examples(grounded.parse_queries(engine_rows(raws)))
     rows = examples.to_pylist()
     assert [(r["query"], r["positive"], r["task_type"], r["topic"]) for r in rows] == [
@@ -104,12 +111,13 @@ def test_each_valid_query_is_an_example_with_its_chunk_as_positive():
         ("q0", "text 0", "grounded_question", "d0"),
         ("k2", "text 2", "grounded_keyword", "d2"),
         ("q2", "text 2", "grounded_question", "d2"),
+        ("k3", "text 3", "grounded_keyword", "d3"),
     ]
     assert rows[0]["instruction"] == grounded.KIND_INSTRUCTIONS["keyword"] and rows[0]["negative"] is None
-    assert len({r["id"] for r in rows}) == 4
+    assert len({r["id"] for r in rows}) == 5
     # a chunk's call is counted once: its tokens sit on its first example
-    assert [r["num_input_tokens"] for r in rows] == [50, 0, 50, 0]
-    assert counts == {"chunks": 3, "queries": 4, "failed": {"invalid JSON": 1}}
+    assert [r["num_input_tokens"] for r in rows] == [50, 0, 50, 0, 50]
+    assert counts == {"chunks": 4, "queries": 5, "copied_example": 1, "failed": {"invalid JSON": 1}}
 
 
 def test_the_corpus_source_checks_its_keys_before_any_work(tmp_path):
