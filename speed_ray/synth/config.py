@@ -164,7 +164,8 @@ class SynthConfig:
         if self.source == "pairs":
             if self.pairs is None:
                 raise ConfigError("synth.pairs: required when synth.source is 'pairs' (a pairs file)")
-            check_rows("synth.pairs", self.pairs, "iter_pairs")
+            if not _later_step(self.pairs):
+                check_rows("synth.pairs", self.pairs, "iter_pairs")
         for t, w in self.mix.items():
             if t not in TASK_TYPES:
                 raise ConfigError(
@@ -287,3 +288,10 @@ class RetrieverConfig:
             }
         )
         check_non_negative({"synth.retriever.num_gpus": self.num_gpus})
+
+
+def _later_step(path: str) -> bool:
+    """A run's training set not made yet (``<run>/synth/train``, an experiment's shared run that
+    comes first): read when the step needs it, which fails then if it is still missing."""
+    p = Path(path)
+    return not p.exists() and p.parts[-2:] == ("synth", "train")
