@@ -133,3 +133,48 @@ def test_the_corpus_source_checks_its_keys_before_any_work(tmp_path):
         load_config(None, [*base, f"synth.corpus.path={corpus}", "synth.corpus.kinds=[title]"]).validate()
     with pytest.raises(ConfigError, match=r"synth.source: expected one of"):
         load_config(None, ["synth.source=topics"]).validate()
+
+
+def write_step(folder, rows, schema):
+    from speed_ray.io.schemas import cast_rows, write_stage
+
+    return write_stage(folder, [cast_rows(rows, schema)], schema, {}, 0.0)
+
+
+def test_rows_rank_against_the_documents_then_their_own_texts_that_are_not_documents(tmp_path):
+    from speed_ray.io.schemas import DOCUMENTS, EXAMPLES
+    from speed_ray.synth.mining import ANY
+    from speed_ray.synth.neighbours import _corpus
+
+    write_step(
+        tmp_path / "documents", [{"id": "a", "text": "doc a"}, {"id": "b", "text": "doc b"}], DOCUMENTS
+    )
+    rows = [
+        {"id": "1", "query": "q1", "positive": "doc b", "negative": "own negative", "task_type": "pairs"},
+        {"id": "2", "query": "q2", "positive": "a pair's positive", "negative": None, "task_type": "pairs"},
+    ]
+    write_step(tmp_path / "examples", rows, EXAMPLES)
+    assert _corpus(tmp_path, grouped=False) == [
+        (ANY, "doc a"),
+        (ANY, "doc b"),
+        (ANY, "own negative"),
+        (ANY, "a pair's positive"),
+    ]
+    assert _corpus(tmp_path, grouped=True) == [
+        ("pairs", "doc b"),
+        ("pairs", "own negative"),
+        ("pairs", "a pair's positive"),
+    ]
+
+
+def test_a_sample_of_chunks_gets_queries_and_a_smaller_one_lies_inside_it(tmp_path):
+    from speed_ray.io.schemas import DOCUMENTS
+    from speed_ray.synth.driver import sampled_chunks
+
+    write_step(tmp_path / "documents", [{"id": f"d{i}", "text": "t"} for i in range(50)], DOCUMENTS)
+    assert sampled_chunks(tmp_path / "documents", 0, 0) is None
+    ten, twenty = (sampled_chunks(tmp_path / "documents", n, 0) for n in (10, 20))
+    assert ten is not None and twenty is not None and len(ten) == 10 and ten < twenty
+    assert (
+        sampled_chunks(tmp_path / "documents", 10, 0) == ten != sampled_chunks(tmp_path / "documents", 10, 1)
+    )
