@@ -20,20 +20,47 @@ from speed_ray.embed.model import format_query
 
 
 @functools.lru_cache(maxsize=2)
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The row order of one epoch (computed once per epoch, not per step; 8 bytes a row)."""
-    order = list(range(n))
-    random.Random(f"{seed}:{epoch}").shuffle(order)
-    return np.array(order, dtype=np.int64)
+def epoch_order(n: int, seed: int, epoch: int, parts: tuple[int, ...] = ()) -> np.ndarray:
+    """The row order of one epoch (computed once per epoch, not per step; 8 bytes a row). ``parts``
+    (sizes that sum to ``n``): the rows of each part in turn, each part shuffled on its own and
+    taken whole before the next (``embed.data.crops_order: first``); none: all rows shuffled together."""
+    if not parts:
+        order = list(range(n))
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        return np.array(order, dtype=np.int64)
+    orders, start = [], 0
+    for i, size in enumerate(parts):
+        part = list(range(start, start + size))
+        random.Random(f"{seed}:{epoch}:{i}").shuffle(part)
+        orders.append(np.array(part, dtype=np.int64))
+        start += size
+    return np.concatenate(orders)
 
 
-def batch_span(n: int, step: int, size: int) -> tuple[int, int]:
-    """(epoch, batch within it) of global batch ``step`` (1-based) over ``n`` rows: epochs of
-    ``n // size`` batches, the last partial batch of an epoch dropped."""
-    per_epoch = n // size
+def epoch_batches(n: int, size: int, parts: tuple[int, ...] = ()) -> int:
+    """Global batches per epoch: ``n // size``, the last partial batch dropped (each part's, with
+    ``parts``: a batch never holds rows of two parts)."""
+    return sum(p // size for p in parts) if parts else n // size
+
+
+def batch_span(n: int, step: int, size: int, parts: tuple[int, ...] = ()) -> tuple[int, int]:
+    """(epoch, batch within it) of global batch ``step`` (1-based) over ``n`` rows (``epoch_batches``
+    per epoch)."""
+    per_epoch = epoch_batches(n, size, parts)
     if per_epoch == 0:
         raise ValueError(f"{n} training rows, fewer than one global batch of {size}")
     return divmod(step - 1, per_epoch)
+
+
+def batch_start(b: int, size: int, parts: tuple[int, ...] = ()) -> int:
+    """Where batch ``b`` of an epoch starts in ``epoch_order``'s order: each part gives only whole
+    batches (``batch_span``)."""
+    start = 0
+    for p in parts:
+        if b < p // size:
+            break
+        b, start = b - p // size, start + p
+    return start + b * size
 
 
 def global_batch(rows: Sequence[Any], step: int, size: int, seed: int) -> tuple[int, list[Any]]:

@@ -46,7 +46,7 @@ class EmbedDataConfig:
     """synth and pairs: train on this many rows, a seeded sample (0: all). A smaller sample is part
     of a larger one with the same seed (``run.seed``), so data sizes make a scaling curve."""
     pair_mode: str = "crops"
-    """corpus only: crops (two different sentence crops) | dropout (one crop twice)."""
+    """corpus and crops: crops (two different sentence crops) | dropout (one crop twice)."""
     crop_min_chars: int = CropRule.min_chars
     crop_max_chars: int = CropRule.max_chars
     sentences_per_crop: int = CropRule.sentences_per_crop
@@ -55,9 +55,19 @@ class EmbedDataConfig:
     """Documents with fewer crops give no pair (2 crops of 2 sentences = at least 3 valid sentences);
     they are counted in the manifest and the log, by reason."""
     holdout_fraction: float = 0.0
-    """corpus only: leave out this seeded fraction of the documents (the crops paper's "(train)"
+    """corpus and crops: leave out this seeded fraction of the documents (the crops paper's "(train)"
     variant); eval.knn with split: holdout and the same fraction and seed scores exactly them."""
     holdout_seed: int = 42
+    crops: str | None = None
+    """synth and pairs: an unlabelled corpus (JSONL with ``id`` and ``text``) whose sentence-crop pairs
+    are trained on with the rows (pair_mode and the crop keys above; no hard negatives: masked)."""
+    crops_order: str = "mixed"
+    """With crops: mixed (crop pairs and rows shuffled into the same global batches) | first (each
+    epoch takes every crop pair, then every row: one after the other)."""
+    exclude: str | None = None
+    """A corpus (JSONL, or a BEIR folder such as ``builtin:debian/retrieval``) whose document ids are
+    left out of any corpus cropped for training (source corpus, or crops), e.g. the documents a
+    retrieval eval scores; the manifest counts them."""
 
     def validate(self) -> None:
         if self.source != "synth" and self.path is None:
@@ -83,11 +93,31 @@ class EmbedDataConfig:
             raise ConfigError(
                 "embed.data.max_rows: for synth and pairs data (a corpus gives a pair per document)"
             )
-        if self.holdout_fraction and self.source != "corpus":
+        cropped = self.source == "corpus" or self.crops is not None
+        if self.holdout_fraction and not cropped:
             raise ConfigError(
-                "embed.data.holdout_fraction: only a corpus (embed.data.source: corpus) is held out from"
+                "embed.data.holdout_fraction: only a corpus (embed.data.source: corpus, or embed.data.crops) "
+                "is held out from"
             )
+        self._check_crops(cropped)
         self._check_files()
+
+    def _check_crops(self, cropped: bool) -> None:
+        if self.crops is not None and self.source == "corpus":
+            raise ConfigError(
+                "embed.data.crops: adds crop pairs to synth or pairs rows; with source corpus, "
+                "embed.data.path is the corpus cropped"
+            )
+        if self.crops_order != "mixed" and self.crops is None:
+            raise ConfigError(
+                f"embed.data.crops_order: {self.crops_order!r} orders the crop pairs of embed.data.crops "
+                "against the rows; set embed.data.crops"
+            )
+        if self.exclude is not None and not cropped:
+            raise ConfigError(
+                "embed.data.exclude: leaves documents out of a corpus cropped for training "
+                "(embed.data.source: corpus, or embed.data.crops); neither is set"
+            )
 
     def crop_rule(self) -> CropRule:
         """The crop rule these settings give (``speed_ray.embed.pairs``)."""
@@ -99,6 +129,12 @@ class EmbedDataConfig:
         makes after loading this config."""
         from pathlib import Path
 
+        for key, spec in (("exclude", self.exclude), ("crops", self.crops)):
+            located = None if spec is None else locate_input(f"embed.data.{key}", spec)
+            if isinstance(located, Path) and not located.exists():
+                raise ConfigError(f"embed.data.{key}: {spec} not found")
+        check_rows("embed.data.crops", self.crops, "iter_corpus")
+        check_rows("embed.data.exclude", self.exclude, "document_ids")
         if self.source == "synth":
             return
         assert self.path is not None
@@ -178,6 +214,7 @@ class EmbedConfig:
                 "embed.pooling": (self.pooling, POOLING_MODES),
                 "embed.data.source": (self.data.source, ("synth", "pairs", "corpus")),
                 "embed.data.pair_mode": (self.data.pair_mode, ("crops", "dropout")),
+                "embed.data.crops_order": (self.data.crops_order, ("mixed", "first")),
                 "embed.finetune": (self.finetune, ("auto", "lora", "full")),
                 "embed.precision": (self.precision, ("fp32", "bf16", "fp16")),
                 "embed.deepspeed_stage": (self.deepspeed_stage, (0, 2, 3)),

@@ -3,7 +3,8 @@
 The driver streams its input once, a row at a time, into parquet shards under ``<run>/embed/data``
 (``write_rows``, ``write_docs``): the rows of a synth run's training set or of a user's pairs file
 (``TRAIN_ROWS``: ``embed.data.max_rows`` of them, in input order), or the documents of a corpus that
-give a pair (``CORPUS_DOCS``, the held-out ones left out). Neither the driver nor a worker holds the
+give a pair (``CORPUS_DOCS``, the held-out and excluded ones left out), or both (``mix``: rows with
+a corpus's crop pairs, in one shuffle or the crops first each epoch). Neither the driver nor a worker holds the
 whole set: a worker reads, one shard at a time, only the rows its slices of the next window of
 global batches take (``WorkerBatches``), and crops a corpus document when its pair is needed, anew
 each epoch. Global batch ``s`` is a function of the step alone (``speed_ray.embed.batches``), so a
@@ -19,14 +20,14 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from speed_ray.embed.batches import batch_span, epoch_order
+from speed_ray.embed.batches import batch_span, batch_start, epoch_batches, epoch_order
 from speed_ray.embed.pairs import CropRule, build_pairs, sentence_crops
 from speed_ray.io.schemas import DOCUMENTS
 
@@ -48,37 +49,62 @@ WINDOW_ROWS = 32_768
 
 
 @dataclass(frozen=True)
+class Shard:
+    """One parquet shard of the training data: its file, its rows and what they are."""
+
+    path: str
+    rows: int
+    kind: str
+    """rows (``TRAIN_ROWS``) | docs (``CORPUS_DOCS``, a pair cropped from each, anew each epoch)."""
+
+
+@dataclass(frozen=True)
 class TrainingData:
     """The training data's shards as the workers see them (small: Ray pickles it to each)."""
 
-    folder: str
-    counts: tuple[int, ...]
-    """Rows of each shard, in order (``shard_00000.parquet``...)."""
-    kind: str
-    """rows (``TRAIN_ROWS``) | docs (``CORPUS_DOCS``, a pair cropped from each, anew each epoch)."""
+    shards: tuple[Shard, ...]
+    """In order: a row's index runs over the shards' rows in turn (a corpus's documents first)."""
     pair_mode: str = "crops"
     rule: CropRule = CropRule()
     seed: int = 0
     max_negatives: int = 0
     """The most hard negatives any row has."""
+    order: str = "mixed"
+    """mixed (docs and rows shuffled into the same batches) | first (each epoch takes every doc's
+    pair, then every row: ``embed.data.crops_order``)."""
 
     def __len__(self) -> int:
-        return sum(self.counts)
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Rows of each shard, in order."""
+        return tuple(s.rows for s in self.shards)
+
+    def count(self, kind: str) -> int:
+        """Rows of the shards of ``kind`` (rows | docs)."""
+        return sum(s.rows for s in self.shards if s.kind == kind)
+
+    @property
+    def parts(self) -> tuple[int, ...]:
+        """``epoch_order``'s parts: the docs, then the rows, for order first; none for mixed."""
+        return (self.count("docs"), self.count("rows")) if self.order == "first" else ()
 
     def read(self, epoch: int, indices: Iterable[int]) -> dict[int, dict[str, Any]]:
         """{index: row} of the rows at ``indices`` in the trainer's form (``instruction``, ``query``,
         ``positive``, ``negatives``), a shard at a time; a corpus document as epoch ``epoch``'s pair."""
-        from speed_ray.io.schemas import shard_name
-
         wanted, start = sorted(set(indices)), 0
         out: dict[int, dict[str, Any]] = {}
-        for s, count in enumerate(self.counts):
-            lo, hi = bisect.bisect_left(wanted, start), bisect.bisect_left(wanted, start + count)
+        for shard in self.shards:
+            lo, hi = bisect.bisect_left(wanted, start), bisect.bisect_left(wanted, start + shard.rows)
             if hi > lo:
-                table = pq.read_table(Path(self.folder) / shard_name(s))
+                table = pq.read_table(shard.path)
                 rows = table.take([i - start for i in wanted[lo:hi]]).to_pylist()
-                out |= {i: self._trainer_row(r, epoch) for i, r in zip(wanted[lo:hi], rows, strict=True)}
-            start += count
+                out |= {
+                    i: self._trainer_row(r, shard.kind, epoch)
+                    for i, r in zip(wanted[lo:hi], rows, strict=True)
+                }
+            start += shard.rows
         return out
 
     def all_rows(self, epoch: int = 0) -> list[dict[str, Any]]:
@@ -86,12 +112,19 @@ class TrainingData:
         rows = self.read(epoch, range(len(self)))
         return [rows[i] for i in range(len(self))]
 
-    def _trainer_row(self, row: dict[str, Any], epoch: int) -> dict[str, Any]:
-        if self.kind == "rows":
+    def _trainer_row(self, row: dict[str, Any], kind: str, epoch: int) -> dict[str, Any]:
+        if kind == "rows":
             return row
-        # the draw for a document depends only on (seed, epoch, id): as if the whole corpus were cropped
+        # the draw for a document depends only on (seed, epoch, id): as if the whole corpus were cropped.
+        # No hard negatives: the trainer masks the missing ones (``batch_texts``).
         pair = build_pairs([row], self.pair_mode, self.rule, self.seed, epoch)[0][0]
         return {"instruction": None, "query": pair["anchor"], "positive": pair["positive"], "negatives": []}
+
+
+def mix(docs: TrainingData, rows: TrainingData, order: str) -> TrainingData:
+    """A corpus's crop pairs (``docs``) and ``rows`` as one training set (``embed.data.crops``): the
+    documents first, in ``order`` (mixed | first)."""
+    return replace(docs, shards=docs.shards + rows.shards, max_negatives=rows.max_negatives, order=order)
 
 
 class WorkerBatches:
@@ -109,13 +142,13 @@ class WorkerBatches:
 
     def __call__(self, step: int) -> tuple[int, list[dict[str, Any]]]:
         """(epoch, this rank's rows) of global batch ``step`` (1-based)."""
-        size = self.per_worker * self.world
-        epoch, b = batch_span(len(self.data), step, size)
-        order = epoch_order(len(self.data), self.seed, epoch)
+        n, parts = len(self.data), self.data.parts
+        epoch, b = batch_span(n, step, self.per_worker * self.world, parts)
+        order = epoch_order(n, self.seed, epoch, parts)
         if self._key != (epoch, b // self.window):
             self._key = (epoch, b // self.window)
             first = self._key[1] * self.window
-            last = min(len(self.data) // size, first + self.window)
+            last = min(epoch_batches(n, self.per_worker * self.world, parts), first + self.window)
             self._rows = {}  # the last window goes before the next is read
             self._rows = self.data.read(
                 epoch, (int(i) for c in range(first, last) for i in self._slice(order, c))
@@ -124,7 +157,7 @@ class WorkerBatches:
         return epoch, [self._rows[int(i)] for i in self._slice(order, b)]
 
     def _slice(self, order, b: int):
-        start = b * self.per_worker * self.world + self.rank * self.per_worker
+        start = batch_start(b, self.per_worker * self.world, self.data.parts) + self.rank * self.per_worker
         return order[start : start + self.per_worker]
 
 
@@ -177,22 +210,32 @@ def write_rows(
                 }
 
     manifest = write_stage(folder, chunks(kept(), TRAIN_ROWS), TRAIN_ROWS, {"kind": "rows"}, time.time())
-    return TrainingData(str(folder), shard_counts(manifest), "rows", max_negatives=most[0], seed=seed)
+    return TrainingData(shards(folder, manifest, "rows"), max_negatives=most[0], seed=seed)
 
 
 def write_docs(
-    folder: Path, docs: Iterable[dict[str, Any]], held_out: set[str], mode: str, rule: CropRule, seed: int
+    folder: Path,
+    docs: Iterable[dict[str, Any]],
+    held_out: set[str],
+    mode: str,
+    rule: CropRule,
+    seed: int,
+    excluded: frozenset[str] | set[str] = frozenset(),
 ) -> tuple[TrainingData, dict[str, Any]]:
-    """Write the documents of ``docs`` that are not held out and give a pair (``rule.min_crops``
-    crops) as ``CORPUS_DOCS`` shards; returns the data and what was made of the corpus (documents
-    trained on, pairs per epoch, documents skipped by reason with the first 100 ids)."""
+    """Write the documents of ``docs`` that are neither held out nor ``excluded`` (``embed.data.exclude``)
+    and give a pair (``rule.min_crops`` crops) as ``CORPUS_DOCS`` shards; returns the data and what
+    was made of the corpus (documents trained on, pairs per epoch, documents skipped by reason with
+    the first 100 ids, documents held out and excluded)."""
     from speed_ray.io.schemas import write_stage
 
-    trained, reasons, skipped_ids = [0], Counter[str](), list[str]()
+    trained, left_out, reasons, skipped_ids = [0], [0], Counter[str](), list[str]()
 
     def usable() -> Iterator[dict[str, Any]]:
         for doc in docs:
             if doc["id"] in held_out:
+                continue
+            if doc["id"] in excluded:
+                left_out[0] += 1
                 continue
             trained[0] += 1
             crops = len(sentence_crops(doc["text"], rule))
@@ -204,16 +247,18 @@ def write_docs(
             yield doc
 
     manifest = write_stage(folder, chunks(usable(), CORPUS_DOCS), CORPUS_DOCS, {"kind": "docs"}, time.time())
-    data = TrainingData(str(folder), shard_counts(manifest), "docs", mode, rule, seed)
+    data = TrainingData(shards(folder, manifest, "docs"), mode, rule, seed)
     info = {
         "documents": trained[0],
         "pairs": len(data),
         "skipped": dict(reasons),
         "skipped_ids": skipped_ids,
         "held_out": len(held_out),
+        "excluded": left_out[0],
     }
     return data, info
 
 
-def shard_counts(manifest: dict[str, Any]) -> tuple[int, ...]:
-    return tuple(f["num_rows"] for f in manifest["files"])
+def shards(folder: Path, manifest: dict[str, Any], kind: str) -> tuple[Shard, ...]:
+    """The shards of a step's ``manifest`` in ``folder``, all of ``kind``."""
+    return tuple(Shard(str(folder / f["name"]), f["num_rows"], kind) for f in manifest["files"])

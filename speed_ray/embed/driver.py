@@ -58,17 +58,32 @@ def fingerprint(cfg: SpeedRayConfig) -> dict:
         data = {"synth/train": output_hash(read_manifest(train))}
     else:
         data = {"embed.data.path": path_hash(d.path)}
+    for key in ("crops", "exclude"):
+        if getattr(d, key) is not None:
+            data[f"embed.data.{key}"] = path_hash(getattr(d, key))
     return cfg.fingerprint(KEYS, data)
 
 
 def training_data(cfg: SpeedRayConfig, folder: Path | None = None):
-    """(data, info): the rows the trainer draws its batches from (``embed.data.source``), written to
-    ``folder`` (``<run>/embed/data``) as ``speed_ray.embed.data.TrainingData``, and what was made of
-    the input. The input is read a row at a time."""
-    folder = folder or cfg.run_dir / "embed" / "data"
-    if cfg.embed.data.source in ("synth", "pairs"):
+    """(data, info): the rows the trainer draws its batches from (``embed.data.source``, and the crop
+    pairs of ``embed.data.crops``), written to ``folder`` (``<run>/embed/data``) as
+    ``speed_ray.embed.data.TrainingData``, and what was made of the input. The input is read a row at
+    a time."""
+    from speed_ray.embed.data import mix
+
+    d, folder = cfg.embed.data, folder or cfg.run_dir / "embed" / "data"
+    if d.source == "corpus":
+        return corpus_data(cfg, str(d.path), folder)
+    if d.crops is None:
         return row_data(cfg, folder)
-    return corpus_data(cfg, folder)
+    rows, info = row_data(cfg, folder / "rows")
+    crops, made = corpus_data(cfg, d.crops, folder / "crops")
+    log(f"embed: {len(crops)} crop pairs and {len(rows)} rows, {d.crops_order} (embed.data.crops_order)")
+    return mix(crops, rows, d.crops_order), info | {
+        "rows": len(rows),
+        "crops": made,
+        "crops_order": d.crops_order,
+    }
 
 
 def row_data(cfg: SpeedRayConfig, folder: Path):
@@ -92,20 +107,22 @@ def row_data(cfg: SpeedRayConfig, folder: Path):
     return data, {"source": d.source, "path": where, "rows_available": total or len(data)}
 
 
-def corpus_data(cfg: SpeedRayConfig, folder: Path):
-    """(data, info) of an unlabelled corpus: its documents but the held-out ones, cropped into new
-    pairs each epoch on the workers."""
+def corpus_data(cfg: SpeedRayConfig, spec: str, folder: Path):
+    """(data, info) of the unlabelled corpus ``spec`` (``embed.data.path`` or ``embed.data.crops``):
+    its documents but the held-out and excluded ones, cropped into new pairs each epoch on the workers."""
     from speed_ray.embed.data import write_docs
-    from speed_ray.io.data import iter_corpus, locate_input
+    from speed_ray.io.data import document_ids, iter_corpus, locate_input
 
-    d, rule, path = cfg.embed.data, cfg.embed.data.crop_rule(), locate_input(str(cfg.embed.data.path))
+    d, rule, path = cfg.embed.data, cfg.embed.data.crop_rule(), locate_input(spec)
     held_out = held_out_ids(path, d)
-    data, made = write_docs(folder, iter_corpus(path), held_out, d.pair_mode, rule, cfg.run.seed)
+    excluded = document_ids(locate_input(d.exclude)) if d.exclude else set()
+    data, made = write_docs(folder, iter_corpus(path), held_out, d.pair_mode, rule, cfg.run.seed, excluded)
     logger.info(
         f"embed: {made['documents']} documents -> {made['pairs']} {d.pair_mode} pairs per epoch (drawn anew "
-        f"each epoch); {sum(made['skipped'].values())} documents too short for a pair: {made['skipped']}"
+        f"each epoch); {sum(made['skipped'].values())} documents too short for a pair: {made['skipped']}; "
+        f"{made['excluded']} excluded ({d.exclude})"
     )
-    return data, {"source": "corpus", "path": d.path, "pair_mode": d.pair_mode} | made
+    return data, {"source": "corpus", "path": spec, "pair_mode": d.pair_mode, "exclude": d.exclude} | made
 
 
 def held_out_ids(path: Source, d: EmbedDataConfig) -> set[str]:
@@ -215,6 +232,10 @@ CARD_HYPERPARAMETERS = (
 def dataset_name(data: dict[str, Any]) -> str:
     """The training set's name on the model card (``data``: ``training_data``'s info)."""
     path = Path(str(data["path"]))
+    crops = data.get("crops")
+    if crops:
+        also = f" + {Path(crops['path']).name} ({crops['pair_mode']} pairs, {data['crops_order']})"
+        return dataset_name(data | {"crops": None}) + also
     if data["source"] == "synth":
         return f"{path.parents[1].name}/synth/train"  # <run>/synth/train
     if data["source"] == "pairs":

@@ -53,13 +53,19 @@ def embed_lines(man: dict[str, Any]) -> list[str]:
         f"{hist[0]['grad_norm']:.3g} -> {hist[-1]['grad_norm']:.3g}, median {rate:.1f} examples/s",
     ]
     data = man["data"]
-    if data["source"] == "corpus":
+    corpus = data if data["source"] == "corpus" else data.get("crops")
+    if corpus:
         lines.append(
-            f"- {data['documents']} documents -> {data['pairs']} {data['pair_mode']} pairs per epoch; "
-            f"{sum(data['skipped'].values())} documents too short for a pair: {data['skipped']}"
+            f"- {corpus['documents']} documents -> {corpus['pairs']} {corpus['pair_mode']} pairs per epoch; "
+            f"{sum(corpus['skipped'].values())} documents too short for a pair: {corpus['skipped']}"
+            + (f"; {corpus['excluded']} excluded ({corpus['exclude']})" if corpus.get("exclude") else "")
         )
-    elif data.get("rows_available", man["train_rows"]) > man["train_rows"]:
-        lines.append(f"- a seeded sample of {man['train_rows']} of the {data['rows_available']} rows")
+    rows = data.get("rows", man["train_rows"])
+    if data.get("crops"):
+        order = "in the same shuffled batches" if data["crops_order"] == "mixed" else "first each epoch"
+        lines.append(f"- {rows} rows from {data['source']}, the crop pairs {order}")
+    if data["source"] != "corpus" and data.get("rows_available", rows) > rows:
+        lines.append(f"- a seeded sample of {rows} of the {data['rows_available']} rows")
     if man.get("resumed_from_step"):
         lines.append(f"- resumed from the checkpoint of step {man['resumed_from_step']}")
     return lines

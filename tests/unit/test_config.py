@@ -55,6 +55,20 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
         ("", ["embed.data.max_rows=-1"], "embed.data.max_rows: expected 0 (all) or a positive number"),
         (
             "",
+            ["embed.data.source=corpus", "embed.data.path=README.md", "embed.data.crops=README.md"],
+            "embed.data.crops: adds crop pairs to synth or pairs rows",
+        ),
+        ("", ["embed.data.crops_order=first"], "embed.data.crops_order: 'first' orders the crop pairs"),
+        ("", ["embed.data.crops_order=last"], "embed.data.crops_order: expected one of mixed, first"),
+        ("", ["embed.data.exclude=builtin:debian/retrieval"], "embed.data.exclude: leaves documents out"),
+        ("", ["embed.data.crops=/nonexistent/c.jsonl"], "embed.data.crops: /nonexistent/c.jsonl not found"),
+        (
+            "",
+            ["embed.data.crops=builtin:debian/labelled", "embed.data.exclude=/nonexistent"],
+            "embed.data.exclude: /nonexistent not found",
+        ),
+        (
+            "",
             ["embed.data.source=corpus", "embed.data.path=README.md", "embed.data.max_rows=5"],
             "embed.data.max_rows: for synth and pairs data",
         ),

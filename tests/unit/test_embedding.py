@@ -132,7 +132,7 @@ def test_training_on_another_runs_synthetic_rows_and_a_sample_of_them(tmp_path):
     assert rows[1] == {"instruction": "i1", "query": "q1", "positive": "p1", "negatives": ["n1"]}
     assert rows[0]["negatives"] == [] and data.max_negatives == 1
     assert info["rows_available"] == 10 and info["path"] == str(synth / "train")
-    assert data.folder == str(tmp_path / "embed-run" / "embed" / "data")
+    assert data.shards[0].path == str(tmp_path / "embed-run" / "embed" / "data" / "shard_00000.parquet")
     small, _ = training_data(load_config(None, [*base, "embed.data.max_rows=3"]), tmp_path / "small")
     larger, _ = training_data(load_config(None, [*base, "embed.data.max_rows=6"]), tmp_path / "larger")
     assert len(small) == 3 and len(larger) == 6

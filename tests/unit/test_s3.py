@@ -221,6 +221,7 @@ def test_embed_trains_from_a_pairs_file_on_s3_and_uploads_the_model(tmp_path, s3
         "embed",
         "configs/quickstart.yaml",
         *embed_overrides(tmp_path, uri, f"embed.model={tiny_bert}", "embed.steps=2"),
+        *("embed.data.crops=null", "embed.data.exclude=null", "embed.batch_size=4"),  # the pairs alone
         "embed.resources.workers=1",
         "embed.hard_negatives=2",
         f"run.upload_to=s3://{s3.name}/out",
