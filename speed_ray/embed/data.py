@@ -168,11 +168,11 @@ def rows_digest(rows: list[dict[str, Any]]) -> str:
 
 
 def chunks(
-    rows: Iterable[dict[str, Any]], schema: pa.Schema, shard_rows: int = SHARD_ROWS
+    rows: Iterable[dict[str, Any]], schema: pa.Schema, shard_rows: int | None = None
 ) -> Iterator[pa.Table]:
     """``rows`` as tables of ``shard_rows``, one shard each, turned into Arrow ``BATCH_ROWS`` at a time
     (a shard's worth of Python rows at once would be the driver's biggest buffer)."""
-    it = iter(rows)
+    it, shard_rows = iter(rows), shard_rows or SHARD_ROWS
     batches: list[pa.RecordBatch] = []
     filled = 0
     while batch := list(itertools.islice(it, min(BATCH_ROWS, shard_rows - filled))):
