@@ -81,7 +81,8 @@ def _example_lines(m: dict[str, Any]) -> list[str]:
         lines = [
             f"- documents: {docs['documents']} read, {docs['excluded']} excluded by id, {docs['chunks']} chunks "
             f"({docs['chunks_too_short']} too short for a query)",
-            f"- training rows: {ex['num_rows']} from {ex['queries']} queries of {ex['chunks']} chunks",
+            f"- training rows: {ex['num_rows']} from {ex['queries']} queries of {ex['chunks']} chunks "
+            f"({ex.get('copied_example', 0)} more repeated the prompt's worked example and were dropped)",
         ]
     else:
         lines = [f"- training rows: {ex['num_rows']} from {ex.get('drafts', ex['num_rows'])} drafts"]

@@ -91,5 +91,5 @@ def test_grounded_queries_from_a_corpus(tmp_path, ray_session):
 
     report = (tmp_path / "grounded" / "report.md").read_text()
     assert "- documents: 4 read, 1 excluded by id, 4 chunks (1 too short for a query)" in report
-    assert "- training rows: 12 from 12 queries of 4 chunks" in report
+    assert "- training rows: 12 from 12 queries of 4 chunks (0 more repeated the prompt's" in report
     assert "| queries | openai:`teacher-model` | 4 | 4 | 0 |" in report
