@@ -131,8 +131,8 @@ def model_card_data(
 
 def card_metric(name: str) -> bool:
     """A score the model card lists: mteb's metrics, less its calibration diagnostics (``nauc_*``,
-    dozens per task), its ``main_score`` copy and the eval stage's timing."""
-    return name not in ("main_score", "seconds") and not name.startswith("nauc_")
+    dozens per task), its ``main_score`` copy, the eval stage's timing and its per-item scores."""
+    return name not in ("main_score", "seconds", "per_item") and not name.startswith("nauc_")
 
 
 def use_card(model: Any, data: Any) -> None:

@@ -7,7 +7,9 @@ trained model, any other model (``label=spec`` names it), and the TF-IDF and BM2
 
 Produces ``<run>/eval/results/`` (mteb's layout: ``results/speed-ray__<label>/<revision>/<Task>.json``,
 the revision being the model's content hash), ``<run>/eval/_manifest.json`` with the scores per model
-and task, and ``<run>/eval/layers.png`` with the layer analysis.
+and task (retrieval and kNN ones with their standard errors, ``<metric>_se``, and per-item scores,
+``per_item``: {metric: {query or row id: score}}), every model's paired difference from ``base``
+(``differences``), and ``<run>/eval/layers.png`` with the layer analysis.
 
 Each (model, task) is scored once per fingerprint (``records``): a rerun reuses every record whose
 fingerprint holds, so adding a model scores that model alone, and a retrained model is scored again
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from speed_ray.config import SpeedRayConfig
-from speed_ray.eval.experiments import MAIN_SCORES
+from speed_ray.eval.experiments import MAIN_SCORES, differences
 from speed_ray.eval.models import BASELINES, can_score, card_with_scores, load_model, parse_model
 from speed_ray.eval.records import LAYERS, drop_unasked, kept, record, result_files, unit_fingerprints
 from speed_ray.eval.task_specs import TaskSpec, task_specs
@@ -64,6 +66,7 @@ def _evaluate(
         "tasks": {s.name: s.kind for s in specs},
         "models": dict(models),
         "scores": scores,
+        "differences": differences({"tasks": {s.name: s.kind for s in specs}, "scores": scores}),
         "layers": layers,
         "scored_on": scored_on,
         "duration_s": round(time.time() - started, 2),

@@ -5,7 +5,8 @@ The ``prepare`` runs (an aligned generator, synthetic data) and every variant ar
 (``runs/<its run.name>/``), so a finished one is skipped and two experiments that share a run's name
 and settings make it once; every eval is an ordinary eval stage. Produces
 ``runs/<run.name>/report.md`` and ``report.html`` (tables, the papers' figures, plots) and
-``runs/<run.name>/experiment.json`` (every score).
+``runs/<run.name>/experiment.json`` (every score with its standard error, and each model's paired
+difference from the base model).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 from speed_ray.config import SpeedRayConfig, load_config, save_config
 from speed_ray.eval.experiments import (
     MAIN_SCORES,
+    SE_NOTE,
+    differences,
     override_args,
     plot_curves,
     plot_scores,
@@ -147,6 +150,8 @@ def run(cfg: SpeedRayConfig, path: str, overrides: list[str]) -> dict[str, Any]:
         "variants": {n: str(v.run_dir) for n, v in variants.items()},
         "training": {n: _training_summary(m) for n, m in trained.items()},
         "evals": scores,
+        # every model's paired difference from base on each task's main score: {eval: {model: {task: ...}}}
+        "differences": {name: differences(ev) for name, ev in scores.items()},
         "eval_dirs": {n: str(e.run_dir) for n, e in evals.items()},
         "curves": curves,
         "curve_tasks": curve_tasks,
@@ -274,7 +279,8 @@ def _scores_lines(cfg: SpeedRayConfig, result: dict[str, Any], name: str, ev: di
     ex, out = cfg.experiment, cfg.run_dir
     png = f"scores-{name}.png"
     plot_scores(ev, f"{ex.title or cfg.run.name}: {name}", out / png)
-    lines = [f"## Scores: {name} (x100)", "", *score_table(ev, reference=ex.reference or None), ""]
+    table = score_table(ev, reference=ex.reference or None)
+    lines = [f"## Scores: {name} (x100)", "", *table, "", SE_NOTE, ""]
     lines += [f"![scores]({png})", ""]
     if ev.get("layers"):
         png = os.path.relpath(Path(result["eval_dirs"][name]) / "eval" / "layers.png", out)

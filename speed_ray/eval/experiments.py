@@ -23,6 +23,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from speed_ray.eval.stats import paired_difference, signed_with_se, with_se
+
 SCORE_COLUMNS = {
     "retrieval": [("ndcg_at_10", "nDCG@10"), ("recall_at_10", "recall@10")],
     "knn": [("accuracy", "kNN accuracy"), ("f1", "macro-F1")],
@@ -32,6 +34,12 @@ SCORE_COLUMNS = {
 """The scores the reports show per task kind (mteb's keys, then the name shown); the first is the main one."""
 MAIN_SCORES = {kind: columns[0][0] for kind, columns in SCORE_COLUMNS.items()}
 SCORE_NAMES = dict(column for columns in SCORE_COLUMNS.values() for column in columns)
+SE_NOTE = (
+    "± one standard error: over queries for retrieval (stdev / sqrt(n)), sqrt(p(1-p)/n) over the rows "
+    "scored for kNN accuracy; macro-F1, V-measure and mteb's own tasks have none. vs base: the mean "
+    "difference from base on the same queries (rows) ± its paired standard error (stdev of the "
+    "differences / sqrt(n)); a gain under twice it may be the queries' luck."
+)
 
 
 def override_args(overrides: dict[str, Any]) -> list[str]:
@@ -66,17 +74,63 @@ def main_score(scores: dict[str, Any], kind: str) -> float:
     return float(scores[MAIN_SCORES[kind]])
 
 
+def score_cell(scores: dict[str, Any], key: str, scale: float = 1.0, digits: int = 4) -> str:
+    """A score with its standard error when it has one: ``0.6543 ± 0.0123``."""
+    return with_se(scores[key], scores.get(f"{key}_se"), scale, digits)
+
+
+def difference(ev: dict[str, Any], label: str, task: str, base: str = "base") -> dict[str, Any] | None:
+    """``{"difference", "se", "n"}`` of ``label``'s main score on ``task`` less ``base``'s: the mean
+    paired difference over the queries (rows) both scored, with its standard error, when both kept
+    per-item scores; else the difference of the scores alone (se and n None). None when either did
+    not score the task."""
+    scores = ev["scores"]
+    if task not in scores.get(base, {}) or task not in scores[label]:
+        return None
+    key = MAIN_SCORES[ev["tasks"][task]]
+    mine, theirs = scores[label][task], scores[base][task]
+    if key in mine.get("per_item", {}) and key in theirs.get("per_item", {}):
+        return paired_difference(mine["per_item"][key], theirs["per_item"][key])
+    return {"difference": float(mine[key]) - float(theirs[key]), "se": None, "n": None}
+
+
+def differences(ev: dict[str, Any], base: str = "base") -> dict[str, dict[str, dict[str, Any]]]:
+    """{model: {task: ``difference``}} of every other model from ``base`` (empty without it)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for label in ev["scores"]:
+        per_task = {t: difference(ev, label, t, base) for t in ev["tasks"]} if label != base else {}
+        if found := {t: d for t, d in per_task.items() if d is not None}:
+            out[label] = found
+    return out
+
+
+def difference_cell(d: dict[str, Any] | None, scale: float = 1.0, digits: int = 4) -> str:
+    """``+0.0310 ± 0.0080``; empty for no difference."""
+    if d is None or d["difference"] is None:
+        return ""
+    return signed_with_se(d["difference"], d["se"], scale, digits)
+
+
 def score_table(ev: dict[str, Any], base: str = "base", reference: str | None = None) -> list[str]:
-    """Markdown: one row per model, one column per task's main score (x100), and with a reference
+    """Markdown: one row per model, one column per task's main score ± its standard error (x100),
+    one per task with the paired difference from ``base`` when it was scored, and with a reference
     model the share of its gain over ``base`` each other model reaches on each task."""
     tasks = list(ev["tasks"].items())
-    share = reference is not None and reference in ev["scores"] and base in ev["scores"]
+    vs_base = base in ev["scores"]
+    share = reference is not None and reference in ev["scores"] and vs_base
     head = [f"{t} {SCORE_NAMES[MAIN_SCORES[k]]}" for t, k in tasks]
+    if vs_base:
+        head += [f"{t}: vs {base}" for t, _ in tasks]
     if share:
         head += [f"{t}: share of {reference}'s gain" for t, _ in tasks]
     lines = ["| model | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
     for label, per_task in ev["scores"].items():
-        cells = [f"{100 * main_score(per_task[t], k):.1f}" if t in per_task else "" for t, k in tasks]
+        cells = [score_cell(per_task[t], MAIN_SCORES[k], 100, 1) if t in per_task else "" for t, k in tasks]
+        if vs_base:
+            cells += [
+                difference_cell(difference(ev, label, t, base), 100, 1) if label != base else ""
+                for t, _ in tasks
+            ]
         if share:
             for t, k in tasks:
                 g = None
@@ -115,14 +169,16 @@ def training_table(runs: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def plot_scores(ev: dict[str, Any], title: str, path: Path) -> None:
-    """One bar chart per task: each model's main score."""
+    """One bar chart per task: each model's main score, with one standard error as its error bar."""
     plt = _pyplot()
     tasks = list(ev["tasks"].items())
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, (task, kind) in zip(axes[0], tasks, strict=True):
         labels = [lb for lb, s in ev["scores"].items() if task in s]
         values = [100 * main_score(ev["scores"][lb][task], kind) for lb in labels]
-        bars = ax.bar(range(len(labels)), values, color="tab:blue")
+        ses = [ev["scores"][lb][task].get(f"{MAIN_SCORES[kind]}_se") for lb in labels]
+        yerr = [100 * se if se is not None else 0.0 for se in ses]  # one standard error
+        bars = ax.bar(range(len(labels)), values, color="tab:blue", yerr=yerr, capsize=3)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
         ax.set_ylabel(f"{SCORE_NAMES[MAIN_SCORES[kind]]} (%)")

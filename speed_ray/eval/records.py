@@ -43,6 +43,10 @@ MODEL_KEYS = {
     "other": ("embed.pooling", "eval.max_seq_length", "eval.retrieval.query_instruction"),
 }
 DATA = {"retrieval": "eval.retrieval.path", "knn": "eval.knn.path", "clustering": "eval.clustering.path"}
+PER_ITEM = {"retrieval", "knn"}
+"""The kinds whose records keep per-item scores (``per_item``); a record made before they were kept
+has another fingerprint, so it is scored again (from the embeddings cache) rather than shown
+without its standard error."""
 
 
 def unit_fingerprints(
@@ -60,8 +64,11 @@ def unit_fingerprints(
         model_inputs = _model_inputs(cfg, spec)
         for name, kind in _model_tasks(cfg, spec, specs):
             # the query instruction is a setting of the models that saved none (MODEL_KEYS)
-            task_config = {"task": name} | select(
-                flat, TASK_KEYS[kind], (*RUNTIME_KEYS, "eval.retrieval.query_instruction")
+            scored = {"scores": "per-item"} if kind in PER_ITEM else {}
+            task_config = (
+                {"task": name}
+                | scored
+                | select(flat, TASK_KEYS[kind], (*RUNTIME_KEYS, "eval.retrieval.query_instruction"))
             )
             units[(label, name)] = fingerprint(task_config | model_config, data.get(kind, {}) | model_inputs)
     return units

@@ -1,11 +1,21 @@
-"""The run report's evaluation sections: a table per task (models as rows, the task's scores as
-columns) and the layer analysis (kNN accuracy per layer and model)."""
+"""The run report's evaluation sections: a table per task (models as rows, the task's scores ± their
+standard errors as columns, and the main score's paired difference from the base model) and the
+layer analysis (kNN accuracy per layer and model)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from speed_ray.eval.experiments import SCORE_COLUMNS
+from speed_ray.eval.experiments import (
+    SCORE_COLUMNS,
+    SCORE_NAMES,
+    SE_NOTE,
+    difference,
+    difference_cell,
+    score_cell,
+)
+
+BASE = "base"  # the untouched encoder, which every other model is compared with
 
 
 def eval_lines(ev: dict[str, Any]) -> list[str]:
@@ -19,21 +29,25 @@ def eval_lines(ev: dict[str, Any]) -> list[str]:
 
 
 def _task_table(ev: dict[str, Any], task: str, kind: str) -> list[str]:
-    """The scores of every model that scored ``task``."""
+    """The scores of every model that scored ``task``, each ± its standard error where it has one,
+    and the paired difference of the main score from the base model's when the base scored it."""
     cols = SCORE_COLUMNS[kind]
     rows = [(label, s[task]) for label, s in ev["scores"].items() if task in s]
+    vs_base = task in ev["scores"].get(BASE, {})
+    head = [name for _, name in cols] + ([f"{SCORE_NAMES[cols[0][0]]} vs {BASE}"] if vs_base else [])
     lines = [
         "",
         f"## Evaluation: {task} ({kind}, mteb)",
         "",
-        "| model | " + " | ".join(name for _, name in cols) + " | seconds |",
-        "|---|" + "---:|" * (len(cols) + 1),
+        "| model | " + " | ".join(head) + " | seconds |",
+        "|---|" + "---:|" * (len(head) + 1),
     ]
     for label, s in rows:
-        lines.append(
-            f"| {label} | " + " | ".join(f"{s[key]:.4f}" for key, _ in cols) + f" | {s['seconds']} |"
-        )
-    return lines
+        cells = [score_cell(s, key) for key, _ in cols]
+        if vs_base:
+            cells.append(difference_cell(difference(ev, label, task, BASE)) if label != BASE else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {s['seconds']} |")
+    return lines + ["", SE_NOTE]
 
 
 def layer_lines(layers: dict[str, dict[str, float]]) -> list[str]:

@@ -7,6 +7,10 @@ hub, and scored by mteb's own evaluators, so its tooling reads the results.
   and macro-F1.
 - clustering: a labelled JSONL; k-means with one cluster per label; V-measure.
 
+Retrieval and kNN tasks keep their per-item scores (``ItemScores``): nDCG@10 and recall@10 per query
+(pytrec_eval's, which mteb averages), and 0/1 per kNN row (right or wrong); ``evaluate`` returns
+them under ``per_item`` with the standard errors they give (``<metric>_se``, ``speed_ray.eval.stats``).
+
 Baselines: ``TfidfEncoder`` (fit on the task's own documents) and mteb's BM25 (retrieval only).
 Embeddings are cached per model (``model_key``: weights, pooling, prompts, length), per task and per
 text, with mteb's ``CachedEmbeddingWrapper``.
@@ -22,9 +26,12 @@ from typing import Any, cast
 
 import numpy as np
 
+from speed_ray.eval.stats import se_mean, se_proportion
 from speed_ray.io.data import read_beir, sample_rows
 
 KNN_SEED = 42
+PER_QUERY = {"ndcg_at_10": "ndcg_cut_10", "recall_at_10": "recall_10"}
+"""The retrieval scores kept per query: mteb's name -> pytrec_eval's (mteb's mean is of these)."""
 
 
 def _metadata(name: str, type_: str, main_score: str, description: str, splits: list[str]) -> Any:
@@ -65,8 +72,24 @@ def sample_queries(
     return kept, {q["id"]: qrels[q["id"]] for q in kept}
 
 
+def per_query_scores(trec_scores: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """``{metric: {query id: score}}`` of the ``PER_QUERY`` metrics from pytrec_eval's per-query
+    scores (``{query id: {pytrec metric: score}}``, what mteb's retrieval evaluator computes)."""
+    return {name: {q: round(s[trec], 6) for q, s in trec_scores.items()} for name, trec in PER_QUERY.items()}
+
+
 # ----------------------------------------------------------------------------------------------
 # Tasks
+
+
+class ItemScores:
+    """A task that keeps the per-item scores of its last evaluation, ``{metric: {item id: score}}``,
+    and gives their standard errors."""
+
+    per_item: dict[str, dict[str, float]]
+
+    def standard_errors(self, scores: dict[str, float]) -> dict[str, float | None]:
+        raise NotImplementedError
 
 
 def sample_corpus(
@@ -92,7 +115,7 @@ def retrieval_task(
     from mteb.abstasks.retrieval import AbsTaskRetrieval
     from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 
-    class LocalRetrieval(AbsTaskRetrieval):
+    class LocalRetrieval(ItemScores, AbsTaskRetrieval):
         metadata = _metadata(
             name, "Retrieval", "ndcg_at_10", f"Retrieval over the BEIR folder {folder}.", ["test"]
         )
@@ -109,6 +132,16 @@ def retrieval_task(
             )
             self.dataset = {"default": {"test": split}}
             self.data_loaded = True
+
+        def task_specific_scores(
+            self, scores: dict[str, dict[str, float]], qrels: Any, results: Any, hf_split: str, hf_subset: str
+        ) -> dict[str, float]:
+            # mteb's hook after scoring: ``scores`` holds pytrec_eval's score of every query.
+            self.per_item = per_query_scores(scores)
+            return {}
+
+        def standard_errors(self, scores: dict[str, float]) -> dict[str, float | None]:
+            return {f"{m}_se": se_mean(list(v.values())) for m, v in self.per_item.items()}
 
     return LocalRetrieval()
 
@@ -128,7 +161,11 @@ def knn_task(
 
     def table(part: list[dict]) -> Dataset:
         return Dataset.from_dict(
-            {"text": [r["text"] for r in part], "label": [index[r["label"]] for r in part]}
+            {
+                "text": [r["text"] for r in part],
+                "label": [index[r["label"]] for r in part],
+                "id": [r["id"] for r in part],  # names each scored row in ``per_item``
+            }
         )
 
     if test_ids is None:
@@ -144,7 +181,7 @@ def knn_task(
     protocol = "5-fold cross-validation" if test_ids is None else "a held-out split"
     description = f"kNN (k={k}, cosine) over {len(rows)} labelled rows ({len(labels)} labels), {protocol}."
 
-    class LocalKNN(AbsTaskClassification):
+    class LocalKNN(ItemScores, AbsTaskClassification):
         metadata = _metadata(name, "Classification", "accuracy", description, splits)
         evaluator_model = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute")
         samples_per_label = len(rows)  # every training row, not mteb's default 8 per label
@@ -152,8 +189,22 @@ def knn_task(
         is_cross_validation = test_ids is None
 
         def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
-            self.dataset = {"default": data}
+            # A plain dict of splits, not a DatasetDict: mteb then keeps every column, ``id`` too
+            # (it drops all but text and label from a DatasetDict).
+            self.dataset = {"default": dict(data)}
             self.data_loaded = True
+            self.per_item = {"accuracy": {}}
+
+        def _run_experiment(self, train_split: Any, eval_split: Any, *args: Any, **kwargs: Any) -> Any:
+            # one fold (or the held-out split): each of its rows is right (1) or wrong (0)
+            scores, predictions = super()._run_experiment(train_split, eval_split, *args, **kwargs)
+            rows = zip(eval_split["id"], eval_split["label"], predictions, strict=True)
+            self.per_item["accuracy"] |= {i: float(label == p) for i, label, p in rows}
+            return scores, predictions
+
+        def standard_errors(self, scores: dict[str, float]) -> dict[str, float | None]:
+            # mteb's accuracy is the mean over folds of nearly equal size: about the pooled proportion
+            return {"accuracy_se": se_proportion(scores["accuracy"], len(self.per_item["accuracy"]))}
 
     task = LocalKNN()
     task.seed = seed
@@ -280,9 +331,10 @@ def as_mteb_model(model: Any, label: str, cache_root: Path | None) -> Any:
     return CachedEmbeddingWrapper(wrapped, cache_root / key)
 
 
-def evaluate(model: Any, task: Any, results_dir: Path, batch_size: int) -> dict[str, float]:
+def evaluate(model: Any, task: Any, results_dir: Path, batch_size: int) -> dict[str, Any]:
     """Run mteb on ``task``; results go to ``results_dir/results/<model>/<revision>/<Task>.json``
-    (mteb's layout); returns the numeric scores of the task's first split."""
+    (mteb's layout); returns the numeric scores of the task's first split, and for an ``ItemScores``
+    task the standard errors (``<metric>_se``) and the per-item scores (``per_item``)."""
     import mteb
     from mteb.cache import ResultCache
 
@@ -299,5 +351,9 @@ def evaluate(model: Any, task: Any, results_dir: Path, batch_size: int) -> dict[
         show_progress_bar=False,
     )
     split = task.metadata.eval_splits[0]
-    scores = result.task_results[0].scores[split][0]
-    return {k: float(v) for k, v in scores.items() if isinstance(v, int | float)}
+    numbers = {
+        k: float(v) for k, v in result.task_results[0].scores[split][0].items() if isinstance(v, int | float)
+    }
+    if not isinstance(task, ItemScores):
+        return numbers
+    return numbers | task.standard_errors(numbers) | {"per_item": task.per_item}

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from speed_ray.config import load_config
+from speed_ray.eval.stats import paired_difference, se_mean, se_proportion
 from speed_ray.io.data import open_text
 from tests.conftest import DEBIAN
 
@@ -103,6 +104,22 @@ def test_eval_stage_scores_every_model_on_every_task(tmp_path, tiny_bert, beir_t
     assert m["scores"]["tfidf"]["SectionsKNN"]["accuracy"] > 0.5
     assert m["scores"]["bm25"]["DebianPackageRetrieval"]["ndcg_at_10"] > 0.8
 
+    # standard errors: over queries for retrieval, sqrt(p(1-p)/n) over every row for kNN accuracy;
+    # the paired differences from base are over the same queries and rows
+    bm25 = m["scores"]["bm25"]["DebianPackageRetrieval"]
+    per_query = bm25["per_item"]["ndcg_at_10"]
+    assert sum(per_query.values()) / len(per_query) == pytest.approx(bm25["ndcg_at_10"], abs=1e-5)
+    assert bm25["ndcg_at_10_se"] == pytest.approx(se_mean(list(per_query.values())))
+    assert bm25["recall_at_10_se"] is not None
+    knn = m["scores"]["tfidf"]["SectionsKNN"]
+    rows = knn["per_item"]["accuracy"]
+    assert len(rows) == len(labelled.read_text().splitlines())  # 5-fold: every row scored once
+    assert knn["accuracy_se"] == pytest.approx(se_proportion(knn["accuracy"], len(rows)))
+    base_rows = m["scores"]["base"]["SectionsKNN"]["per_item"]["accuracy"]
+    assert m["differences"]["tfidf"]["SectionsKNN"] == pytest.approx(paired_difference(rows, base_rows))
+    assert "accuracy_se" not in m["scores"]["base"]["SectionsClustering"]
+    assert "base" not in m["differences"] and set(m["differences"]["bm25"]) == {"DebianPackageRetrieval"}
+
     # layers: token embeddings + 2 blocks for the tiny BERT; the last layer is the model itself
     base_layers = m["layers"]["base"]
     assert list(base_layers) == ["0", "1", "2"]
@@ -117,9 +134,12 @@ def test_eval_stage_scores_every_model_on_every_task(tmp_path, tiny_bert, beir_t
     save_config(cfg, cfg.run_dir / "config.yaml")
     assert main(["report", str(cfg.run_dir)]) == 0
     report = (cfg.run_dir / "report.md").read_text()
-    knn = m["scores"]["tfidf"]["SectionsKNN"]
+    diff = m["differences"]["tfidf"]["SectionsKNN"]
     assert "## Evaluation: SectionsKNN (knn, mteb)" in report
-    assert f"| tfidf | {knn['accuracy']:.4f} | {knn['f1']:.4f} |" in report
+    assert (
+        f"| tfidf | {knn['accuracy']:.4f} ± {knn['accuracy_se']:.4f} | {knn['f1']:.4f} | "
+        f"{diff['difference']:+.4f} ± {diff['se']:.4f} |"
+    ) in report
     assert (
         "| 2 | " + f"{base_layers['2']:.4f} | " in report and "![layer analysis](eval/layers.png)" in report
     )

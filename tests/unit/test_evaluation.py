@@ -18,6 +18,7 @@ from speed_ray.eval.tasks import (
     clustering_task,
     evaluate,
     knn_task,
+    per_query_scores,
     retrieval_task,
     sample_corpus,
     sample_queries,
@@ -66,9 +67,33 @@ def test_retrieval_scores_match_hand_computation(tmp_path):
     assert s["ndcg_at_10"] == pytest.approx((ndcg_q1 + 1.0) / 2, abs=1e-5)
     assert s["recall_at_1"] == pytest.approx(0.5)
     assert s["mrr_at_10"] == pytest.approx((1 / 2 + 1) / 2, abs=1e-5)
+    # per query: q1 ndcg_q1, q2 1; the standard error of a mean of two is |a - b| / 2
+    assert s["per_item"]["ndcg_at_10"] == pytest.approx({"q1": ndcg_q1, "q2": 1.0}, abs=1e-6)
+    assert s["ndcg_at_10_se"] == pytest.approx((1 - ndcg_q1) / 2, abs=1e-6)
+    assert s["per_item"]["recall_at_10"] == {"q1": 1.0, "q2": 1.0} and s["recall_at_10_se"] == 0.0
     # mteb's own layout: results/<model>/<revision>/<Task>.json
     saved = json.loads((tmp_path / "results/test__lookup/layers/TinyRetrieval.json").read_text())
     assert saved["scores"]["test"][0]["ndcg_at_10"] == pytest.approx(s["ndcg_at_10"], abs=1e-5)
+
+
+def test_per_query_ndcg_and_recall_match_hand_computation():
+    """pytrec_eval's per-query scores (what mteb averages), linear gain, log2(rank + 1) discount:
+    - q1 wants d1 and d2; the run ranks d3, d1, d2: DCG 1/log2(3) + 1/log2(4), ideal 1 + 1/log2(3).
+    - q2 wants d3 (grade 2) and d1 (grade 1); the run ranks d1, d3: DCG 1 + 2/log2(3), ideal
+      2 + 1/log2(3).
+    - q3 wants d4, which the run never returns: 0, recall 0."""
+    from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores
+
+    qrels = {"q1": {"d1": 1, "d2": 1}, "q2": {"d3": 2, "d1": 1}, "q3": {"d4": 1}}
+    run = {"q1": {"d3": 0.9, "d1": 0.8, "d2": 0.7}, "q2": {"d1": 0.9, "d3": 0.8}, "q3": {"d1": 0.5}}
+    r = calculate_retrieval_scores(run, qrels, [10])
+    per = per_query_scores(r.all_scores)
+    l3 = math.log2(3)
+    ndcg = {"q1": (1 / l3 + 1 / 2) / (1 + 1 / l3), "q2": (1 + 2 / l3) / (2 + 1 / l3), "q3": 0.0}
+    assert per["ndcg_at_10"] == pytest.approx(ndcg, abs=1e-6)
+    assert per["recall_at_10"] == {"q1": 1.0, "q2": 1.0, "q3": 0.0}
+    # mteb's score is their mean (rounded to 5 decimals)
+    assert r.ndcg["NDCG@10"] == pytest.approx(sum(ndcg.values()) / 3, abs=1e-5)
 
 
 def _rows(spec: list[tuple[str, float, str]]) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -94,6 +119,8 @@ def test_knn_holdout_scores_match_hand_computation(tmp_path):
     assert s["accuracy"] == pytest.approx(3 / 4)
     # a: precision 2/2, recall 2/3 -> F1 0.8; b: precision 1/2, recall 1/1 -> F1 2/3
     assert s["f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+    assert s["per_item"] == {"accuracy": {"t1": 1.0, "t2": 1.0, "t3": 0.0, "t4": 1.0}}
+    assert s["accuracy_se"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4))  # sqrt(p(1-p)/n)
 
 
 def test_knn_cross_validation_matches_hand_computation(tmp_path):
@@ -107,6 +134,9 @@ def test_knn_cross_validation_matches_hand_computation(tmp_path):
     rows, vectors = _rows(spec)
     s = evaluate(precomputed_encoder("test/lookup", vectors), knn_task("TinyKNNCV", rows, k=3), tmp_path, 8)
     assert s["accuracy"] == pytest.approx(0.9)
+    # every row scored once across the folds; only m is wrong
+    assert s["per_item"]["accuracy"] == {r["id"]: float(r["id"] != "m") for r in rows}
+    assert s["accuracy_se"] == pytest.approx(math.sqrt(0.9 * 0.1 / 10))
 
 
 def test_clustering_separable_labels_score_one(tmp_path):

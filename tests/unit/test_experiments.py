@@ -142,13 +142,16 @@ def test_gain_share_and_score_table():
         },
     }
     lines = score_table(ev, reference="all")
+    # scores without standard errors or per-item scores (an older manifest): the scores alone, and
+    # the difference from base without its standard error
     assert lines[0] == (
-        "| model | K kNN accuracy | R nDCG@10 | K: share of all's gain | R: share of all's gain |"
+        "| model | K kNN accuracy | R nDCG@10 | K: vs base | R: vs base | K: share of all's gain "
+        "| R: share of all's gain |"
     )
     assert lines[2:] == [
-        "| base | 40.0 | 50.0 |  |  |",
-        "| last-2 | 55.0 | 60.0 | 75% | 50% |",
-        "| all | 60.0 | 70.0 |  |  |",
+        "| base | 40.0 | 50.0 |  |  |  |  |",
+        "| last-2 | 55.0 | 60.0 | +15.0 | +10.0 | 75% | 50% |",
+        "| all | 60.0 | 70.0 | +20.0 | +20.0 |  |  |",
     ]
 
 

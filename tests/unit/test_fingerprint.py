@@ -144,9 +144,11 @@ def test_embed_and_eval_declare_what_they_depend_on(tmp_path):
     assert units[("base", "T")]["config"]["embed.model"] == "all-minilm-l6-v2"
     assert "embed.learning_rate" not in units[("base", "T")]["config"]  # the base is not trained
     assert units[("trained", "T")]["inputs"]["embed"] is None
+    # "scores": a record made before per-query scores were kept is scored again, not shown without se
     assert units[("bm25", "T")]["config"] == {
         "model": "bm25",
         "task": "T",
+        "scores": "per-item",
         **{
             k: v
             for k, v in flatten(cfg).items()
