@@ -17,7 +17,8 @@ from tests.fakes import FakeTeacher
 from tests.faults.test_synth_resume import kill_in
 from tests.ray.test_grounded_synth import empty_config, grounded_overrides
 
-pytestmark = pytest.mark.faults
+# Three synth runs, each starting Ray (about 1.5 minutes on 2 CPUs): `make test-faults` runs it.
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 STEPS = {"documents": DOCUMENTS, "queries": QUERIES, "examples": EXAMPLES, "train": TRIPLETS}
 
