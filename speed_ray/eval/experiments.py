@@ -156,7 +156,10 @@ def training_table(runs: dict[str, dict[str, Any]]) -> list[str]:
         per_step = statistics.median(h["seconds"] for h in steps)  # robust to a busy machine
         what = m["data"].get("pair_mode", m["data"]["source"])
         if "rows_available" in m["data"]:
-            what += f", {m['train_rows']} of {m['data']['rows_available']} rows"
+            rows = m["data"].get("rows", m["train_rows"])  # train_rows counts crop pairs too
+            what += f", {rows} of {m['data']['rows_available']} rows"
+        if "crops" in m["data"]:
+            what += f" + {m['data']['crops']['pairs']} crop pairs ({m['data'].get('crops_order', 'mixed')})"
         if m.get("train_last_blocks"):
             what += f", last {m['train_last_blocks']} blocks"
         if m["data"].get("held_out"):
