@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from speed_ray.config import load_config
-from speed_ray.io.schemas import EXAMPLES, cast_rows, read_manifest, write_stage
+from speed_ray.io.schemas import FILTERED, cast_rows, read_manifest, write_stage
 
 
 def examples(n):
@@ -27,11 +27,13 @@ def examples(n):
 
 
 def synth_rows(cfg, n):
-    """synth/examples, and synth/train made from it by the synth stage's step (what embed reads)."""
+    """synth/filtered (the rows the filters kept, none mined), and synth/train made from it by the
+    synth stage's step (what embed reads)."""
     from speed_ray.synth.driver import training_set_step
 
     synth = cfg.run_dir / "synth"
-    write_stage(synth / "examples", [cast_rows(examples(n), EXAMPLES)], EXAMPLES, {}, time.time())
+    rows = [r | {"mined_negatives": []} for r in examples(n)]
+    write_stage(synth / "filtered", [cast_rows(rows, FILTERED)], FILTERED, {}, time.time())
     training_set_step(cfg, synth)
 
 

@@ -80,4 +80,4 @@ def test_a_changed_learning_rate_redoes_embed_eval_and_report_only(
     # report: rendered again from the new manifests
     assert (run / "report.md").stat().st_mtime_ns != before["report"]
     trained = ev["scores"]["trained"]["DebianPackageRetrieval"]["ndcg_at_10"]
-    assert f"| trained | {trained:.4f} |" in (run / "report.md").read_text()
+    assert f"| trained | {trained:.4f} ± " in (run / "report.md").read_text()
