@@ -16,6 +16,7 @@ import yaml
 from speed_ray.cli import main
 from speed_ray.io.schemas import (
     EXAMPLES,
+    FILTERED,
     GENERATIONS,
     JUDGMENTS,
     PREFERENCE_PAIRS,
@@ -152,12 +153,17 @@ def check_run(run, capsys) -> None:
     ex_manifest = read_manifest(run / "synth/examples")
     assert examples.num_rows == drafts.num_rows - ex_manifest["dedup"]["removed"]
     assert set(examples["id"].to_pylist()) <= set(drafts["id"].to_pylist())
-    # the training set: the examples in sentence-transformers' three columns, instruction in the anchor
+    # the filters: every example kept or counted by reason (a random model writes placeholders)
+    filtered = read_stage(run / "synth/filtered", FILTERED)
+    dropped = read_manifest(run / "synth/filtered")["dropped"]
+    assert filtered.num_rows == examples.num_rows - sum(dropped.values())
+    assert set(filtered["id"].to_pylist()) <= set(examples["id"].to_pylist())
+    # the training set: the kept rows in sentence-transformers' three columns, instruction in the anchor
     train = read_stage(run / "synth/train", TRIPLETS)
-    assert train.column_names == ["anchor", "positive", "negative"] and train.num_rows == examples.num_rows
+    assert train.column_names == ["anchor", "positive", "negative"] and train.num_rows == filtered.num_rows
     assert train["anchor"].to_pylist() == [
         f"Instruct: {e['instruction']}\nQuery: {e['query']}" if e["instruction"] else e["query"]
-        for e in examples.to_pylist()
+        for e in filtered.sort_by("id").to_pylist()
     ]
     acc = read_manifest(run / "synth/generations")["accounting"]
     assert acc["calls"] == tasks["error"].null_count
