@@ -275,7 +275,7 @@ def filtered_steps(cfg: SpeedRayConfig, loop: Loop) -> dict:
 
     m = {}
     if cfg.synth.needs_retriever():
-        reads = ("examples", "documents") if cfg.synth.source == "corpus" else ("examples",)
+        reads = ("examples", "documents") if cfg.synth.corpus.path is not None else ("examples",)
         m["neighbours"] = loop.step("neighbours", lambda: neighbours_step(cfg, loop.out), reads)
     else:
         _no_longer_configured(
