@@ -145,6 +145,11 @@ class SynthConfig:
         """Whether a filter or the mining ranks the corpus (``synth/neighbours``), which loads a model."""
         return (self.filters.enabled and self.filters.round_trip_k > 0) or self.mining.negatives > 0
 
+    def has_documents(self) -> bool:
+        """Whether the run cuts ``synth.corpus.path`` into ``synth/documents``: what grounded queries
+        are written for and, for any source, what the round trip and mining rank."""
+        return self.corpus.path is not None
+
     def engines(self) -> dict[str, EngineConfig]:
         """The configured engines by dotted key (brainstormer, judge and reviser are optional)."""
         engines = {

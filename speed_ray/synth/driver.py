@@ -138,7 +138,7 @@ def run(cfg: SpeedRayConfig, generator: Any = None) -> dict:
                 eng.model, cfg.run_dir
             )  # fails now, not after the first steps, if align has not run
     m = {}
-    if cfg.synth.corpus.path is not None:  # what grounded queries are written for, and mining ranks
+    if cfg.synth.has_documents():
         m["documents"] = loop.step("documents", lambda: documents_step(cfg, loop.out / "documents"))
     sources = {"taxonomy": speed_steps, "corpus": grounded_steps, "pairs": pairs_steps}
     m |= sources[cfg.synth.source](cfg, loop)
@@ -275,7 +275,7 @@ def filtered_steps(cfg: SpeedRayConfig, loop: Loop) -> dict:
 
     m = {}
     if cfg.synth.needs_retriever():
-        reads = ("examples", "documents") if cfg.synth.corpus.path is not None else ("examples",)
+        reads = ("examples", "documents") if cfg.synth.has_documents() else ("examples",)
         m["neighbours"] = loop.step("neighbours", lambda: neighbours_step(cfg, loop.out), reads)
     else:
         _no_longer_configured(

@@ -135,7 +135,7 @@ def neighbours_step(cfg: SpeedRayConfig, out: Path) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     (dest / DONE).mkdir(exist_ok=True)
     todo = [s for s in range(num_shards) if s not in finished_shards(dest)]
-    grouped = cfg.synth.corpus.path is None  # else every row ranks against the documents
+    grouped = not cfg.synth.has_documents()  # else every row ranks against the documents
     corpus = _corpus(out, grouped)
     r = cfg.synth.retriever
     spec, pooling = cfg.retriever()
