@@ -65,9 +65,10 @@ def snapshot_models(name: str, run_dir: Path, final_step: int) -> list[tuple[int
 
 
 def gain_share(base: float, score: float, reference: float) -> float | None:
-    """The part of the reference's gain over the base that ``score`` keeps (None without a gain)."""
+    """The part of the reference's gain over the base that ``score`` keeps; None when the reference
+    does not gain (every main score is higher-is-better, and a share of a loss means nothing)."""
     gain = reference - base
-    return None if abs(gain) < 1e-12 else (score - base) / gain
+    return None if gain < 1e-12 else (score - base) / gain
 
 
 def main_score(scores: dict[str, Any], kind: str) -> float:

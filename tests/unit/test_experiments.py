@@ -133,6 +133,8 @@ def test_override_args_and_model_entries(tmp_path):
 def test_gain_share_and_score_table():
     assert gain_share(0.40, 0.55, 0.60) == pytest.approx(0.75)
     assert gain_share(0.40, 0.40, 0.40) is None
+    # the reference loses: no share (0.35 would otherwise read as "200% of the gain")
+    assert gain_share(0.40, 0.30, 0.35) is None
     ev = {
         "tasks": {"K": "knn", "R": "retrieval"},
         "scores": {
