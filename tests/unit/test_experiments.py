@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,27 @@ def test_speed_experiment_aligns_once_and_trains_on_each_set_at_two_sizes():
         assert v.embed.data.source == "synth" and v.embed.data.path == str(runs[source].run_dir)
         assert v.embed.data.max_rows == (16 if name.endswith("-16") else 0)
     assert evals["main"].eval.models[0] == "base" and len(evals["main"].eval.models) == 7
+
+
+def test_filtered_speed_experiment_reuses_cs_sets_and_filters_copies_of_them():
+    c_prepare, c_variants, _ = _configs("c-speed-small.yaml")
+    prepare, variants, evals = _configs("c-filtered.yaml")
+    runs = {name: c for name, (c, _) in prepare.items()}
+    # C's align run and unfiltered sets, and its trained models, are the same runs: made once
+    for name in ("align", "junior", "senior", "senior-revisor"):
+        assert prepare[name] == c_prepare[name]
+        assert not runs[name].synth.filters.enabled
+    for name in ("junior", "senior", "senior-revisor"):
+        assert variants[name] == c_variants[f"{name}-all"]
+        # the filtered copy reads the unfiltered set's training rows and filters them, no generation
+        f = runs[f"{name}-filtered"]
+        assert f.synth.source == "pairs" and f.synth.pairs == str(runs[name].run_dir / "synth" / "train")
+        assert f.synth.filters.enabled and f.synth.filters.round_trip_k == 1
+        assert variants[f"{name}-filtered"].embed.data.path == str(f.run_dir)
+        assert variants[f"{name}-filtered"].embed == replace(
+            variants[name].embed, data=variants[f"{name}-filtered"].embed.data
+        )
+    assert len(evals["main"].eval.models) == 8
 
 
 def test_series_are_scores_against_training_rows():
