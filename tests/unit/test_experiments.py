@@ -85,15 +85,20 @@ def test_filtered_speed_experiment_reuses_cs_sets_and_filters_copies_of_them():
         assert not runs[name].synth.filters.enabled
     for name in ("junior", "senior", "senior-revisor"):
         assert variants[name] == c_variants[f"{name}-all"]
-        # the filtered copy reads the unfiltered set's training rows and filters them, no generation
-        f = runs[f"{name}-filtered"]
-        assert f.synth.source == "pairs" and f.synth.pairs == str(runs[name].run_dir / "synth" / "train")
-        assert f.synth.filters.enabled and f.synth.filters.round_trip_k == 1
-        assert variants[f"{name}-filtered"].embed.data.path == str(f.run_dir)
-        assert variants[f"{name}-filtered"].embed == replace(
-            variants[name].embed, data=variants[f"{name}-filtered"].embed.data
-        )
-    assert len(evals["main"].eval.models) == 8
+        assert variants[f"{name}-16"] == c_variants[f"{name}-16"]
+        # the filtered copies read the unfiltered set's training rows and filter them, no generation
+        for copy, k in (("rules", 0), ("roundtrip", 1)):
+            f = runs[f"{name}-{copy}"]
+            assert f.synth.source == "pairs" and f.synth.pairs == str(runs[name].run_dir / "synth" / "train")
+            assert f.synth.filters.enabled and f.synth.filters.round_trip_k == k
+        # trained on the rule-filtered rows with the same settings as on the unfiltered ones
+        rules = variants[f"{name}-rules"]
+        assert rules.embed.data.path == str(runs[f"{name}-rules"].run_dir)
+        assert rules.embed == replace(variants[name].embed, data=rules.embed.data)
+    assert not [v for v in variants if v.endswith("-roundtrip")]  # under one batch: counted, not trained on
+    models = evals["main"].eval.models
+    assert models[0] == "base" and models[-1] == "bm25"
+    assert [m.split("=")[0] for m in models[1:-1]] == list(variants)
 
 
 def test_series_are_scores_against_training_rows():
